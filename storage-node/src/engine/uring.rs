@@ -1,0 +1,339 @@
+//! The io_uring engine: one ring on a dedicated thread, fed by tokio tasks.
+//!
+//! Tasks send requests over a channel and poke an eventfd; the ring thread keeps
+//! a read of that eventfd armed, so it sleeps in one `io_uring_enter` waiting for
+//! either a completion or new work. Everything that arrived since the last wake-up
+//! is pushed as one batch and submitted with a single system call. The device file
+//! and a set of buffers are registered with the ring up front, so requests skip
+//! the per-call file lookup and page pinning.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::sync::oneshot;
+
+use super::{AlignedBuf, RegisteredSlots};
+
+const RING_ENTRIES: u32 = 256;
+/// At most this many requests are in the kernel at once; the rest wait in a backlog.
+const MAX_IN_FLIGHT: usize = 256;
+const SLOT_SIZE: usize = 128 * 1024;
+const SLOT_COUNT: usize = 128;
+/// user_data of the armed eventfd read.
+const WAKE_TOKEN: u64 = u64::MAX;
+
+enum Op {
+    Read,
+    Write,
+    SyncData,
+}
+
+struct Request {
+    op: Op,
+    buf: Option<AlignedBuf>,
+    offset: u64,
+    done: oneshot::Sender<(Option<AlignedBuf>, io::Result<()>)>,
+}
+
+/// Work waiting for room in the ring.
+enum Pending {
+    New(Request),
+    /// The rest of a short transfer, or a retry after EINTR/EAGAIN; the request
+    /// stays in its in-flight slot.
+    Retry(usize),
+}
+
+/// A request in the kernel, with how many bytes have been transferred so far
+/// (short reads and writes are resubmitted for the rest).
+struct InFlight {
+    request: Request,
+    transferred: usize,
+}
+
+pub struct UringEngine {
+    requests: Mutex<Option<Sender<Request>>>,
+    wake: Arc<OwnedFd>,
+    slots: Option<Arc<RegisteredSlots>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UringEngine {
+    pub fn new(file: File) -> io::Result<Self> {
+        let ring = IoUring::new(RING_ENTRIES)?;
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        let slots = RegisteredSlots::new(SLOT_SIZE, SLOT_COUNT);
+        // SAFETY: the slot memory lives as long as the Arc, which the ring thread
+        // holds until after the ring is dropped.
+        let slots = match unsafe { ring.submitter().register_buffers(&slots.iovecs()) } {
+            Ok(()) => Some(slots),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot register io_uring buffers, using unregistered ones");
+                None
+            }
+        };
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor we own.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let (tx, rx) = mpsc::channel();
+        let thread_wake = wake.clone();
+        let thread_slots = slots.clone();
+        let thread = std::thread::Builder::new()
+            .name("strata-uring".into())
+            .spawn(move || {
+                // Keep the file and the registered memory alive until the ring is gone.
+                let _file = file;
+                let _slots = thread_slots;
+                if let Err(err) = run_ring(ring, rx, &thread_wake) {
+                    tracing::error!(error = %err, "io_uring thread failed");
+                }
+            })?;
+        Ok(UringEngine {
+            requests: Mutex::new(Some(tx)),
+            wake,
+            slots,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn buffer(&self, len: usize) -> AlignedBuf {
+        self.slots
+            .as_ref()
+            .and_then(|slots| slots.take(len))
+            .unwrap_or_else(|| AlignedBuf::zeroed(len))
+    }
+
+    pub async fn read_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
+        let (buf, res) = self.call(Op::Read, Some(buf), offset).await;
+        (buf.expect("read returns its buffer"), res)
+    }
+
+    pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
+        let (buf, res) = self.call(Op::Write, Some(buf), offset).await;
+        (buf.expect("write returns its buffer"), res)
+    }
+
+    pub async fn sync_data(&self) -> io::Result<()> {
+        self.call(Op::SyncData, None, 0).await.1
+    }
+
+    async fn call(
+        &self,
+        op: Op,
+        buf: Option<AlignedBuf>,
+        offset: u64,
+    ) -> (Option<AlignedBuf>, io::Result<()>) {
+        let (done, result) = oneshot::channel();
+        let request = Request {
+            op,
+            buf,
+            offset,
+            done,
+        };
+        let sent = match self.requests.lock().expect("requests lock").as_ref() {
+            Some(tx) => tx.send(request).map_err(|e| e.0),
+            None => Err(request),
+        };
+        if let Err(request) = sent {
+            return (request.buf, Err(io::Error::other("io_uring engine stopped")));
+        }
+        poke(&self.wake);
+        match result.await {
+            Ok(outcome) => outcome,
+            Err(_) => (None, Err(io::Error::other("io_uring thread exited"))),
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // Closing the channel and waking the thread makes it finish in-flight work and exit.
+        self.requests.lock().expect("requests lock").take();
+        poke(&self.wake);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn poke(eventfd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a valid u64 to an eventfd.
+    unsafe { libc::write(eventfd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+}
+
+fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &OwnedFd) -> io::Result<()> {
+    // Declared before use by the ring; the ring is dropped (and its requests
+    // cancelled) when this function returns, while these are still alive.
+    let mut wake_counter = Box::new(0u64);
+    let mut in_flight: Vec<Option<InFlight>> = Vec::with_capacity(MAX_IN_FLIGHT);
+    let mut free_tokens: Vec<usize> = Vec::new();
+    let mut backlog: VecDeque<Pending> = VecDeque::new();
+    let mut in_flight_count = 0usize;
+    let mut closed = false;
+    let mut wake_armed = false;
+
+    loop {
+        if !wake_armed && !closed {
+            let sqe = opcode::Read::new(
+                types::Fd(wake.as_raw_fd()),
+                &mut *wake_counter as *mut u64 as *mut u8,
+                8,
+            )
+            .build()
+            .user_data(WAKE_TOKEN);
+            // SAFETY: the counter outlives the ring (see above).
+            if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                wake_armed = true;
+            }
+        }
+        loop {
+            match requests.try_recv() {
+                Ok(request) => backlog.push_back(Pending::New(request)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        // Push as much of the backlog as the ring and the in-flight cap allow.
+        // Retries always go in (they already hold a slot); new requests only
+        // while under the in-flight cap.
+        loop {
+            if matches!(backlog.front(), Some(Pending::New(_))) && in_flight_count >= MAX_IN_FLIGHT {
+                break;
+            }
+            let token = match backlog.pop_front() {
+                None => break,
+                Some(Pending::Retry(token)) => token,
+                Some(Pending::New(request)) => {
+                    let token = free_tokens.pop().unwrap_or_else(|| {
+                        in_flight.push(None);
+                        in_flight.len() - 1
+                    });
+                    in_flight[token] = Some(InFlight {
+                        request,
+                        transferred: 0,
+                    });
+                    in_flight_count += 1;
+                    token
+                }
+            };
+            let entry = in_flight[token].as_mut().expect("in-flight entry");
+            let sqe = build_sqe(entry).user_data(token as u64);
+            // SAFETY: the buffer is owned by the in-flight entry until completion.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                // Submission queue full: hand what we have to the kernel first.
+                ring.submit()?;
+                // SAFETY: as above.
+                if unsafe { ring.submission().push(&sqe) }.is_err() {
+                    return Err(io::Error::other("io_uring submission queue stuck"));
+                }
+            }
+        }
+        if closed && in_flight_count == 0 && backlog.is_empty() {
+            return Ok(());
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(err) => return Err(err),
+        }
+        let completions: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (token, result) in completions {
+            if token == WAKE_TOKEN {
+                wake_armed = false;
+                continue;
+            }
+            let token = token as usize;
+            let entry = in_flight[token].as_mut().expect("completion for a known request");
+            let outcome = complete(entry, result);
+            match outcome {
+                Completion::Resubmit => backlog.push_front(Pending::Retry(token)),
+                Completion::Done(res) => {
+                    let finished = in_flight[token].take().expect("in-flight entry");
+                    in_flight_count -= 1;
+                    free_tokens.push(token);
+                    let request = finished.request;
+                    let _ = request.done.send((request.buf, res));
+                }
+            }
+        }
+    }
+}
+
+enum Completion {
+    Done(io::Result<()>),
+    Resubmit,
+}
+
+fn complete(entry: &mut InFlight, result: i32) -> Completion {
+    if result < 0 {
+        let errno = -result;
+        if errno == libc::EINTR || errno == libc::EAGAIN {
+            return Completion::Resubmit;
+        }
+        return Completion::Done(Err(io::Error::from_raw_os_error(errno)));
+    }
+    let len = entry.request.buf.as_ref().map_or(0, |b| b.len());
+    if matches!(entry.request.op, Op::SyncData) {
+        return Completion::Done(Ok(()));
+    }
+    if result == 0 && entry.transferred < len {
+        let kind = match entry.request.op {
+            Op::Read => io::ErrorKind::UnexpectedEof,
+            _ => io::ErrorKind::WriteZero,
+        };
+        return Completion::Done(Err(io::Error::new(kind, "short transfer")));
+    }
+    entry.transferred += result as usize;
+    if entry.transferred < len {
+        Completion::Resubmit
+    } else {
+        Completion::Done(Ok(()))
+    }
+}
+
+fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
+    let file = types::Fixed(0);
+    let request = &mut entry.request;
+    let offset = request.offset + entry.transferred as u64;
+    match (&request.op, request.buf.as_mut()) {
+        (Op::SyncData, _) => opcode::Fsync::new(file)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        (op, Some(buf)) => {
+            let index = buf.registered_index();
+            let remaining = (buf.len() - entry.transferred) as u32;
+            // SAFETY: `transferred` < len, so the pointer stays inside the buffer.
+            let ptr = unsafe { buf.as_mut_ptr().add(entry.transferred) };
+            match (op, index) {
+                (Op::Read, Some(i)) => opcode::ReadFixed::new(file, ptr, remaining, i)
+                    .offset(offset)
+                    .build(),
+                (Op::Read, None) => opcode::Read::new(file, ptr, remaining).offset(offset).build(),
+                (_, Some(i)) => opcode::WriteFixed::new(file, ptr, remaining, i)
+                    .offset(offset)
+                    .build(),
+                (_, None) => opcode::Write::new(file, ptr, remaining)
+                    .offset(offset)
+                    .build(),
+            }
+        }
+        (_, None) => unreachable!("reads and writes always carry a buffer"),
+    }
+}

@@ -1,0 +1,10 @@
+//! strata-node: the storage node.
+//!
+//! A node owns one pool on a local device (or a file), keeps thin-provisioned
+//! volumes in it, and serves each volume as an NBD export. Its control API is
+//! gRPC; `/metrics` and `/healthz` are served over HTTP.
+
+pub mod engine;
+pub mod target;
+pub mod metrics;
+pub mod pool;

@@ -1,0 +1,533 @@
+//! The on-disk format of a pool, as pure encode/decode functions.
+//!
+//! ```text
+//! block 0                   superblock: identity and layout, CRC-protected
+//! journal (J blocks)        batches of map updates, one batch per commit
+//! checkpoint slot A         the full metadata (volumes and block maps)
+//! checkpoint slot B         the same, written alternately with A
+//! data (D blocks)           4 KiB data blocks, allocated on first write
+//! ```
+//!
+//! Crash consistency: data is never overwritten in place. A write goes to a
+//! free block and the volume's map is pointed at it; the map change is made
+//! durable by a journal batch at the next FLUSH (or FUA write). The newest valid
+//! checkpoint plus the unbroken run of valid journal batches after it is the
+//! pool's state; a torn batch fails its CRC and is ignored, which is correct
+//! because its FLUSH never completed. Every metadata block carries a CRC32.
+
+use crate::pool::PoolError;
+
+pub const BLOCK_SIZE: usize = 4096;
+pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
+
+const SUPERBLOCK_MAGIC: &[u8; 8] = b"STRATAPL";
+const CHECKPOINT_MAGIC: &[u8; 8] = b"STRATACK";
+const JOURNAL_MAGIC: u32 = 0x534a_4e4c; // "SJNL"
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Bytes of metadata per allocated block in a checkpoint (lba, pba, crc).
+const CHECKPOINT_ENTRY_BYTES: u64 = 16;
+/// Room in each checkpoint slot for the volume table.
+const CHECKPOINT_VOLUME_TABLE_BYTES: u64 = 1 << 20;
+/// Pools are addressed with 32-bit block numbers: 16 TiB at 4 KiB blocks.
+pub const MAX_POOL_BLOCKS: u64 = u32::MAX as u64;
+
+/// Where everything is, in blocks from the start of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub total_blocks: u64,
+    pub journal_start: u64,
+    pub journal_blocks: u64,
+    pub checkpoint_start: [u64; 2],
+    pub checkpoint_blocks: u64,
+    pub data_start: u64,
+    pub data_blocks: u64,
+}
+
+impl Layout {
+    /// Lays out a device of `total_blocks`.
+    pub fn for_device(total_blocks: u64) -> Result<Layout, PoolError> {
+        let total_blocks = total_blocks.min(MAX_POOL_BLOCKS);
+        // The journal: 1/64 of the device, between 1 MiB and 64 MiB.
+        let journal_blocks = (total_blocks / 64).clamp(256, 16384);
+        // Each checkpoint slot must hold a map entry for every data block.
+        let checkpoint_blocks =
+            (total_blocks * CHECKPOINT_ENTRY_BYTES + CHECKPOINT_VOLUME_TABLE_BYTES).div_ceil(BLOCK_SIZE_U64);
+        let journal_start = 1;
+        let checkpoint_start = [
+            journal_start + journal_blocks,
+            journal_start + journal_blocks + checkpoint_blocks,
+        ];
+        let data_start = checkpoint_start[1] + checkpoint_blocks;
+        if data_start + 256 > total_blocks {
+            return Err(PoolError::Invalid(format!(
+                "device too small: {} bytes, a pool needs at least {} bytes",
+                total_blocks * BLOCK_SIZE_U64,
+                (data_start + 256) * BLOCK_SIZE_U64
+            )));
+        }
+        Ok(Layout {
+            total_blocks,
+            journal_start,
+            journal_blocks,
+            checkpoint_start,
+            checkpoint_blocks,
+            data_start,
+            data_blocks: total_blocks - data_start,
+        })
+    }
+
+    pub fn is_data_block(&self, pba: u64) -> bool {
+        pba >= self.data_start && pba < self.total_blocks
+    }
+}
+
+/// Block 0: who the pool is and where its parts are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub uuid: [u8; 16],
+    pub name: String,
+    pub layout: Layout,
+    /// Volumes may be provisioned up to this many percent of the data capacity.
+    pub overcommit_percent: u32,
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.bytes(SUPERBLOCK_MAGIC);
+        w.u32(FORMAT_VERSION);
+        w.u32(BLOCK_SIZE as u32);
+        w.bytes(&self.uuid);
+        w.string(&self.name);
+        let l = &self.layout;
+        for v in [
+            l.total_blocks,
+            l.journal_start,
+            l.journal_blocks,
+            l.checkpoint_start[0],
+            l.checkpoint_start[1],
+            l.checkpoint_blocks,
+            l.data_start,
+            l.data_blocks,
+        ] {
+            w.u64(v);
+        }
+        w.u32(self.overcommit_percent);
+        seal_block(w.0)
+    }
+
+    pub fn decode(block: &[u8]) -> Result<Superblock, PoolError> {
+        let body = check_block(block).ok_or_else(|| {
+            PoolError::Corrupt("superblock checksum mismatch (not a Strata pool?)".into())
+        })?;
+        let mut r = Reader::new(body);
+        if r.bytes(8)? != SUPERBLOCK_MAGIC {
+            return Err(PoolError::Corrupt("no Strata pool superblock".into()));
+        }
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(PoolError::Corrupt(format!(
+                "pool format version {version} is not supported (this build reads {FORMAT_VERSION})"
+            )));
+        }
+        let block_size = r.u32()?;
+        if block_size as usize != BLOCK_SIZE {
+            return Err(PoolError::Corrupt(format!("unsupported block size {block_size}")));
+        }
+        let uuid = r.bytes(16)?.try_into().expect("16 bytes");
+        let name = r.string()?;
+        let layout = Layout {
+            total_blocks: r.u64()?,
+            journal_start: r.u64()?,
+            journal_blocks: r.u64()?,
+            checkpoint_start: [r.u64()?, r.u64()?],
+            checkpoint_blocks: r.u64()?,
+            data_start: r.u64()?,
+            data_blocks: r.u64()?,
+        };
+        let overcommit_percent = r.u32()?;
+        Ok(Superblock {
+            uuid,
+            name,
+            layout,
+            overcommit_percent,
+        })
+    }
+}
+
+/// A data block's place and checksum, as kept in a volume's map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockEntry {
+    /// Physical block number; 0 means unmapped (block 0 is the superblock).
+    pub pba: u32,
+    pub crc: u32,
+}
+
+impl BlockEntry {
+    pub fn is_mapped(&self) -> bool {
+        self.pba != 0
+    }
+}
+
+/// One volume in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub created_unix: u64,
+    /// (lba, entry) for every mapped block, in lba order.
+    pub blocks: Vec<(u64, BlockEntry)>,
+}
+
+/// The full metadata at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Increases with every checkpoint; the newest valid one wins.
+    pub generation: u64,
+    /// The last journal batch this checkpoint includes.
+    pub journal_seq: u64,
+    pub next_volume_id: u64,
+    pub volumes: Vec<VolumeRecord>,
+}
+
+impl Checkpoint {
+    /// Encodes as whole blocks: a header block, then the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Writer::default();
+        p.u32(self.volumes.len() as u32);
+        for v in &self.volumes {
+            p.u64(v.id);
+            p.string(&v.name);
+            p.u64(v.size);
+            p.u64(v.created_unix);
+            p.u64(v.blocks.len() as u64);
+            for (lba, e) in &v.blocks {
+                p.u64(*lba);
+                p.u32(e.pba);
+                p.u32(e.crc);
+            }
+        }
+        let payload = p.0;
+        let mut h = Writer::default();
+        h.bytes(CHECKPOINT_MAGIC);
+        h.u64(self.generation);
+        h.u64(self.journal_seq);
+        h.u64(self.next_volume_id);
+        h.u64(payload.len() as u64);
+        h.u32(crc32fast::hash(&payload));
+        let mut out = seal_block(h.0);
+        out.extend_from_slice(&payload);
+        out.resize(out.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
+        out
+    }
+
+    /// The payload length announced by a header block, or None when the header
+    /// is not a valid checkpoint header.
+    pub fn payload_len(header: &[u8]) -> Option<u64> {
+        let body = check_block(header)?;
+        let mut r = Reader::new(body);
+        if r.bytes(8).ok()? != CHECKPOINT_MAGIC {
+            return None;
+        }
+        r.u64().ok()?;
+        r.u64().ok()?;
+        r.u64().ok()?;
+        r.u64().ok()
+    }
+
+    /// Decodes a header block followed by its payload.
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, PoolError> {
+        let bad = |what: &str| PoolError::Corrupt(format!("checkpoint: {what}"));
+        let header = bytes.get(..BLOCK_SIZE).ok_or_else(|| bad("truncated"))?;
+        let body = check_block(header).ok_or_else(|| bad("header checksum mismatch"))?;
+        let mut r = Reader::new(body);
+        if r.bytes(8)? != CHECKPOINT_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let generation = r.u64()?;
+        let journal_seq = r.u64()?;
+        let next_volume_id = r.u64()?;
+        let len = r.u64()? as usize;
+        let crc = r.u32()?;
+        let payload = bytes
+            .get(BLOCK_SIZE..BLOCK_SIZE.saturating_add(len))
+            .ok_or_else(|| bad("payload truncated"))?;
+        if crc32fast::hash(payload) != crc {
+            return Err(bad("payload checksum mismatch"));
+        }
+        let mut r = Reader::new(payload);
+        let count = r.u32()?;
+        let mut volumes = Vec::with_capacity(count.min(4096) as usize);
+        for _ in 0..count {
+            let id = r.u64()?;
+            let name = r.string()?;
+            let size = r.u64()?;
+            let created_unix = r.u64()?;
+            let n = r.u64()?;
+            let mut blocks = Vec::with_capacity(n.min(1 << 20) as usize);
+            for _ in 0..n {
+                let lba = r.u64()?;
+                let pba = r.u32()?;
+                let crc = r.u32()?;
+                blocks.push((lba, BlockEntry { pba, crc }));
+            }
+            volumes.push(VolumeRecord {
+                id,
+                name,
+                size,
+                created_unix,
+                blocks,
+            });
+        }
+        Ok(Checkpoint {
+            generation,
+            journal_seq,
+            next_volume_id,
+            volumes,
+        })
+    }
+}
+
+/// One map change in the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalRecord {
+    pub volume_id: u64,
+    pub lba: u64,
+    /// The new entry; an unmapped entry records a TRIM.
+    pub entry: BlockEntry,
+}
+
+const JOURNAL_HEADER_BYTES: usize = 24;
+const JOURNAL_RECORD_BYTES: usize = 24;
+/// Records that fit in one journal block (the last 4 bytes are the CRC).
+pub const RECORDS_PER_JOURNAL_BLOCK: usize =
+    (BLOCK_SIZE - JOURNAL_HEADER_BYTES - 4) / JOURNAL_RECORD_BYTES;
+
+/// Encodes a batch as whole journal blocks. Each block names the batch and its
+/// own position, so a batch is applied only when all of its blocks are present.
+pub fn encode_journal_batch(seq: u64, records: &[JournalRecord]) -> Vec<u8> {
+    let chunks: Vec<&[JournalRecord]> = if records.is_empty() {
+        vec![&[]]
+    } else {
+        records.chunks(RECORDS_PER_JOURNAL_BLOCK).collect()
+    };
+    let count = chunks.len() as u32;
+    let mut out = Vec::with_capacity(chunks.len() * BLOCK_SIZE);
+    for (index, chunk) in chunks.iter().enumerate() {
+        let mut w = Writer::default();
+        w.u32(JOURNAL_MAGIC);
+        w.u64(seq);
+        w.u32(index as u32);
+        w.u32(count);
+        w.u32(chunk.len() as u32);
+        for r in chunk.iter() {
+            w.u64(r.volume_id);
+            w.u64(r.lba);
+            w.u32(r.entry.pba);
+            w.u32(r.entry.crc);
+        }
+        out.extend_from_slice(&seal_block(w.0));
+    }
+    out
+}
+
+/// Number of blocks [`encode_journal_batch`] produces for `records` records.
+pub fn journal_batch_blocks(records: usize) -> u64 {
+    records.div_ceil(RECORDS_PER_JOURNAL_BLOCK).max(1) as u64
+}
+
+/// A decoded journal block.
+#[derive(Debug)]
+pub struct JournalBlock {
+    pub seq: u64,
+    pub index: u32,
+    pub count: u32,
+    pub records: Vec<JournalRecord>,
+}
+
+/// Decodes one journal block; None when it is not a valid journal block.
+pub fn decode_journal_block(block: &[u8]) -> Option<JournalBlock> {
+    let body = check_block(block)?;
+    let mut r = Reader::new(body);
+    if r.u32().ok()? != JOURNAL_MAGIC {
+        return None;
+    }
+    let seq = r.u64().ok()?;
+    let index = r.u32().ok()?;
+    let count = r.u32().ok()?;
+    let n = r.u32().ok()? as usize;
+    if n > RECORDS_PER_JOURNAL_BLOCK || index >= count {
+        return None;
+    }
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        records.push(JournalRecord {
+            volume_id: r.u64().ok()?,
+            lba: r.u64().ok()?,
+            entry: BlockEntry {
+                pba: r.u32().ok()?,
+                crc: r.u32().ok()?,
+            },
+        });
+    }
+    Some(JournalBlock {
+        seq,
+        index,
+        count,
+        records,
+    })
+}
+
+/// Pads `body` to a block and puts the CRC of everything before it in the last 4 bytes.
+fn seal_block(mut body: Vec<u8>) -> Vec<u8> {
+    assert!(body.len() <= BLOCK_SIZE - 4, "metadata block overflow");
+    body.resize(BLOCK_SIZE - 4, 0);
+    let crc = crc32fast::hash(&body);
+    body.extend_from_slice(&crc.to_le_bytes());
+    body
+}
+
+/// The body of a sealed block when its CRC matches.
+fn check_block(block: &[u8]) -> Option<&[u8]> {
+    if block.len() != BLOCK_SIZE {
+        return None;
+    }
+    let (body, crc) = block.split_at(BLOCK_SIZE - 4);
+    (crc32fast::hash(body) == u32::from_le_bytes(crc.try_into().ok()?)).then_some(body)
+}
+
+/// Checksum of one data block, as stored in its map entry.
+pub fn data_crc(block: &[u8]) -> u32 {
+    crc32fast::hash(block)
+}
+
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn string(&mut self, s: &str) {
+        self.u32(s.len() as u32);
+        self.bytes(s.as_bytes());
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, at: 0 }
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], PoolError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let end = end.ok_or_else(|| PoolError::Corrupt("metadata record truncated".into()))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32, PoolError> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, PoolError> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self) -> Result<String, PoolError> {
+        let len = self.u32()? as usize;
+        String::from_utf8(self.bytes(len)?.to_vec())
+            .map_err(|_| PoolError::Corrupt("metadata string is not UTF-8".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_round_trips_and_detects_damage() {
+        let sb = Superblock {
+            uuid: [7; 16],
+            name: "pool-a".into(),
+            layout: Layout::for_device(262_144).unwrap(),
+            overcommit_percent: 300,
+        };
+        let mut block = sb.encode();
+        assert_eq!(block.len(), BLOCK_SIZE);
+        assert_eq!(Superblock::decode(&block).unwrap(), sb);
+        block[20] ^= 1;
+        assert!(matches!(Superblock::decode(&block), Err(PoolError::Corrupt(_))));
+    }
+
+    #[test]
+    fn layout_regions_do_not_overlap() {
+        let l = Layout::for_device(1 << 18).unwrap();
+        assert_eq!(l.journal_start, 1);
+        assert_eq!(l.checkpoint_start[0], l.journal_start + l.journal_blocks);
+        assert_eq!(l.checkpoint_start[1], l.checkpoint_start[0] + l.checkpoint_blocks);
+        assert_eq!(l.data_start, l.checkpoint_start[1] + l.checkpoint_blocks);
+        assert_eq!(l.data_start + l.data_blocks, l.total_blocks);
+        // A full pool's map must fit in a checkpoint slot.
+        assert!(l.checkpoint_blocks * BLOCK_SIZE_U64 >= l.data_blocks * CHECKPOINT_ENTRY_BYTES);
+        assert!(Layout::for_device(100).is_err());
+    }
+
+    #[test]
+    fn checkpoint_round_trips_and_detects_damage() {
+        let cp = Checkpoint {
+            generation: 9,
+            journal_seq: 41,
+            next_volume_id: 3,
+            volumes: vec![VolumeRecord {
+                id: 2,
+                name: "db".into(),
+                size: 1 << 30,
+                created_unix: 1_700_000_000,
+                blocks: vec![(0, BlockEntry { pba: 900, crc: 5 }), (77, BlockEntry { pba: 901, crc: 6 })],
+            }],
+        };
+        let mut bytes = cp.encode();
+        assert_eq!(bytes.len() % BLOCK_SIZE, 0);
+        let payload = Checkpoint::payload_len(&bytes[..BLOCK_SIZE]).unwrap();
+        assert!(payload > 0 && payload <= bytes.len() as u64 - BLOCK_SIZE_U64);
+        assert_eq!(Checkpoint::decode(&bytes).unwrap(), cp);
+        let last_payload_byte = BLOCK_SIZE + 10;
+        bytes[last_payload_byte] ^= 0xff;
+        assert!(Checkpoint::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn journal_batches_split_into_blocks_and_reject_damage() {
+        let records: Vec<JournalRecord> = (0..300)
+            .map(|i| JournalRecord {
+                volume_id: 1,
+                lba: i,
+                entry: BlockEntry { pba: 1000 + i as u32, crc: i as u32 },
+            })
+            .collect();
+        let bytes = encode_journal_batch(12, &records);
+        assert_eq!(bytes.len() as u64, journal_batch_blocks(300) * BLOCK_SIZE_U64);
+        let mut decoded = Vec::new();
+        for (i, block) in bytes.chunks(BLOCK_SIZE).enumerate() {
+            let b = decode_journal_block(block).unwrap();
+            assert_eq!((b.seq, b.index as usize), (12, i));
+            decoded.extend(b.records);
+        }
+        assert_eq!(decoded, records);
+        let mut torn = bytes[..BLOCK_SIZE].to_vec();
+        torn[100] ^= 4;
+        assert!(decode_journal_block(&torn).is_none());
+        assert!(decode_journal_block(&[0u8; BLOCK_SIZE]).is_none());
+    }
+}

@@ -1,0 +1,734 @@
+//! A pool: one device (or file) holding thin-provisioned volumes.
+//!
+//! See [`format`] for the on-disk layout and the crash-consistency argument.
+//! In memory a pool keeps every volume's block map, the allocator bitmap, and
+//! the map changes made since the last commit. [`Pool::commit`] (a FLUSH) makes
+//! those changes durable with one journal batch; volume create, delete and
+//! resize write a whole checkpoint.
+
+mod allocator;
+mod epoch;
+pub mod format;
+mod map;
+mod volume;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use allocator::Allocator;
+use epoch::Epochs;
+use format::{
+    Checkpoint, JournalRecord, Layout, Superblock, VolumeRecord, BLOCK_SIZE,
+    BLOCK_SIZE_U64,
+};
+use map::BlockMap;
+
+use crate::engine::{device_size, EngineKind, IoEngine};
+use crate::metrics::Metrics;
+pub use volume::Volume;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("pool device I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("pool metadata is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("volume {0:?} not found")]
+    NotFound(String),
+    #[error("volume {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("not enough space: {0}")]
+    NoSpace(String),
+}
+
+/// How to open or create a pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub engine: EngineKind,
+    /// Name recorded in a new pool's superblock.
+    pub name: String,
+    /// Size of the file to create when the pool file does not exist.
+    pub create_size: Option<u64>,
+    /// Volumes may be provisioned up to this percent of data capacity (new pools).
+    pub overcommit_percent: u32,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            engine: EngineKind::Auto,
+            name: "pool".into(),
+            create_size: None,
+            overcommit_percent: 200,
+        }
+    }
+}
+
+/// A snapshot of a volume's properties.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    /// Bytes of pool space the volume's data uses.
+    pub allocated: u64,
+    pub created_unix: u64,
+}
+
+/// Capacity figures, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub capacity: u64,
+    pub used: u64,
+    pub free: u64,
+    pub provisioned: u64,
+    pub provisionable: u64,
+}
+
+pub struct Pool {
+    path: PathBuf,
+    superblock: Superblock,
+    engine: IoEngine,
+    state: Mutex<State>,
+    /// Serialises journal writes and checkpoints.
+    commit: tokio::sync::Mutex<CommitState>,
+    allocator: Arc<Mutex<Allocator>>,
+    epochs: Epochs,
+    /// Held across read-modify-write of a partially written block.
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Blocks kept free for overwrites: copy-on-write needs a free block to
+    /// overwrite even a fully allocated volume.
+    reserve_blocks: u64,
+    metrics: Arc<Metrics>,
+    checksum_failures: AtomicU64,
+}
+
+struct State {
+    volumes: HashMap<u64, VolumeState>,
+    next_volume_id: u64,
+    /// Map changes not yet in a journal batch.
+    pending_records: Vec<JournalRecord>,
+    /// Blocks superseded by `pending_records`, free once those are durable.
+    pending_frees: Vec<u32>,
+    /// A data write completed since the last data sync.
+    data_dirty: bool,
+}
+
+struct VolumeState {
+    name: String,
+    size: Arc<AtomicU64>,
+    created_unix: u64,
+    map: BlockMap,
+}
+
+struct CommitState {
+    /// Sequence number of the last journal batch written.
+    journal_seq: u64,
+    /// Next free block in the journal region.
+    journal_pos: u64,
+    checkpoint_generation: u64,
+}
+
+const STRIPES: usize = 256;
+const MAX_VOLUME_NAME: usize = 128;
+
+impl Pool {
+    /// Opens the pool at `path`, formatting it when it is a new (absent or
+    /// all-zero at block 0) file or device. A device that holds something else
+    /// is refused rather than overwritten.
+    pub async fn open(
+        path: &Path,
+        options: &PoolOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Pool>, PoolError> {
+        if !path.exists() {
+            let size = options.create_size.ok_or_else(|| {
+                PoolError::Invalid(format!(
+                    "{} does not exist; give a size to create a file-backed pool",
+                    path.display()
+                ))
+            })?;
+            let file = std::fs::File::create(path)?;
+            file.set_len(size)?;
+            file.sync_all()?;
+        }
+        let engine = IoEngine::open(path, options.engine)?;
+        let (block, res) = engine.read_at(engine.buffer(BLOCK_SIZE), 0).await;
+        res?;
+        if block.iter().all(|b| *b == 0) {
+            Self::format(path, engine, options, metrics).await
+        } else {
+            let superblock = Superblock::decode(&block)?;
+            Self::load(path, engine, superblock, metrics).await
+        }
+    }
+
+    async fn format(
+        path: &Path,
+        engine: IoEngine,
+        options: &PoolOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Pool>, PoolError> {
+        let size = device_size(path)?;
+        let layout = Layout::for_device(size / BLOCK_SIZE_U64)?;
+        if options.overcommit_percent < 100 {
+            return Err(PoolError::Invalid(
+                "overcommit must be at least 100 percent".into(),
+            ));
+        }
+        let superblock = Superblock {
+            uuid: *uuid::Uuid::new_v4().as_bytes(),
+            name: options.name.clone(),
+            layout,
+            overcommit_percent: options.overcommit_percent,
+        };
+        // Empty checkpoint first, superblock last: a crash in between leaves
+        // block 0 zero, and the next open formats again.
+        let empty = Checkpoint {
+            generation: 1,
+            journal_seq: 0,
+            next_volume_id: 1,
+            volumes: Vec::new(),
+        };
+        write_bytes(&engine, layout.checkpoint_start[1], &empty.encode()).await?;
+        // Zero the journal's first block so no stale batch can follow.
+        write_bytes(&engine, layout.journal_start, &[0u8; BLOCK_SIZE]).await?;
+        engine.sync_data().await?;
+        write_bytes(&engine, 0, &superblock.encode()).await?;
+        engine.sync_data().await?;
+        tracing::info!(path = %path.display(), data_bytes = layout.data_blocks * BLOCK_SIZE_U64, "formatted pool");
+        Self::load(path, engine, superblock, metrics).await
+    }
+
+    async fn load(
+        path: &Path,
+        engine: IoEngine,
+        superblock: Superblock,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Pool>, PoolError> {
+        let layout = superblock.layout;
+        let actual = device_size(path)? / BLOCK_SIZE_U64;
+        if actual < layout.total_blocks {
+            return Err(PoolError::Corrupt(format!(
+                "device has {actual} blocks but the pool was made for {}",
+                layout.total_blocks
+            )));
+        }
+        let checkpoint = read_newest_checkpoint(&engine, &layout).await?;
+        let mut volumes: HashMap<u64, VolumeState> = HashMap::new();
+        for v in &checkpoint.volumes {
+            let mut map = BlockMap::default();
+            for (lba, entry) in &v.blocks {
+                map.set(*lba, *entry);
+            }
+            volumes.insert(
+                v.id,
+                VolumeState {
+                    name: v.name.clone(),
+                    size: Arc::new(AtomicU64::new(v.size)),
+                    created_unix: v.created_unix,
+                    map,
+                },
+            );
+        }
+        let journal_seq = replay_journal(&engine, &layout, checkpoint.journal_seq, &mut volumes).await?;
+
+        let mut allocator = Allocator::new(layout.data_start, layout.data_blocks);
+        for (id, v) in &volumes {
+            for (lba, entry) in v.map.iter() {
+                if !allocator.mark_used(entry.pba as u64) {
+                    return Err(PoolError::Corrupt(format!(
+                        "volume {:?} (id {id}) block {lba} points at block {}, which is outside the data area or used twice",
+                        v.name, entry.pba
+                    )));
+                }
+            }
+        }
+        let allocator = Arc::new(Mutex::new(allocator));
+        let reserve_blocks = (layout.data_blocks / 100).clamp(64, layout.data_blocks / 4);
+        let pool = Arc::new(Pool {
+            path: path.to_path_buf(),
+            engine,
+            state: Mutex::new(State {
+                volumes,
+                next_volume_id: checkpoint.next_volume_id,
+                pending_records: Vec::new(),
+                pending_frees: Vec::new(),
+                data_dirty: false,
+            }),
+            commit: tokio::sync::Mutex::new(CommitState {
+                journal_seq,
+                journal_pos: 0,
+                checkpoint_generation: checkpoint.generation,
+            }),
+            epochs: Epochs::new(allocator.clone()),
+            allocator,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            reserve_blocks,
+            superblock,
+            metrics,
+            checksum_failures: AtomicU64::new(0),
+        });
+        // Fold the replayed journal into a fresh checkpoint so the journal
+        // starts empty.
+        pool.checkpoint().await?;
+        tracing::info!(
+            path = %path.display(),
+            engine = pool.engine.name(),
+            volumes = pool.state.lock().expect("state lock").volumes.len(),
+            "opened pool"
+        );
+        Ok(pool)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn name(&self) -> &str {
+        &self.superblock.name
+    }
+
+    pub fn uuid(&self) -> uuid::Uuid {
+        uuid::Uuid::from_bytes(self.superblock.uuid)
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Checksum mismatches seen since the pool was opened.
+    pub fn checksum_failures(&self) -> u64 {
+        self.checksum_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn usage(&self) -> PoolUsage {
+        let layout = &self.superblock.layout;
+        let capacity = layout.data_blocks * BLOCK_SIZE_U64;
+        let free = self.allocator.lock().expect("allocator lock").free_blocks() * BLOCK_SIZE_U64;
+        let provisioned = self.provisioned_bytes();
+        PoolUsage {
+            capacity,
+            used: capacity - free,
+            free,
+            provisioned,
+            provisionable: capacity * self.superblock.overcommit_percent as u64 / 100,
+        }
+    }
+
+    fn provisioned_bytes(&self) -> u64 {
+        let state = self.state.lock().expect("state lock");
+        state
+            .volumes
+            .values()
+            .map(|v| v.size.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let state = self.state.lock().expect("state lock");
+        let mut out: Vec<VolumeInfo> = state
+            .volumes
+            .iter()
+            .map(|(id, v)| volume_info(*id, v))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn volume_info(&self, name: &str) -> Option<VolumeInfo> {
+        let state = self.state.lock().expect("state lock");
+        state
+            .volumes
+            .iter()
+            .find(|(_, v)| v.name == name)
+            .map(|(id, v)| volume_info(*id, v))
+    }
+
+    /// A handle for I/O on the named volume.
+    pub fn volume(self: &Arc<Self>, name: &str) -> Option<Volume> {
+        let state = self.state.lock().expect("state lock");
+        let (id, v) = state.volumes.iter().find(|(_, v)| v.name == name)?;
+        Some(Volume::new(self.clone(), *id, v.name.clone(), v.size.clone()))
+    }
+
+    /// Creates a volume of `size` bytes (rounded up to the block size). No space
+    /// is allocated until it is written.
+    pub async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, PoolError> {
+        validate_volume_name(name)?;
+        if size == 0 {
+            return Err(PoolError::Invalid("volume size must be greater than zero".into()));
+        }
+        let size = size
+            .checked_next_multiple_of(BLOCK_SIZE_U64)
+            .ok_or_else(|| PoolError::Invalid("volume size is too large".into()))?;
+        let info = {
+            let mut state = self.state.lock().expect("state lock");
+            if state.volumes.values().any(|v| v.name == name) {
+                return Err(PoolError::AlreadyExists(name.to_string()));
+            }
+            self.check_provisionable(&state, size)?;
+            let id = state.next_volume_id;
+            state.next_volume_id += 1;
+            let volume = VolumeState {
+                name: name.to_string(),
+                size: Arc::new(AtomicU64::new(size)),
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                map: BlockMap::default(),
+            };
+            let info = volume_info(id, &volume);
+            state.volumes.insert(id, volume);
+            info
+        };
+        self.checkpoint().await?;
+        tracing::info!(volume = name, size, "created volume");
+        Ok(info)
+    }
+
+    /// Deletes a volume and returns its space to the pool.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), PoolError> {
+        {
+            let mut state = self.state.lock().expect("state lock");
+            let id = state
+                .volumes
+                .iter()
+                .find(|(_, v)| v.name == name)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
+            let volume = state.volumes.remove(&id).expect("volume present");
+            // Frees become real once the checkpoint without this volume is durable.
+            state
+                .pending_frees
+                .extend(volume.map.iter().map(|(_, e)| e.pba));
+            state.pending_records.retain(|r| r.volume_id != id);
+        }
+        self.checkpoint().await?;
+        tracing::info!(volume = name, "deleted volume");
+        Ok(())
+    }
+
+    /// Grows a volume to `size` bytes. Shrinking is refused: it would drop data.
+    pub async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, PoolError> {
+        let size = size
+            .checked_next_multiple_of(BLOCK_SIZE_U64)
+            .ok_or_else(|| PoolError::Invalid("volume size is too large".into()))?;
+        let info = {
+            let state = self.state.lock().expect("state lock");
+            let (id, volume) = state
+                .volumes
+                .iter()
+                .find(|(_, v)| v.name == name)
+                .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
+            let current = volume.size.load(Ordering::Relaxed);
+            if size < current {
+                return Err(PoolError::Invalid(format!(
+                    "volume {name:?} is {current} bytes; shrinking to {size} bytes is not supported"
+                )));
+            }
+            self.check_provisionable(&state, size - current)?;
+            volume.size.store(size, Ordering::Relaxed);
+            volume_info(*id, volume)
+        };
+        self.checkpoint().await?;
+        tracing::info!(volume = name, size, "resized volume");
+        Ok(info)
+    }
+
+    fn check_provisionable(&self, state: &State, extra: u64) -> Result<(), PoolError> {
+        let layout = &self.superblock.layout;
+        let limit =
+            layout.data_blocks * BLOCK_SIZE_U64 * self.superblock.overcommit_percent as u64 / 100;
+        let provisioned: u64 = state
+            .volumes
+            .values()
+            .map(|v| v.size.load(Ordering::Relaxed))
+            .sum();
+        if provisioned.saturating_add(extra) > limit {
+            return Err(PoolError::NoSpace(format!(
+                "{extra} more bytes would provision {} of {limit} bytes allowed ({}% of {} bytes of data space)",
+                provisioned.saturating_add(extra),
+                self.superblock.overcommit_percent,
+                layout.data_blocks * BLOCK_SIZE_U64
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes every write that completed before this call durable.
+    pub async fn commit(&self) -> Result<(), PoolError> {
+        let mut commit = self.commit.lock().await;
+        let (records, frees, dirty) = {
+            let mut state = self.state.lock().expect("state lock");
+            (
+                std::mem::take(&mut state.pending_records),
+                std::mem::take(&mut state.pending_frees),
+                std::mem::replace(&mut state.data_dirty, false),
+            )
+        };
+        if records.is_empty() && frees.is_empty() && !dirty {
+            return Ok(());
+        }
+        // Data first: a journal batch must never point at data that is not on disk.
+        if dirty {
+            self.engine.sync_data().await?;
+        }
+        let layout = &self.superblock.layout;
+        if !records.is_empty() {
+            let blocks = format::journal_batch_blocks(records.len());
+            if commit.journal_pos + blocks > layout.journal_blocks {
+                // The journal is full: a checkpoint holds these changes too.
+                self.checkpoint_locked(&mut commit, frees).await?;
+                return Ok(());
+            }
+            let seq = commit.journal_seq + 1;
+            let batch = format::encode_journal_batch(seq, &records);
+            let res = write_bytes(&self.engine, layout.journal_start + commit.journal_pos, &batch).await;
+            let res = match res {
+                Ok(()) => self.engine.sync_data().await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = res {
+                // The batch may be half on disk. Keep the changes pending; the
+                // next commit writes them at the same place under the same
+                // sequence number, replacing whatever part of this one landed.
+                self.requeue(records, frees);
+                return Err(err.into());
+            }
+            commit.journal_seq = seq;
+            commit.journal_pos += blocks;
+        }
+        self.epochs.release_after_readers(frees);
+        Ok(())
+    }
+
+    fn requeue(&self, records: Vec<JournalRecord>, frees: Vec<u32>) {
+        let mut state = self.state.lock().expect("state lock");
+        let newer = std::mem::replace(&mut state.pending_records, records);
+        state.pending_records.extend(newer);
+        state.pending_frees.extend(frees);
+        state.data_dirty = true;
+    }
+
+    /// Writes the full metadata to the older checkpoint slot and empties the journal.
+    pub async fn checkpoint(&self) -> Result<(), PoolError> {
+        let mut commit = self.commit.lock().await;
+        self.checkpoint_locked(&mut commit, Vec::new()).await
+    }
+
+    async fn checkpoint_locked(
+        &self,
+        commit: &mut CommitState,
+        mut frees: Vec<u32>,
+    ) -> Result<(), PoolError> {
+        let layout = &self.superblock.layout;
+        let generation = commit.checkpoint_generation + 1;
+        let (encoded, taken_records) = {
+            let mut state = self.state.lock().expect("state lock");
+            let mut volumes: Vec<VolumeRecord> = state
+                .volumes
+                .iter()
+                .map(|(id, v)| VolumeRecord {
+                    id: *id,
+                    name: v.name.clone(),
+                    size: v.size.load(Ordering::Relaxed),
+                    created_unix: v.created_unix,
+                    blocks: v.map.iter().collect(),
+                })
+                .collect();
+            volumes.sort_by_key(|v| v.id);
+            let checkpoint = Checkpoint {
+                generation,
+                journal_seq: commit.journal_seq,
+                next_volume_id: state.next_volume_id,
+                volumes,
+            };
+            // The snapshot includes every pending change, so they need no batch.
+            frees.append(&mut state.pending_frees);
+            state.data_dirty = false;
+            (
+                checkpoint.encode(),
+                std::mem::take(&mut state.pending_records),
+            )
+        };
+        if encoded.len() as u64 > layout.checkpoint_blocks * BLOCK_SIZE_U64 {
+            self.requeue(taken_records, frees);
+            return Err(PoolError::Corrupt(
+                "metadata no longer fits a checkpoint slot".into(),
+            ));
+        }
+        let slot = (generation % 2) as usize;
+        let res = async {
+            // Data covered by the snapshot must be durable before the snapshot is.
+            self.engine.sync_data().await?;
+            write_bytes(&self.engine, layout.checkpoint_start[slot], &encoded).await?;
+            self.engine.sync_data().await
+        }
+        .await;
+        if let Err(err) = res {
+            self.requeue(taken_records, frees);
+            return Err(err.into());
+        }
+        commit.checkpoint_generation = generation;
+        commit.journal_pos = 0;
+        self.epochs.release_after_readers(frees);
+        Ok(())
+    }
+}
+
+fn volume_info(id: u64, v: &VolumeState) -> VolumeInfo {
+    VolumeInfo {
+        id,
+        name: v.name.clone(),
+        size: v.size.load(Ordering::Relaxed),
+        allocated: v.map.mapped_blocks() * BLOCK_SIZE_U64,
+        created_unix: v.created_unix,
+    }
+}
+
+/// Volume names are export names and file names in tools: keep them plain.
+pub fn validate_volume_name(name: &str) -> Result<(), PoolError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_VOLUME_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(PoolError::Invalid(format!(
+            "invalid volume name {name:?}: use 1 to {MAX_VOLUME_NAME} letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+        )))
+    }
+}
+
+async fn write_bytes(engine: &IoEngine, block: u64, bytes: &[u8]) -> io::Result<()> {
+    debug_assert_eq!(bytes.len() % BLOCK_SIZE, 0);
+    // Large metadata goes out in slices so no single buffer is huge.
+    const SLICE: usize = 4 << 20;
+    for (i, chunk) in bytes.chunks(SLICE).enumerate() {
+        let mut buf = engine.buffer(chunk.len());
+        buf.copy_from_slice(chunk);
+        let offset = block * BLOCK_SIZE_U64 + (i * SLICE) as u64;
+        let (_, res) = engine.write_at(buf, offset).await;
+        res?;
+    }
+    Ok(())
+}
+
+async fn read_bytes(engine: &IoEngine, block: u64, len: usize) -> io::Result<Vec<u8>> {
+    const SLICE: usize = 4 << 20;
+    let mut out = Vec::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        let n = SLICE.min(len - done);
+        let (buf, res) = engine
+            .read_at(engine.buffer(n), block * BLOCK_SIZE_U64 + done as u64)
+            .await;
+        res?;
+        out.extend_from_slice(&buf);
+        done += n;
+    }
+    Ok(out)
+}
+
+async fn read_newest_checkpoint(engine: &IoEngine, layout: &Layout) -> Result<Checkpoint, PoolError> {
+    let mut best: Option<Checkpoint> = None;
+    let mut errors = Vec::new();
+    for start in layout.checkpoint_start {
+        let header = read_bytes(engine, start, BLOCK_SIZE).await?;
+        let Some(payload) = Checkpoint::payload_len(&header) else {
+            continue;
+        };
+        let total = BLOCK_SIZE_U64 + payload;
+        if total > layout.checkpoint_blocks * BLOCK_SIZE_U64 {
+            errors.push(format!("slot at block {start}: payload length out of range"));
+            continue;
+        }
+        let bytes = read_bytes(engine, start, total.next_multiple_of(BLOCK_SIZE_U64) as usize).await?;
+        match Checkpoint::decode(&bytes) {
+            Ok(cp) if best.as_ref().is_none_or(|b| cp.generation > b.generation) => best = Some(cp),
+            Ok(_) => {}
+            Err(err) => errors.push(format!("slot at block {start}: {err}")),
+        }
+    }
+    best.ok_or_else(|| {
+        PoolError::Corrupt(format!(
+            "no valid checkpoint in either slot ({})",
+            errors.join("; ")
+        ))
+    })
+}
+
+/// Applies the unbroken run of complete batches after `after_seq`; returns the
+/// sequence number of the last batch applied.
+async fn replay_journal(
+    engine: &IoEngine,
+    layout: &Layout,
+    after_seq: u64,
+    volumes: &mut HashMap<u64, VolumeState>,
+) -> Result<u64, PoolError> {
+    let journal = read_bytes(engine, layout.journal_start, (layout.journal_blocks * BLOCK_SIZE_U64) as usize).await?;
+    let blocks: Vec<&[u8]> = journal.chunks(BLOCK_SIZE).collect();
+    let mut seq = after_seq;
+    let mut pos = 0usize;
+    let mut applied = 0u64;
+    'batches: while pos < blocks.len() {
+        let Some(first) = format::decode_journal_block(blocks[pos]) else {
+            break;
+        };
+        if first.seq != seq + 1 || first.index != 0 {
+            break;
+        }
+        let count = first.count as usize;
+        if pos + count > blocks.len() {
+            break;
+        }
+        let mut records = first.records;
+        for (i, block) in blocks[pos + 1..pos + count].iter().enumerate() {
+            match format::decode_journal_block(block) {
+                Some(b) if b.seq == seq + 1 && b.index as usize == i + 1 && b.count == first.count => {
+                    records.extend(b.records)
+                }
+                _ => break 'batches,
+            }
+        }
+        for r in records {
+            let Some(volume) = volumes.get_mut(&r.volume_id) else {
+                continue; // deleted since; its checkpoint is newer than this record
+            };
+            let blocks_in_volume = volume.size.load(Ordering::Relaxed) / BLOCK_SIZE_U64;
+            if r.lba >= blocks_in_volume {
+                return Err(PoolError::Corrupt(format!(
+                    "journal batch {} maps block {} past the end of volume {:?}",
+                    seq + 1,
+                    r.lba,
+                    volume.name
+                )));
+            }
+            volume.map.set(r.lba, r.entry);
+            applied += 1;
+        }
+        seq += 1;
+        pos += count;
+    }
+    if seq > after_seq {
+        tracing::info!(batches = seq - after_seq, records = applied, "replayed journal");
+    }
+    Ok(seq)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,305 @@
+//! Pool tests on real files: durability across reopen, checksums, space.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::*;
+use crate::target::{BlockError, BlockTarget};
+
+const MIB: u64 = 1 << 20;
+
+fn options(size: u64) -> PoolOptions {
+    PoolOptions {
+        create_size: Some(size),
+        ..PoolOptions::default()
+    }
+}
+
+async fn open(path: &Path, size: u64) -> Arc<Pool> {
+    Pool::open(path, &options(size), Arc::new(Metrics::new()))
+        .await
+        .unwrap()
+}
+
+/// Compares byte buffers, naming the first difference instead of printing both.
+macro_rules! assert_same_bytes {
+    ($actual:expr, $expected:expr) => {
+        assert_same_bytes!($actual, $expected, "")
+    };
+    ($actual:expr, $expected:expr, $($msg:tt)+) => {{
+        let actual: &[u8] = &$actual;
+        let expected: &[u8] = &$expected;
+        if actual != expected {
+            let at = actual.iter().zip(expected).position(|(a, b)| a != b);
+            panic!(
+                "bytes differ (lengths {} and {}, first difference at {:?}) {}",
+                actual.len(),
+                expected.len(),
+                at,
+                format!($($msg)+)
+            );
+        }
+    }};
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// The physical block behind a volume's logical block.
+fn pba_of(pool: &Pool, volume: &str, lba: u64) -> u32 {
+    let state = pool.state.lock().unwrap();
+    let v = state.volumes.values().find(|v| v.name == volume).unwrap();
+    v.map.get(lba).pba
+}
+
+#[tokio::test]
+async fn unaligned_writes_read_back_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 64 * MIB).await;
+    pool.create_volume("v1", 8 * MIB).await.unwrap();
+    let vol = pool.volume("v1").unwrap();
+    let cases = [(0u64, 4096usize), (1, 1), (4095, 2), (10_000, 70_000), (8 * MIB - 3, 3)];
+    for (i, (offset, len)) in cases.iter().enumerate() {
+        vol.write(*offset, &pattern(*len, i as u8), false).await.unwrap();
+    }
+    vol.flush().await.unwrap();
+    // Later writes overlap earlier ones: read back the final image.
+    let mut image = vec![0u8; 8 * MIB as usize];
+    for (i, (offset, len)) in cases.iter().enumerate() {
+        image[*offset as usize..*offset as usize + len].copy_from_slice(&pattern(*len, i as u8));
+    }
+    assert_same_bytes!(vol.read(0, 8 * MIB as u32).await.unwrap(), image);
+    drop(vol);
+    drop(pool);
+    let pool = open(&path, 64 * MIB).await;
+    let vol = pool.volume("v1").unwrap();
+    assert_same_bytes!(vol.read(0, 8 * MIB as u32).await.unwrap(), image);
+    assert_same_bytes!(vol.read(5, 7).await.unwrap(), image[5..12]);
+}
+
+#[tokio::test]
+async fn unflushed_writes_are_not_in_the_durable_state_but_flushed_ones_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(8192, 1), false).await.unwrap();
+    vol.flush().await.unwrap();
+    vol.write(4096, &pattern(4096, 2), true).await.unwrap(); // FUA
+    vol.write(0, &pattern(4096, 3), false).await.unwrap(); // never flushed
+    drop(vol);
+    drop(pool); // as if the process died: nothing more reaches the disk
+    let pool = open(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(8192, 1)[..4096]);
+    assert_same_bytes!(vol.read(4096, 4096).await.unwrap(), pattern(4096, 2));
+}
+
+#[tokio::test]
+async fn a_flipped_byte_is_an_io_error_never_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(3 * 4096, 9), true).await.unwrap();
+    let pba = pba_of(&pool, "v", 1);
+    drop(vol);
+    drop(pool);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let at = pba as u64 * 4096 + 100;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    drop(file);
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::open(&path, &options(64 * MIB), metrics.clone()).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    assert!(matches!(vol.read(4096, 4096).await, Err(BlockError::Io(_))));
+    assert!(matches!(vol.read(0, 3 * 4096).await, Err(BlockError::Io(_))));
+    // The good neighbours still read.
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(3 * 4096, 9)[..4096]);
+    assert_same_bytes!(vol.read(8192, 4096).await.unwrap(), pattern(3 * 4096, 9)[8192..]);
+    assert_eq!(pool.checksum_failures(), 2);
+    assert!(metrics.encode().contains("strata_checksum_failures_total{volume=\"v\"} 2"));
+    // A partial write into the bad block must not launder it into good data.
+    assert!(matches!(vol.write(4096 + 10, b"x", false).await, Err(BlockError::Io(_))));
+    // A full overwrite replaces it.
+    vol.write(4096, &[5u8; 4096], false).await.unwrap();
+    assert_same_bytes!(vol.read(4096, 4096).await.unwrap(), vec![5u8; 4096]);
+}
+
+#[tokio::test]
+async fn space_is_allocated_on_write_and_returned_on_trim_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("pool"), 64 * MIB).await;
+    let base = pool.usage().used;
+    assert_eq!(base, 0);
+    pool.create_volume("v", 1 << 40).await.expect_err("over the overcommit limit");
+    pool.create_volume("v", 16 * MIB).await.unwrap();
+    assert_eq!(pool.usage().used, 0, "thin: nothing allocated at create");
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &vec![1u8; 4 * MIB as usize], false).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(pool.usage().used, 4 * MIB);
+    // Overwrites do not grow usage once flushed.
+    vol.write(0, &vec![2u8; 4 * MIB as usize], false).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(pool.usage().used, 4 * MIB);
+    assert_eq!(pool.volume_info("v").unwrap().allocated, 4 * MIB);
+    vol.trim(MIB, 2 * MIB).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(pool.usage().used, 2 * MIB);
+    assert_same_bytes!(vol.read(MIB, 4096).await.unwrap(), vec![0u8; 4096]);
+    vol.write_zeroes(0, 4096 + 7, false, false).await.unwrap();
+    assert_same_bytes!(vol.read(0, 8192).await.unwrap()[..4096 + 7], vec![0u8; 4096 + 7][..]);
+    assert_same_bytes!(vol.read(4096 + 7, 1).await.unwrap(), vec![2u8]);
+    drop(vol);
+    pool.delete_volume("v").await.unwrap();
+    assert_eq!(pool.usage().used, 0);
+    assert!(matches!(pool.delete_volume("v").await, Err(PoolError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_full_pool_says_enospc_and_keeps_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 16 * MIB).await;
+    let capacity = pool.usage().capacity;
+    pool.create_volume("big", capacity * 2).await.unwrap();
+    let vol = pool.volume("big").unwrap();
+    let chunk = 256 * 1024;
+    let mut written = 0u64;
+    let err = loop {
+        match vol.write(written, &pattern(chunk, (written / chunk as u64) as u8), false).await {
+            Ok(()) => written += chunk as u64,
+            Err(err) => break err,
+        }
+        assert!(written < capacity * 2, "never ran out of space");
+    };
+    assert_eq!(err, BlockError::NoSpace);
+    assert!(written > capacity / 2, "wrote only {written} of {capacity}");
+    vol.flush().await.unwrap();
+    // Overwrites still work on a full pool (the reserve), and so does reading.
+    vol.write(0, &pattern(chunk, 0xAA), false).await.unwrap();
+    vol.flush().await.unwrap();
+    drop(vol);
+    drop(pool);
+    let pool = open(&path, 16 * MIB).await;
+    let vol = pool.volume("big").unwrap();
+    assert_same_bytes!(vol.read(0, chunk as u32).await.unwrap(), pattern(chunk, 0xAA));
+    let mut at = chunk as u64;
+    while at < written {
+        let expected = pattern(chunk, (at / chunk as u64) as u8);
+        assert_same_bytes!(vol.read(at, chunk as u32).await.unwrap(), expected, "at {at}");
+        at += chunk as u64;
+    }
+}
+
+#[tokio::test]
+async fn many_commits_wrap_the_journal_into_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 32 * MIB).await;
+    pool.create_volume("v", 8 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    let journal_blocks = pool.superblock.layout.journal_blocks;
+    // Each flush writes at least one journal block: go round several times.
+    for i in 0..(journal_blocks * 3) {
+        let lba = i % 2048;
+        vol.write(lba * 4096, &[(i % 251) as u8; 4096], false).await.unwrap();
+        vol.flush().await.unwrap();
+    }
+    let image = vol.read(0, 8 * MIB as u32).await.unwrap();
+    drop(vol);
+    drop(pool);
+    let pool = open(&path, 32 * MIB).await;
+    assert_same_bytes!(pool.volume("v").unwrap().read(0, 8 * MIB as u32).await.unwrap(), image);
+}
+
+#[tokio::test]
+async fn a_torn_journal_batch_is_ignored_and_earlier_batches_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 32 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &[1u8; 4096], true).await.unwrap();
+    // A batch of 300 records spans several journal blocks, after the first batch's one.
+    vol.write(4096, &vec![2u8; 300 * 4096], true).await.unwrap();
+    let last_block_of_second_batch = format::journal_batch_blocks(300);
+    assert!(last_block_of_second_batch >= 2);
+    let journal_start = pool.superblock.layout.journal_start;
+    drop(vol);
+    drop(pool);
+    // Tear the second batch: damage its last block, as if power failed mid-write.
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    file.write_all_at(&[0xFF; 64], (journal_start + last_block_of_second_batch) * 4096 + 512)
+        .unwrap();
+    drop(file);
+    let pool = open(&path, 32 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+    assert!(vol.read(4096, 4096).await.unwrap().iter().all(|b| *b == 0));
+    assert_eq!(pool.usage().used, 4096, "the torn batch's blocks are free again");
+}
+
+#[tokio::test]
+async fn concurrent_partial_writes_to_one_block_both_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("pool"), 32 * MIB).await;
+    pool.create_volume("v", MIB).await.unwrap();
+    let vol = Arc::new(pool.volume("v").unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..8u64 {
+        let vol = vol.clone();
+        tasks.push(tokio::spawn(async move {
+            vol.write(i * 512, &[i as u8 + 1; 512], false).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let block = vol.read(0, 4096).await.unwrap();
+    for i in 0..8usize {
+        assert!(block[i * 512..(i + 1) * 512].iter().all(|b| *b == i as u8 + 1), "sector {i}");
+    }
+}
+
+#[tokio::test]
+async fn volume_management_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("pool"), 32 * MIB).await;
+    for bad in ["", "-x", "a/b", "a b", &"x".repeat(200)] {
+        assert!(matches!(pool.create_volume(bad, MIB).await, Err(PoolError::Invalid(_))), "{bad:?}");
+    }
+    assert!(matches!(pool.create_volume("v", 0).await, Err(PoolError::Invalid(_))));
+    let info = pool.create_volume("v", 1000).await.unwrap();
+    assert_eq!(info.size, 4096, "rounded up to the block size");
+    assert!(matches!(pool.create_volume("v", MIB).await, Err(PoolError::AlreadyExists(_))));
+    assert_eq!(pool.resize_volume("v", 2 * MIB).await.unwrap().size, 2 * MIB);
+    assert!(matches!(pool.resize_volume("v", MIB).await, Err(PoolError::Invalid(_))));
+    assert!(matches!(pool.resize_volume("nope", MIB).await, Err(PoolError::NotFound(_))));
+    let vol = pool.volume("v").unwrap();
+    assert_eq!(vol.size(), 2 * MIB);
+    assert!(matches!(vol.read(2 * MIB - 1, 2).await, Err(BlockError::OutOfRange { .. })));
+    assert!(matches!(vol.write(u64::MAX, b"x", false).await, Err(BlockError::OutOfRange { .. })));
+    pool.delete_volume("v").await.unwrap();
+    assert_eq!(vol.read(0, 1).await, Err(BlockError::Gone));
+}
+
+#[tokio::test]
+async fn a_device_holding_something_else_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other");
+    std::fs::write(&path, vec![0x55u8; 32 * MIB as usize]).unwrap();
+    let err = Pool::open(&path, &options(32 * MIB), Arc::new(Metrics::new()))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, PoolError::Corrupt(_)), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap()[..4], [0x55; 4], "left untouched");
+}

@@ -1,0 +1,468 @@
+//! I/O on one volume: the read and write paths of the pool.
+//!
+//! Writes never overwrite a data block in place: each written block goes to a
+//! newly allocated physical block with its CRC32, and the volume's map is
+//! pointed at it once the data is on the device. Reads check every block's CRC
+//! and fail with an I/O error on a mismatch; bad data is never returned.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+use super::format::{data_crc, BlockEntry, JournalRecord, BLOCK_SIZE, BLOCK_SIZE_U64};
+use super::{Pool, PoolError};
+use crate::engine::AlignedBuf;
+use crate::metrics::{IoLabels, IoOp, VolumeLabels};
+use crate::target::{BlockError, BlockResult, BlockTarget};
+
+/// Unmapping is done in slices so one huge TRIM does not hold the map lock long.
+const UNMAP_SLICE_BLOCKS: u64 = 16384;
+/// Zeroes are written (for NO_HOLE) in slices of this many bytes.
+const ZERO_SLICE_BYTES: u64 = 1 << 20;
+
+/// A handle for I/O on one volume; cheap to create, one per NBD export lookup.
+pub struct Volume {
+    pool: Arc<Pool>,
+    id: u64,
+    name: String,
+    size: Arc<AtomicU64>,
+    metrics: VolumeMetrics,
+}
+
+struct OpMetrics {
+    ops: Counter,
+    errors: Counter,
+    bytes: Counter,
+    latency: Histogram,
+}
+
+struct VolumeMetrics {
+    read: OpMetrics,
+    write: OpMetrics,
+    flush: OpMetrics,
+    trim: OpMetrics,
+    write_zeroes: OpMetrics,
+    checksum_failures: Counter,
+}
+
+impl VolumeMetrics {
+    fn new(pool: &Pool, volume: &str) -> Self {
+        let m = pool.metrics();
+        let op = |op: IoOp| {
+            let labels = IoLabels {
+                volume: volume.to_string(),
+                op,
+            };
+            OpMetrics {
+                ops: m.io_ops.get_or_create(&labels).clone(),
+                errors: m.io_errors.get_or_create(&labels).clone(),
+                bytes: m.io_bytes.get_or_create(&labels).clone(),
+                latency: m.io_latency.get_or_create(&labels).clone(),
+            }
+        };
+        VolumeMetrics {
+            read: op(IoOp::Read),
+            write: op(IoOp::Write),
+            flush: op(IoOp::Flush),
+            trim: op(IoOp::Trim),
+            write_zeroes: op(IoOp::WriteZeroes),
+            checksum_failures: m
+                .checksum_failures
+                .get_or_create(&VolumeLabels {
+                    volume: volume.to_string(),
+                })
+                .clone(),
+        }
+    }
+}
+
+impl OpMetrics {
+    fn record<T>(&self, started: Instant, bytes: u64, result: &BlockResult<T>) {
+        self.ops.inc();
+        self.latency.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => {
+                self.bytes.inc_by(bytes);
+            }
+            Err(_) => {
+                self.errors.inc();
+            }
+        }
+    }
+}
+
+impl From<PoolError> for BlockError {
+    fn from(err: PoolError) -> Self {
+        match err {
+            PoolError::NoSpace(_) => BlockError::NoSpace,
+            PoolError::NotFound(_) => BlockError::Gone,
+            other => BlockError::Io(other.to_string()),
+        }
+    }
+}
+
+impl Volume {
+    pub(super) fn new(pool: Arc<Pool>, id: u64, name: String, size: Arc<AtomicU64>) -> Self {
+        let metrics = VolumeMetrics::new(&pool, &name);
+        Volume {
+            pool,
+            id,
+            name,
+            size,
+            metrics,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let size = self.size.load(Ordering::Relaxed);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Reads `n` whole blocks from `first`, every mapped one checked against its CRC.
+    async fn read_blocks(&self, first: u64, n: u64) -> BlockResult<Vec<u8>> {
+        let pool = &self.pool;
+        // Pinned before the map lookup: the blocks we look up stay ours until
+        // the I/O is done, even if they are overwritten meanwhile.
+        let _epoch = pool.epochs.pin();
+        let entries: Vec<BlockEntry> = {
+            let state = pool.state.lock().expect("state lock");
+            let volume = state.volumes.get(&self.id).ok_or(BlockError::Gone)?;
+            (first..first + n).map(|lba| volume.map.get(lba)).collect()
+        };
+        let mut out = vec![0u8; n as usize * BLOCK_SIZE];
+        let runs = mapped_runs(&entries);
+        let reads = runs.iter().map(|&(start, len)| {
+            let buf = pool.engine.buffer(len * BLOCK_SIZE);
+            pool.engine
+                .read_at(buf, entries[start].pba as u64 * BLOCK_SIZE_U64)
+        });
+        let results = futures::future::join_all(reads).await;
+        for (&(start, len), (buf, res)) in runs.iter().zip(results) {
+            res.map_err(|e| BlockError::Io(format!("reading volume {}: {e}", self.name)))?;
+            for i in 0..len {
+                let block = &buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+                let entry = entries[start + i];
+                if data_crc(block) != entry.crc {
+                    let lba = first + (start + i) as u64;
+                    pool.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.checksum_failures.inc();
+                    tracing::error!(
+                        volume = %self.name,
+                        lba,
+                        pba = entry.pba,
+                        "data block checksum mismatch; returning an I/O error"
+                    );
+                    return Err(BlockError::Io(format!(
+                        "checksum mismatch in volume {} block {lba}",
+                        self.name
+                    )));
+                }
+                let at = (start + i) * BLOCK_SIZE;
+                out[at..at + BLOCK_SIZE].copy_from_slice(block);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write_impl(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / BLOCK_SIZE_U64;
+        let end = offset + len;
+        let last = (end - 1) / BLOCK_SIZE_U64;
+        let n = last - first + 1;
+        let head_partial = offset % BLOCK_SIZE_U64 != 0;
+        let tail_partial = end % BLOCK_SIZE_U64 != 0;
+        // A partial block is read, merged and written whole; two writers to
+        // different parts of one block must not both start from the old data.
+        let mut stripes = Vec::new();
+        if head_partial {
+            stripes.push(self.stripe(first));
+        }
+        if tail_partial {
+            stripes.push(self.stripe(last));
+        }
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut _guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            _guards.push(self.pool.stripes[s].lock().await);
+        }
+        let mut buf = self.pool.engine.buffer(n as usize * BLOCK_SIZE);
+        if head_partial {
+            let old = self.read_blocks(first, 1).await?;
+            buf[..BLOCK_SIZE].copy_from_slice(&old);
+        }
+        if tail_partial && !(head_partial && n == 1) {
+            let old = self.read_blocks(last, 1).await?;
+            buf[(n as usize - 1) * BLOCK_SIZE..].copy_from_slice(&old);
+        }
+        let at = (offset % BLOCK_SIZE_U64) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.write_blocks(first, buf).await?;
+        if fua {
+            self.pool.commit().await?;
+        }
+        Ok(())
+    }
+
+    fn stripe(&self, lba: u64) -> usize {
+        ((self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba) % self.pool.stripes.len() as u64) as usize
+    }
+
+    /// Writes whole blocks from `first` to newly allocated physical blocks and
+    /// points the map at them.
+    async fn write_blocks(&self, first: u64, buf: AlignedBuf) -> BlockResult<()> {
+        let pool = &self.pool;
+        let n = (buf.len() / BLOCK_SIZE) as u64;
+        let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(data_crc).collect();
+        let pbas = pool.allocate_blocks(self.id, first, n).await?;
+        let written = self.write_runs(buf, &pbas).await;
+        if let Err(err) = written {
+            pool.release_unused(&pbas);
+            return Err(BlockError::Io(format!("writing volume {}: {err}", self.name)));
+        }
+        let mut guard = pool.state.lock().expect("state lock");
+        let state = &mut *guard;
+        let Some(volume) = state.volumes.get_mut(&self.id) else {
+            drop(guard);
+            pool.release_unused(&pbas);
+            return Err(BlockError::Gone);
+        };
+        for (i, (pba, crc)) in pbas.iter().zip(crcs).enumerate() {
+            let lba = first + i as u64;
+            let entry = BlockEntry { pba: *pba, crc };
+            let old = volume.map.set(lba, entry);
+            if old.is_mapped() {
+                state.pending_frees.push(old.pba);
+            }
+            state.pending_records.push(JournalRecord {
+                volume_id: self.id,
+                lba,
+                entry,
+            });
+        }
+        state.data_dirty = true;
+        Ok(())
+    }
+
+    /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks.
+    async fn write_runs(&self, buf: AlignedBuf, pbas: &[u32]) -> std::io::Result<()> {
+        let engine = &self.pool.engine;
+        let entries: Vec<BlockEntry> = pbas.iter().map(|p| BlockEntry { pba: *p, crc: 0 }).collect();
+        let runs = mapped_runs(&entries);
+        if runs.len() == 1 {
+            let (_, res) = engine.write_at(buf, pbas[0] as u64 * BLOCK_SIZE_U64).await;
+            return res;
+        }
+        let writes = runs.iter().map(|&(start, len)| {
+            let mut part = engine.buffer(len * BLOCK_SIZE);
+            part.copy_from_slice(&buf[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE]);
+            engine.write_at(part, pbas[start] as u64 * BLOCK_SIZE_U64)
+        });
+        for (_, res) in futures::future::join_all(writes).await {
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps the whole blocks [first, end).
+    fn unmap_blocks(&self, first: u64, end: u64) -> BlockResult<()> {
+        let mut lba = first;
+        while lba < end {
+            let slice_end = (lba + UNMAP_SLICE_BLOCKS).min(end);
+            let mut state = self.pool.state.lock().expect("state lock");
+            let state = &mut *state;
+            let volume = state.volumes.get_mut(&self.id).ok_or(BlockError::Gone)?;
+            for l in lba..slice_end {
+                let old = volume.map.set(l, BlockEntry::default());
+                if old.is_mapped() {
+                    state.pending_frees.push(old.pba);
+                    state.pending_records.push(JournalRecord {
+                        volume_id: self.id,
+                        lba: l,
+                        entry: BlockEntry::default(),
+                    });
+                }
+            }
+            lba = slice_end;
+        }
+        Ok(())
+    }
+
+    async fn trim_impl(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        // Only whole blocks are discarded; TRIM is advisory for the partial ends.
+        let first = offset.div_ceil(BLOCK_SIZE_U64);
+        let end = (offset + len) / BLOCK_SIZE_U64;
+        if first < end {
+            self.unmap_blocks(first, end)?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes_impl(&self, offset: u64, len: u64, fua: bool, allocate: bool) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        if allocate {
+            let mut at = offset;
+            while at < end {
+                let n = ZERO_SLICE_BYTES.min(end - at);
+                self.write_impl(at, &vec![0u8; n as usize], false).await?;
+                at += n;
+            }
+        } else {
+            let first_full = offset.div_ceil(BLOCK_SIZE_U64);
+            let end_full = end / BLOCK_SIZE_U64;
+            if first_full >= end_full {
+                self.write_impl(offset, &vec![0u8; len as usize], false).await?;
+            } else {
+                let head = first_full * BLOCK_SIZE_U64 - offset;
+                if head > 0 {
+                    self.write_impl(offset, &vec![0u8; head as usize], false).await?;
+                }
+                let tail = end - end_full * BLOCK_SIZE_U64;
+                if tail > 0 {
+                    self.write_impl(end_full * BLOCK_SIZE_U64, &vec![0u8; tail as usize], false)
+                        .await?;
+                }
+                self.unmap_blocks(first_full, end_full)?;
+            }
+        }
+        if fua {
+            self.pool.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs of consecutive mapped physical blocks, as (index, length).
+fn mapped_runs(entries: &[BlockEntry]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        if !entries[i].is_mapped() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i + 1 < entries.len()
+            && entries[i + 1].is_mapped()
+            && entries[i + 1].pba == entries[i].pba + 1
+        {
+            i += 1;
+        }
+        runs.push((start, i - start + 1));
+        i += 1;
+    }
+    runs
+}
+
+impl Pool {
+    /// `n` blocks for writing [first, first + n) of a volume. Writes that grow a
+    /// volume must leave the overwrite reserve; when space is short, a commit
+    /// may release blocks superseded by earlier writes.
+    async fn allocate_blocks(&self, volume_id: u64, first: u64, n: u64) -> BlockResult<Vec<u32>> {
+        for attempt in 0..3 {
+            let grows = {
+                let state = self.state.lock().expect("state lock");
+                let volume = state.volumes.get(&volume_id).ok_or(BlockError::Gone)?;
+                (first..first + n).any(|lba| !volume.map.get(lba).is_mapped())
+            };
+            {
+                let mut allocator = self.allocator.lock().expect("allocator lock");
+                let need = n + if grows { self.reserve_blocks } else { 0 };
+                if allocator.free_blocks() >= need {
+                    return Ok(allocator.allocate(n).expect("enough free blocks"));
+                }
+            }
+            if attempt < 2 {
+                self.commit().await?;
+                tokio::task::yield_now().await;
+            }
+        }
+        Err(BlockError::NoSpace)
+    }
+
+    /// Returns blocks that were allocated but never made part of a map.
+    fn release_unused(&self, pbas: &[u32]) {
+        let mut allocator = self.allocator.lock().expect("allocator lock");
+        for pba in pbas {
+            allocator.release(*pba);
+        }
+    }
+}
+
+impl BlockTarget for Volume {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn block_size(&self) -> u32 {
+        BLOCK_SIZE as u32
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+        let started = Instant::now();
+        let result = async {
+            self.check_range(offset, len as u64)?;
+            if len == 0 {
+                return Ok(Vec::new());
+            }
+            let first = offset / BLOCK_SIZE_U64;
+            let last = (offset + len as u64 - 1) / BLOCK_SIZE_U64;
+            let mut blocks = self.read_blocks(first, last - first + 1).await?;
+            let at = (offset % BLOCK_SIZE_U64) as usize;
+            blocks.drain(..at);
+            blocks.truncate(len as usize);
+            Ok(blocks)
+        }
+        .await;
+        self.metrics.read.record(started, len as u64, &result);
+        result
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        let started = Instant::now();
+        let result = self.write_impl(offset, data, fua).await;
+        self.metrics.write.record(started, data.len() as u64, &result);
+        result
+    }
+
+    async fn flush(&self) -> BlockResult<()> {
+        let started = Instant::now();
+        let result = self.pool.commit().await.map_err(BlockError::from);
+        self.metrics.flush.record(started, 0, &result);
+        result
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let started = Instant::now();
+        let result = self.trim_impl(offset, len).await;
+        self.metrics.trim.record(started, len, &result);
+        result
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool, allocate: bool) -> BlockResult<()> {
+        let started = Instant::now();
+        let result = self.write_zeroes_impl(offset, len, fua, allocate).await;
+        self.metrics.write_zeroes.record(started, len, &result);
+        result
+    }
+}
