@@ -1,1 +1,76 @@
-fn main() {}
+//! strata: the admin CLI of Strata, and `strata up`, the whole system on one machine.
+
+mod client;
+mod cluster;
+mod node;
+mod up;
+mod volume;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Replicated block storage and managed PostgreSQL for bare-metal Kubernetes")]
+struct Cli {
+    /// Directory of the local cluster (written by `strata up`).
+    #[arg(long, global = true, default_value = ".strata", env = "STRATA_DIR")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole system on this machine, in the foreground, until Ctrl-C.
+    Up(up::UpArgs),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Storage nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the storage nodes with their state and capacity.
+    Ls,
+    /// Run a storage node in the foreground (what `strata up` starts).
+    Serve(strata_node::daemon::NodeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Command::Node(NodeCommand::Serve(args)) = cli.command {
+        // The node builds its own multi-threaded runtime.
+        if let Err(err) = strata_node::daemon::main_with(args) {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(err) = runtime.block_on(run(cli)) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => up::up(&cli.dir, args).await,
+        Command::Volume(command) => {
+            let cluster = cluster::ClusterFile::load(&cli.dir)?;
+            volume::run(&cluster, command).await
+        }
+        Command::Node(NodeCommand::Ls) => {
+            let cluster = cluster::ClusterFile::load(&cli.dir)?;
+            node::list(&cluster).await
+        }
+        Command::Node(NodeCommand::Serve(_)) => unreachable!("handled in main"),
+    }
+}

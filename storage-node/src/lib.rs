@@ -4,7 +4,12 @@
 //! volumes in it, and serves each volume as an NBD export. Its control API is
 //! gRPC; `/metrics` and `/healthz` are served over HTTP.
 
+pub mod daemon;
 pub mod engine;
-pub mod target;
+pub mod grpc;
+pub mod http;
 pub mod metrics;
+pub mod nbd;
 pub mod pool;
+pub mod registry;
+pub mod target;

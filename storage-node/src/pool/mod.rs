@@ -434,7 +434,9 @@ impl Pool {
             let current = volume.size.load(Ordering::Relaxed);
             if size < current {
                 return Err(PoolError::Invalid(format!(
-                    "volume {name:?} is {current} bytes; shrinking to {size} bytes is not supported"
+                    "volume {name:?} is {}; shrinking to {} is not supported",
+                    human(current),
+                    human(size)
                 )));
             }
             self.check_provisionable(&state, size - current)?;
@@ -457,10 +459,12 @@ impl Pool {
             .sum();
         if provisioned.saturating_add(extra) > limit {
             return Err(PoolError::NoSpace(format!(
-                "{extra} more bytes would provision {} of {limit} bytes allowed ({}% of {} bytes of data space)",
-                provisioned.saturating_add(extra),
+                "{} more would provision {} of the {} this pool allows ({}% of {} of data space)",
+                human(extra),
+                human(provisioned.saturating_add(extra)),
+                human(limit),
                 self.superblock.overcommit_percent,
-                layout.data_blocks * BLOCK_SIZE_U64
+                human(layout.data_blocks * BLOCK_SIZE_U64)
             )));
         }
         Ok(())
@@ -585,6 +589,11 @@ impl Pool {
         self.epochs.release_after_readers(frees);
         Ok(())
     }
+}
+
+/// Sizes in messages, as people read them (1 GiB, 512 MiB).
+pub fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
 fn volume_info(id: u64, v: &VolumeState) -> VolumeInfo {

@@ -1,0 +1,302 @@
+//! `strata up`: the whole system on one machine.
+//!
+//! Starts N storage nodes as child processes with file-backed pools under DIR,
+//! writes `DIR/cluster.json` for the other commands, and stays in the
+//! foreground. A node that dies is started again after a short delay, as
+//! Kubernetes would restart its Pod. Ctrl-C (or SIGTERM) stops every node
+//! cleanly. Running it again on the same DIR reopens the same pools.
+
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytesize::ByteSize;
+
+use crate::client;
+use crate::cluster::{process_alive, ClusterFile, NodeEntry};
+
+const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Number of storage nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Size of each node's pool file (new pools only).
+    #[arg(long, default_value = "4GiB")]
+    pub pool_size: ByteSize,
+    /// I/O engine of the nodes: auto, io_uring or sync.
+    #[arg(long, default_value = "auto")]
+    pub io_engine: String,
+}
+
+struct RunningNode {
+    entry: NodeEntry,
+    child: Option<Child>,
+    restart_at: Option<Instant>,
+}
+
+pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let mut cluster = ClusterFile::load_if_present(&dir)?.unwrap_or_default();
+    if let Some(pid) = cluster.supervisor_pid.filter(|pid| process_alive(*pid)) {
+        bail!(
+            "a Strata cluster is already running in {} (strata up, pid {pid})",
+            dir.display()
+        );
+    }
+    if !cluster.nodes.is_empty() && cluster.nodes.len() != args.nodes {
+        eprintln!(
+            "note: {} already holds {} nodes; using those ({} requested)",
+            dir.display(),
+            cluster.nodes.len(),
+            args.nodes
+        );
+    }
+    while cluster.nodes.len() < args.nodes {
+        let i = cluster.nodes.len();
+        let name = format!("node-{}", i + 1);
+        cluster.nodes.push(NodeEntry {
+            zone: ZONES[i % ZONES.len()].to_string(),
+            grpc: free_local_addr()?,
+            nbd: free_local_addr()?,
+            http: free_local_addr()?,
+            pool: dir.join(&name).join("pool.img"),
+            name,
+            pid: None,
+        });
+    }
+    cluster.supervisor_pid = Some(std::process::id());
+    let mut nodes: Vec<RunningNode> = cluster
+        .nodes
+        .iter()
+        .cloned()
+        .map(|mut entry| {
+            entry.pid = None;
+            RunningNode {
+                entry,
+                child: None,
+                restart_at: None,
+            }
+        })
+        .collect();
+    for node in &mut nodes {
+        start(node, &dir, &args)?;
+    }
+    save(&dir, &nodes)?;
+    let ready = wait_until_ready(&mut nodes, &dir).await;
+    if let Err(err) = ready {
+        stop_all(&mut nodes);
+        clear(&dir, &mut nodes)?;
+        return Err(err);
+    }
+    print_endpoints(&dir, &nodes).await;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                if supervise(&mut nodes, &dir, &args)? {
+                    save(&dir, &nodes)?;
+                }
+            }
+        }
+    }
+    println!("stopping {} nodes...", nodes.len());
+    stop_all(&mut nodes);
+    clear(&dir, &mut nodes)?;
+    println!("stopped");
+    Ok(())
+}
+
+/// An address on loopback that is free now (the node binds it shortly after).
+fn free_local_addr() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()> {
+    let e = &node.entry;
+    let node_dir = dir.join(&e.name);
+    std::fs::create_dir_all(&node_dir)?;
+    let log_path = node_dir.join("node.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the strata executable")?;
+    let child = Command::new(exe)
+        .args(["node", "serve", "--name", &e.name, "--zone", &e.zone])
+        .arg("--pool")
+        .arg(&e.pool)
+        .args(["--pool-size", &args.pool_size.as_u64().to_string()])
+        .args(["--io-engine", &args.io_engine])
+        .args(["--grpc-listen", &e.grpc.to_string()])
+        .args(["--nbd-listen", &e.nbd.to_string()])
+        .args(["--http-listen", &e.http.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", e.name))?;
+    node.entry.pid = Some(child.id());
+    node.child = Some(child);
+    node.restart_at = None;
+    Ok(())
+}
+
+async fn wait_until_ready(nodes: &mut [RunningNode], dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    for node in nodes.iter_mut() {
+        loop {
+            if client::node_info(&node.entry).await.is_ok() {
+                break;
+            }
+            if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "{} exited during start-up ({status}):\n{}",
+                    node.entry.name,
+                    log_tail(&dir.join(&node.entry.name).join("node.log"), 10)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not answer within {:?}", node.entry.name, START_TIMEOUT);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Restarts nodes that died. True when a process id changed.
+fn supervise(nodes: &mut [RunningNode], dir: &Path, args: &UpArgs) -> anyhow::Result<bool> {
+    let mut changed = false;
+    for node in nodes.iter_mut() {
+        if let Some(child) = node.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                eprintln!(
+                    "{} exited ({status}); restarting in {:?}",
+                    node.entry.name, RESTART_DELAY
+                );
+                node.child = None;
+                node.entry.pid = None;
+                node.restart_at = Some(Instant::now() + RESTART_DELAY);
+                changed = true;
+            }
+        }
+        if node.child.is_none() && node.restart_at.is_some_and(|t| Instant::now() >= t) {
+            start(node, dir, args)?;
+            eprintln!("{} restarted (pid {})", node.entry.name, node.entry.pid.unwrap_or(0));
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// SIGTERM to every node, then SIGKILL to any still running after the timeout.
+fn stop_all(nodes: &mut [RunningNode]) {
+    for node in nodes.iter() {
+        if let Some(child) = &node.child {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for node in nodes.iter_mut() {
+        if let Some(mut child) = node.child.take() {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        eprintln!("{} did not stop in time; killing it", node.entry.name);
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        node.entry.pid = None;
+    }
+}
+
+fn save(dir: &Path, nodes: &[RunningNode]) -> anyhow::Result<()> {
+    ClusterFile {
+        supervisor_pid: Some(std::process::id()),
+        nodes: nodes.iter().map(|n| n.entry.clone()).collect(),
+    }
+    .save(dir)
+}
+
+fn clear(dir: &Path, nodes: &mut [RunningNode]) -> anyhow::Result<()> {
+    ClusterFile {
+        supervisor_pid: None,
+        nodes: nodes
+            .iter()
+            .map(|n| NodeEntry {
+                pid: None,
+                ..n.entry.clone()
+            })
+            .collect(),
+    }
+    .save(dir)
+}
+
+async fn print_endpoints(dir: &Path, nodes: &[RunningNode]) {
+    println!("Strata is up: {} storage nodes", nodes.len());
+    println!(
+        "{:<8} {:<7} {:<8} {:<21} {:<21} {:<21} POOL",
+        "NODE", "ZONE", "PID", "GRPC", "NBD", "HTTP"
+    );
+    for n in nodes {
+        let e = &n.entry;
+        println!(
+            "{:<8} {:<7} {:<8} {:<21} {:<21} {:<21} {}",
+            e.name,
+            e.zone,
+            e.pid.map_or("-".into(), |p| p.to_string()),
+            e.grpc,
+            e.nbd,
+            e.http,
+            e.pool.display()
+        );
+    }
+    let dir_flag = dir_flag(dir);
+    println!("Cluster file: {}", ClusterFile::path(dir).display());
+    println!("Try: strata{dir_flag} volume create vol1 --size 1GiB && strata{dir_flag} volume export vol1");
+    println!("Press Ctrl-C to stop.");
+}
+
+/// ` --dir DIR` unless DIR is the default `./.strata`.
+fn dir_flag(dir: &Path) -> String {
+    let default = std::env::current_dir()
+        .map(|cwd| cwd.join(".strata"))
+        .ok()
+        .and_then(|p| p.canonicalize().ok());
+    if default.as_deref() == Some(dir) {
+        String::new()
+    } else {
+        format!(" --dir {}", dir.display())
+    }
+}
+
+fn log_tail(path: &PathBuf, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,163 @@
+//! The storage node process: opens the pool and serves NBD, gRPC and HTTP
+//! until SIGTERM or SIGINT, then makes every completed write durable and exits.
+//!
+//! Both `strata-node` and `strata node serve` run this, with the same flags.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+use strata_proto::storage::storage_node_server::StorageNodeServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::engine::EngineKind;
+use crate::grpc::{ControlService, NodeIdentity};
+use crate::metrics::Metrics;
+use crate::nbd::NbdServer;
+use crate::pool::{Pool, PoolOptions};
+use crate::registry::PoolRegistry;
+
+/// Flags of a storage node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Name of this node, unique in the cluster.
+    #[arg(long, env = "STRATA_NODE_NAME")]
+    pub name: String,
+    /// Failure domain of this node (topology.strata.io/zone).
+    #[arg(long, default_value = "default")]
+    pub zone: String,
+    /// Pool device or file. A file is created with --pool-size when absent.
+    #[arg(long)]
+    pub pool: PathBuf,
+    /// Size of a new pool file, e.g. 10GiB.
+    #[arg(long)]
+    pub pool_size: Option<ByteSize>,
+    /// Volumes may be provisioned up to this percent of the pool's data space.
+    #[arg(long, default_value_t = 200)]
+    pub overcommit_percent: u32,
+    /// I/O engine: auto (io_uring when available), io_uring, or sync (pread/pwrite).
+    #[arg(long, default_value = "auto")]
+    pub io_engine: EngineKind,
+    /// Address of the gRPC control API.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub grpc_listen: SocketAddr,
+    /// Address of the NBD server.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// Address of /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub http_listen: SocketAddr,
+    /// Host name or address that clients should use for NBD (default: the NBD listen address).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+}
+
+/// Logs to stderr, `info` unless RUST_LOG says otherwise.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs the node until SIGTERM or SIGINT.
+pub fn main_with(args: NodeArgs) -> anyhow::Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(args, termination()))
+}
+
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let options = PoolOptions {
+        engine: args.io_engine,
+        name: args.name.clone(),
+        create_size: args.pool_size.map(|s| s.as_u64()),
+        overcommit_percent: args.overcommit_percent,
+    };
+    let pool = Pool::open(&args.pool, &options, metrics)
+        .await
+        .with_context(|| format!("opening pool {}", args.pool.display()))?;
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} address {addr}"))
+    };
+    let nbd_listener = bind(args.nbd_listen, "NBD").await?;
+    let grpc_listener = bind(args.grpc_listen, "gRPC").await?;
+    let http_listener = bind(args.http_listen, "HTTP").await?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let host = args
+        .advertise_host
+        .clone()
+        .unwrap_or_else(|| nbd_addr.ip().to_string());
+    let identity = NodeIdentity {
+        name: args.name.clone(),
+        zone: args.zone.clone(),
+        nbd_address: format!("{host}:{}", nbd_addr.port()),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let nbd = Arc::new(NbdServer::new(Arc::new(PoolRegistry::new(pool.clone()))));
+    let nbd_task = tokio::spawn(nbd.serve(nbd_listener, stopped(stop_rx.clone())));
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StorageNodeServer::new(ControlService::new(
+                pool.clone(),
+                identity.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                stopped(stop_rx.clone()),
+            ),
+    );
+    let http_server = axum::serve(http_listener, crate::http::router(pool.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_task = tokio::spawn(async move { http_server.await });
+    tracing::info!(
+        node = %args.name,
+        zone = %args.zone,
+        nbd = %nbd_addr,
+        grpc = %args.grpc_listen,
+        http = %args.http_listen,
+        engine = pool.engine_name(),
+        "storage node ready"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let (nbd, grpc, http) = tokio::join!(nbd_task, grpc_task, http_task);
+    // Writes that completed but were never flushed become durable on a clean stop.
+    pool.commit().await.context("final commit")?;
+    nbd?.context("NBD server")?;
+    grpc?.context("gRPC server")?;
+    http?.context("HTTP server")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
