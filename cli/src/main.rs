@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Replicated block storage and managed PostgreSQL for bare-metal Kubernetes")]
+#[command(
+    name = "strata",
+    version,
+    about = "Replicated block storage and managed PostgreSQL for bare-metal Kubernetes"
+)]
 struct Cli {
     /// Directory of the local cluster (written by `strata up`).
     #[arg(long, global = true, default_value = ".strata", env = "STRATA_DIR")]

@@ -166,7 +166,11 @@ async fn wait_until_ready(nodes: &mut [RunningNode], dir: &Path) -> anyhow::Resu
             if client::node_info(&node.entry).await.is_ok() {
                 break;
             }
-            if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = node
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!(
                     "{} exited during start-up ({status}):\n{}",
                     node.entry.name,
@@ -174,7 +178,11 @@ async fn wait_until_ready(nodes: &mut [RunningNode], dir: &Path) -> anyhow::Resu
                 );
             }
             if Instant::now() > deadline {
-                bail!("{} did not answer within {:?}", node.entry.name, START_TIMEOUT);
+                bail!(
+                    "{} did not answer within {:?}",
+                    node.entry.name,
+                    START_TIMEOUT
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -200,7 +208,11 @@ fn supervise(nodes: &mut [RunningNode], dir: &Path, args: &UpArgs) -> anyhow::Re
         }
         if node.child.is_none() && node.restart_at.is_some_and(|t| Instant::now() >= t) {
             start(node, dir, args)?;
-            eprintln!("{} restarted (pid {})", node.entry.name, node.entry.pid.unwrap_or(0));
+            eprintln!(
+                "{} restarted (pid {})",
+                node.entry.name,
+                node.entry.pid.unwrap_or(0)
+            );
             changed = true;
         }
     }

@@ -92,7 +92,9 @@ async fn create(
             let mut best = None;
             for node in &cluster.nodes {
                 let info = client::node_info(node).await?;
-                let room = info.provisionable_bytes.saturating_sub(info.provisioned_bytes);
+                let room = info
+                    .provisionable_bytes
+                    .saturating_sub(info.provisioned_bytes);
                 if best.as_ref().is_none_or(|(_, r)| room > *r) {
                     best = Some((node.clone(), room));
                 }
@@ -122,7 +124,10 @@ async fn create(
 async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
     let mut volumes = client::all_volumes(cluster).await?;
     volumes.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-    println!("{:<24} {:>10} {:>10} {:<8} EXPORT", "NAME", "SIZE", "ALLOCATED", "NODE");
+    println!(
+        "{:<24} {:>10} {:>10} {:<8} EXPORT",
+        "NAME", "SIZE", "ALLOCATED", "NODE"
+    );
     for (node, v) in volumes {
         println!(
             "{:<24} {:>10} {:>10} {:<8} {}",

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use bytesize::ByteSize;
@@ -20,6 +21,9 @@ use crate::metrics::Metrics;
 use crate::nbd::NbdServer;
 use crate::pool::{Pool, PoolOptions};
 use crate::registry::PoolRegistry;
+
+/// How long a stopping node waits for clients to finish before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Flags of a storage node.
 #[derive(Debug, Clone, clap::Args)]
@@ -123,7 +127,10 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let nbd = Arc::new(NbdServer::new(Arc::new(PoolRegistry::new(pool.clone()))));
+    let nbd = Arc::new(
+        NbdServer::new(Arc::new(PoolRegistry::new(pool.clone())))
+            .with_shutdown_grace(SHUTDOWN_GRACE),
+    );
     let nbd_task = tokio::spawn(nbd.serve(nbd_listener, stopped(stop_rx.clone())));
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -152,12 +159,33 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let (nbd, grpc, http) = tokio::join!(nbd_task, grpc_task, http_task);
+    // Servers drain their connections, but an idle or stuck client must not
+    // hold the node up: past the grace period the servers are dropped.
+    let (nbd_abort, grpc_abort, http_abort) = (
+        nbd_task.abort_handle(),
+        grpc_task.abort_handle(),
+        http_task.abort_handle(),
+    );
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
+        tokio::join!(nbd_task, grpc_task, http_task)
+    })
+    .await;
     // Writes that completed but were never flushed become durable on a clean stop.
-    pool.commit().await.context("final commit")?;
-    nbd?.context("NBD server")?;
-    grpc?.context("gRPC server")?;
-    http?.context("HTTP server")?;
+    let committed = pool.commit().await.context("final commit");
+    match drained {
+        Ok((nbd, grpc, http)) => {
+            nbd?.context("NBD server")?;
+            grpc?.context("gRPC server")?;
+            http?.context("HTTP server")?;
+        }
+        Err(_) => {
+            tracing::warn!(?SHUTDOWN_GRACE, "connections still open; closing them");
+            nbd_abort.abort();
+            grpc_abort.abort();
+            http_abort.abort();
+        }
+    }
+    committed?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -94,7 +94,9 @@ impl StorageNode for ControlService {
         let req = request.into_inner();
         let name = required_name(&req.name)?;
         if req.size_bytes == 0 {
-            return Err(Status::invalid_argument("size_bytes must be greater than zero"));
+            return Err(Status::invalid_argument(
+                "size_bytes must be greater than zero",
+            ));
         }
         let info = self
             .pool

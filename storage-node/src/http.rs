@@ -37,6 +37,9 @@ async fn metrics(State(pool): State<Arc<Pool>>) -> impl IntoResponse {
 async fn healthz(State(pool): State<Arc<Pool>>) -> impl IntoResponse {
     match pool.commit().await {
         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {err}\n")),
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {err}\n"),
+        ),
     }
 }

@@ -1,25 +1,17 @@
 //! Prometheus metrics of a storage node, served at `/metrics`.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum IoOp {
-    Read,
-    Write,
-    Flush,
-    Trim,
-    WriteZeroes,
-}
-
+/// The `op` label: read, write, flush, trim or write_zeroes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IoLabels {
     pub volume: String,
-    pub op: IoOp,
+    pub op: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,9 +55,21 @@ impl Metrics {
         let pool_used_bytes = Gauge::default();
         let pool_provisioned_bytes = Gauge::default();
         let volumes = Gauge::default();
-        registry.register("volume_io_ops", "Completed volume I/O requests", io_ops.clone());
-        registry.register("volume_io_errors", "Volume I/O requests that failed", io_errors.clone());
-        registry.register("volume_io_bytes", "Bytes read and written", io_bytes.clone());
+        registry.register(
+            "volume_io_ops",
+            "Completed volume I/O requests",
+            io_ops.clone(),
+        );
+        registry.register(
+            "volume_io_errors",
+            "Volume I/O requests that failed",
+            io_errors.clone(),
+        );
+        registry.register(
+            "volume_io_bytes",
+            "Bytes read and written",
+            io_bytes.clone(),
+        );
         registry.register(
             "volume_io_latency_seconds",
             "Volume I/O latency",
@@ -81,7 +85,11 @@ impl Metrics {
             "Data capacity of the pool",
             pool_capacity_bytes.clone(),
         );
-        registry.register("pool_used_bytes", "Pool data space in use", pool_used_bytes.clone());
+        registry.register(
+            "pool_used_bytes",
+            "Pool data space in use",
+            pool_used_bytes.clone(),
+        );
         registry.register(
             "pool_provisioned_bytes",
             "Sum of volume sizes",

@@ -19,7 +19,11 @@ impl TargetRegistry for PoolRegistry {
     type Target = Volume;
 
     fn export_names(&self) -> Vec<String> {
-        self.pool.list_volumes().into_iter().map(|v| v.name).collect()
+        self.pool
+            .list_volumes()
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Volume>> {

@@ -144,7 +144,10 @@ impl UringEngine {
             None => Err(request),
         };
         if let Err(request) = sent {
-            return (request.buf, Err(io::Error::other("io_uring engine stopped")));
+            return (
+                request.buf,
+                Err(io::Error::other("io_uring engine stopped")),
+            );
         }
         poke(&self.wake);
         match result.await {
@@ -210,7 +213,8 @@ fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &OwnedFd) -> i
         // Retries always go in (they already hold a slot); new requests only
         // while under the in-flight cap.
         loop {
-            if matches!(backlog.front(), Some(Pending::New(_))) && in_flight_count >= MAX_IN_FLIGHT {
+            if matches!(backlog.front(), Some(Pending::New(_))) && in_flight_count >= MAX_IN_FLIGHT
+            {
                 break;
             }
             let token = match backlog.pop_front() {
@@ -260,7 +264,9 @@ fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &OwnedFd) -> i
                 continue;
             }
             let token = token as usize;
-            let entry = in_flight[token].as_mut().expect("completion for a known request");
+            let entry = in_flight[token]
+                .as_mut()
+                .expect("completion for a known request");
             let outcome = complete(entry, result);
             match outcome {
                 Completion::Resubmit => backlog.push_front(Pending::Retry(token)),
@@ -325,7 +331,9 @@ fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
                 (Op::Read, Some(i)) => opcode::ReadFixed::new(file, ptr, remaining, i)
                     .offset(offset)
                     .build(),
-                (Op::Read, None) => opcode::Read::new(file, ptr, remaining).offset(offset).build(),
+                (Op::Read, None) => opcode::Read::new(file, ptr, remaining)
+                    .offset(offset)
+                    .build(),
                 (_, Some(i)) => opcode::WriteFixed::new(file, ptr, remaining, i)
                     .offset(offset)
                     .build(),

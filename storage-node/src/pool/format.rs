@@ -51,8 +51,9 @@ impl Layout {
         // The journal: 1/64 of the device, between 1 MiB and 64 MiB.
         let journal_blocks = (total_blocks / 64).clamp(256, 16384);
         // Each checkpoint slot must hold a map entry for every data block.
-        let checkpoint_blocks =
-            (total_blocks * CHECKPOINT_ENTRY_BYTES + CHECKPOINT_VOLUME_TABLE_BYTES).div_ceil(BLOCK_SIZE_U64);
+        let checkpoint_blocks = (total_blocks * CHECKPOINT_ENTRY_BYTES
+            + CHECKPOINT_VOLUME_TABLE_BYTES)
+            .div_ceil(BLOCK_SIZE_U64);
         let journal_start = 1;
         let checkpoint_start = [
             journal_start + journal_blocks,
@@ -133,7 +134,9 @@ impl Superblock {
         }
         let block_size = r.u32()?;
         if block_size as usize != BLOCK_SIZE {
-            return Err(PoolError::Corrupt(format!("unsupported block size {block_size}")));
+            return Err(PoolError::Corrupt(format!(
+                "unsupported block size {block_size}"
+            )));
         }
         let uuid = r.bytes(16)?.try_into().expect("16 bytes");
         let name = r.string()?;
@@ -439,10 +442,14 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
     fn u32(&mut self) -> Result<u32, PoolError> {
-        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, PoolError> {
-        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn string(&mut self) -> Result<String, PoolError> {
         let len = self.u32()? as usize;
@@ -467,7 +474,10 @@ mod tests {
         assert_eq!(block.len(), BLOCK_SIZE);
         assert_eq!(Superblock::decode(&block).unwrap(), sb);
         block[20] ^= 1;
-        assert!(matches!(Superblock::decode(&block), Err(PoolError::Corrupt(_))));
+        assert!(matches!(
+            Superblock::decode(&block),
+            Err(PoolError::Corrupt(_))
+        ));
     }
 
     #[test]
@@ -475,7 +485,10 @@ mod tests {
         let l = Layout::for_device(1 << 18).unwrap();
         assert_eq!(l.journal_start, 1);
         assert_eq!(l.checkpoint_start[0], l.journal_start + l.journal_blocks);
-        assert_eq!(l.checkpoint_start[1], l.checkpoint_start[0] + l.checkpoint_blocks);
+        assert_eq!(
+            l.checkpoint_start[1],
+            l.checkpoint_start[0] + l.checkpoint_blocks
+        );
         assert_eq!(l.data_start, l.checkpoint_start[1] + l.checkpoint_blocks);
         assert_eq!(l.data_start + l.data_blocks, l.total_blocks);
         // A full pool's map must fit in a checkpoint slot.
@@ -494,7 +507,10 @@ mod tests {
                 name: "db".into(),
                 size: 1 << 30,
                 created_unix: 1_700_000_000,
-                blocks: vec![(0, BlockEntry { pba: 900, crc: 5 }), (77, BlockEntry { pba: 901, crc: 6 })],
+                blocks: vec![
+                    (0, BlockEntry { pba: 900, crc: 5 }),
+                    (77, BlockEntry { pba: 901, crc: 6 }),
+                ],
             }],
         };
         let mut bytes = cp.encode();
@@ -513,11 +529,17 @@ mod tests {
             .map(|i| JournalRecord {
                 volume_id: 1,
                 lba: i,
-                entry: BlockEntry { pba: 1000 + i as u32, crc: i as u32 },
+                entry: BlockEntry {
+                    pba: 1000 + i as u32,
+                    crc: i as u32,
+                },
             })
             .collect();
         let bytes = encode_journal_batch(12, &records);
-        assert_eq!(bytes.len() as u64, journal_batch_blocks(300) * BLOCK_SIZE_U64);
+        assert_eq!(
+            bytes.len() as u64,
+            journal_batch_blocks(300) * BLOCK_SIZE_U64
+        );
         let mut decoded = Vec::new();
         for (i, block) in bytes.chunks(BLOCK_SIZE).enumerate() {
             let b = decode_journal_block(block).unwrap();

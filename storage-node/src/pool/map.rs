@@ -67,7 +67,10 @@ impl BlockMap {
 }
 
 fn split(lba: u64) -> (usize, usize) {
-    ((lba / CHUNK_BLOCKS as u64) as usize, (lba % CHUNK_BLOCKS as u64) as usize)
+    (
+        (lba / CHUNK_BLOCKS as u64) as usize,
+        (lba % CHUNK_BLOCKS as u64) as usize,
+    )
 }
 
 #[cfg(test)]
@@ -80,12 +83,18 @@ mod tests {
         assert!(!m.get(5_000_000).is_mapped());
         let e = BlockEntry { pba: 9, crc: 1 };
         assert_eq!(m.set(5000, e), BlockEntry::default());
-        assert_eq!(m.set(3, BlockEntry { pba: 10, crc: 2 }), BlockEntry::default());
+        assert_eq!(
+            m.set(3, BlockEntry { pba: 10, crc: 2 }),
+            BlockEntry::default()
+        );
         assert_eq!(m.get(5000), e);
         assert_eq!(m.mapped_blocks(), 2);
         assert_eq!(m.set(5000, BlockEntry::default()), e);
         assert_eq!(m.mapped_blocks(), 1);
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(3, BlockEntry { pba: 10, crc: 2 })]);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![(3, BlockEntry { pba: 10, crc: 2 })]
+        );
         // Unmapping something never mapped allocates nothing.
         m.set(1 << 30, BlockEntry::default());
         assert_eq!(m.chunks.len(), 5);

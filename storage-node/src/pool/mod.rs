@@ -22,8 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use allocator::Allocator;
 use epoch::Epochs;
 use format::{
-    Checkpoint, JournalRecord, Layout, Superblock, VolumeRecord, BLOCK_SIZE,
-    BLOCK_SIZE_U64,
+    Checkpoint, JournalRecord, Layout, Superblock, VolumeRecord, BLOCK_SIZE, BLOCK_SIZE_U64,
 };
 use map::BlockMap;
 
@@ -237,7 +236,8 @@ impl Pool {
                 },
             );
         }
-        let journal_seq = replay_journal(&engine, &layout, checkpoint.journal_seq, &mut volumes).await?;
+        let journal_seq =
+            replay_journal(&engine, &layout, checkpoint.journal_seq, &mut volumes).await?;
 
         let mut allocator = Allocator::new(layout.data_start, layout.data_blocks);
         for (id, v) in &volumes {
@@ -359,7 +359,12 @@ impl Pool {
     pub fn volume(self: &Arc<Self>, name: &str) -> Option<Volume> {
         let state = self.state.lock().expect("state lock");
         let (id, v) = state.volumes.iter().find(|(_, v)| v.name == name)?;
-        Some(Volume::new(self.clone(), *id, v.name.clone(), v.size.clone()))
+        Some(Volume::new(
+            self.clone(),
+            *id,
+            v.name.clone(),
+            v.size.clone(),
+        ))
     }
 
     /// Creates a volume of `size` bytes (rounded up to the block size). No space
@@ -367,7 +372,9 @@ impl Pool {
     pub async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, PoolError> {
         validate_volume_name(name)?;
         if size == 0 {
-            return Err(PoolError::Invalid("volume size must be greater than zero".into()));
+            return Err(PoolError::Invalid(
+                "volume size must be greater than zero".into(),
+            ));
         }
         let size = size
             .checked_next_multiple_of(BLOCK_SIZE_U64)
@@ -498,7 +505,12 @@ impl Pool {
             }
             let seq = commit.journal_seq + 1;
             let batch = format::encode_journal_batch(seq, &records);
-            let res = write_bytes(&self.engine, layout.journal_start + commit.journal_pos, &batch).await;
+            let res = write_bytes(
+                &self.engine,
+                layout.journal_start + commit.journal_pos,
+                &batch,
+            )
+            .await;
             let res = match res {
                 Ok(()) => self.engine.sync_data().await,
                 Err(err) => Err(err),
@@ -653,7 +665,10 @@ async fn read_bytes(engine: &IoEngine, block: u64, len: usize) -> io::Result<Vec
     Ok(out)
 }
 
-async fn read_newest_checkpoint(engine: &IoEngine, layout: &Layout) -> Result<Checkpoint, PoolError> {
+async fn read_newest_checkpoint(
+    engine: &IoEngine,
+    layout: &Layout,
+) -> Result<Checkpoint, PoolError> {
     let mut best: Option<Checkpoint> = None;
     let mut errors = Vec::new();
     for start in layout.checkpoint_start {
@@ -663,10 +678,17 @@ async fn read_newest_checkpoint(engine: &IoEngine, layout: &Layout) -> Result<Ch
         };
         let total = BLOCK_SIZE_U64 + payload;
         if total > layout.checkpoint_blocks * BLOCK_SIZE_U64 {
-            errors.push(format!("slot at block {start}: payload length out of range"));
+            errors.push(format!(
+                "slot at block {start}: payload length out of range"
+            ));
             continue;
         }
-        let bytes = read_bytes(engine, start, total.next_multiple_of(BLOCK_SIZE_U64) as usize).await?;
+        let bytes = read_bytes(
+            engine,
+            start,
+            total.next_multiple_of(BLOCK_SIZE_U64) as usize,
+        )
+        .await?;
         match Checkpoint::decode(&bytes) {
             Ok(cp) if best.as_ref().is_none_or(|b| cp.generation > b.generation) => best = Some(cp),
             Ok(_) => {}
@@ -689,7 +711,12 @@ async fn replay_journal(
     after_seq: u64,
     volumes: &mut HashMap<u64, VolumeState>,
 ) -> Result<u64, PoolError> {
-    let journal = read_bytes(engine, layout.journal_start, (layout.journal_blocks * BLOCK_SIZE_U64) as usize).await?;
+    let journal = read_bytes(
+        engine,
+        layout.journal_start,
+        (layout.journal_blocks * BLOCK_SIZE_U64) as usize,
+    )
+    .await?;
     let blocks: Vec<&[u8]> = journal.chunks(BLOCK_SIZE).collect();
     let mut seq = after_seq;
     let mut pos = 0usize;
@@ -708,7 +735,9 @@ async fn replay_journal(
         let mut records = first.records;
         for (i, block) in blocks[pos + 1..pos + count].iter().enumerate() {
             match format::decode_journal_block(block) {
-                Some(b) if b.seq == seq + 1 && b.index as usize == i + 1 && b.count == first.count => {
+                Some(b)
+                    if b.seq == seq + 1 && b.index as usize == i + 1 && b.count == first.count =>
+                {
                     records.extend(b.records)
                 }
                 _ => break 'batches,
@@ -734,7 +763,11 @@ async fn replay_journal(
         pos += count;
     }
     if seq > after_seq {
-        tracing::info!(batches = seq - after_seq, records = applied, "replayed journal");
+        tracing::info!(
+            batches = seq - after_seq,
+            records = applied,
+            "replayed journal"
+        );
     }
     Ok(seq)
 }

@@ -43,7 +43,9 @@ macro_rules! assert_same_bytes {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// The physical block behind a volume's logical block.
@@ -60,9 +62,17 @@ async fn unaligned_writes_read_back_and_survive_reopen() {
     let pool = open(&path, 64 * MIB).await;
     pool.create_volume("v1", 8 * MIB).await.unwrap();
     let vol = pool.volume("v1").unwrap();
-    let cases = [(0u64, 4096usize), (1, 1), (4095, 2), (10_000, 70_000), (8 * MIB - 3, 3)];
+    let cases = [
+        (0u64, 4096usize),
+        (1, 1),
+        (4095, 2),
+        (10_000, 70_000),
+        (8 * MIB - 3, 3),
+    ];
     for (i, (offset, len)) in cases.iter().enumerate() {
-        vol.write(*offset, &pattern(*len, i as u8), false).await.unwrap();
+        vol.write(*offset, &pattern(*len, i as u8), false)
+            .await
+            .unwrap();
     }
     vol.flush().await.unwrap();
     // Later writes overlap earlier ones: read back the final image.
@@ -109,24 +119,44 @@ async fn a_flipped_byte_is_an_io_error_never_data() {
     let pba = pba_of(&pool, "v", 1);
     drop(vol);
     drop(pool);
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     let at = pba as u64 * 4096 + 100;
     let mut byte = [0u8];
     file.read_exact_at(&mut byte, at).unwrap();
     file.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
     drop(file);
     let metrics = Arc::new(Metrics::new());
-    let pool = Pool::open(&path, &options(64 * MIB), metrics.clone()).await.unwrap();
+    let pool = Pool::open(&path, &options(64 * MIB), metrics.clone())
+        .await
+        .unwrap();
     let vol = pool.volume("v").unwrap();
     assert!(matches!(vol.read(4096, 4096).await, Err(BlockError::Io(_))));
-    assert!(matches!(vol.read(0, 3 * 4096).await, Err(BlockError::Io(_))));
+    assert!(matches!(
+        vol.read(0, 3 * 4096).await,
+        Err(BlockError::Io(_))
+    ));
     // The good neighbours still read.
-    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(3 * 4096, 9)[..4096]);
-    assert_same_bytes!(vol.read(8192, 4096).await.unwrap(), pattern(3 * 4096, 9)[8192..]);
+    assert_same_bytes!(
+        vol.read(0, 4096).await.unwrap(),
+        pattern(3 * 4096, 9)[..4096]
+    );
+    assert_same_bytes!(
+        vol.read(8192, 4096).await.unwrap(),
+        pattern(3 * 4096, 9)[8192..]
+    );
     assert_eq!(pool.checksum_failures(), 2);
-    assert!(metrics.encode().contains("strata_checksum_failures_total{volume=\"v\"} 2"));
+    assert!(metrics
+        .encode()
+        .contains("strata_checksum_failures_total{volume=\"v\"} 2"));
     // A partial write into the bad block must not launder it into good data.
-    assert!(matches!(vol.write(4096 + 10, b"x", false).await, Err(BlockError::Io(_))));
+    assert!(matches!(
+        vol.write(4096 + 10, b"x", false).await,
+        Err(BlockError::Io(_))
+    ));
     // A full overwrite replaces it.
     vol.write(4096, &[5u8; 4096], false).await.unwrap();
     assert_same_bytes!(vol.read(4096, 4096).await.unwrap(), vec![5u8; 4096]);
@@ -138,15 +168,21 @@ async fn space_is_allocated_on_write_and_returned_on_trim_and_delete() {
     let pool = open(&dir.path().join("pool"), 64 * MIB).await;
     let base = pool.usage().used;
     assert_eq!(base, 0);
-    pool.create_volume("v", 1 << 40).await.expect_err("over the overcommit limit");
+    pool.create_volume("v", 1 << 40)
+        .await
+        .expect_err("over the overcommit limit");
     pool.create_volume("v", 16 * MIB).await.unwrap();
     assert_eq!(pool.usage().used, 0, "thin: nothing allocated at create");
     let vol = pool.volume("v").unwrap();
-    vol.write(0, &vec![1u8; 4 * MIB as usize], false).await.unwrap();
+    vol.write(0, &vec![1u8; 4 * MIB as usize], false)
+        .await
+        .unwrap();
     vol.flush().await.unwrap();
     assert_eq!(pool.usage().used, 4 * MIB);
     // Overwrites do not grow usage once flushed.
-    vol.write(0, &vec![2u8; 4 * MIB as usize], false).await.unwrap();
+    vol.write(0, &vec![2u8; 4 * MIB as usize], false)
+        .await
+        .unwrap();
     vol.flush().await.unwrap();
     assert_eq!(pool.usage().used, 4 * MIB);
     assert_eq!(pool.volume_info("v").unwrap().allocated, 4 * MIB);
@@ -155,12 +191,18 @@ async fn space_is_allocated_on_write_and_returned_on_trim_and_delete() {
     assert_eq!(pool.usage().used, 2 * MIB);
     assert_same_bytes!(vol.read(MIB, 4096).await.unwrap(), vec![0u8; 4096]);
     vol.write_zeroes(0, 4096 + 7, false, false).await.unwrap();
-    assert_same_bytes!(vol.read(0, 8192).await.unwrap()[..4096 + 7], vec![0u8; 4096 + 7][..]);
+    assert_same_bytes!(
+        vol.read(0, 8192).await.unwrap()[..4096 + 7],
+        vec![0u8; 4096 + 7][..]
+    );
     assert_same_bytes!(vol.read(4096 + 7, 1).await.unwrap(), vec![2u8]);
     drop(vol);
     pool.delete_volume("v").await.unwrap();
     assert_eq!(pool.usage().used, 0);
-    assert!(matches!(pool.delete_volume("v").await, Err(PoolError::NotFound(_))));
+    assert!(matches!(
+        pool.delete_volume("v").await,
+        Err(PoolError::NotFound(_))
+    ));
 }
 
 #[tokio::test]
@@ -174,7 +216,14 @@ async fn a_full_pool_says_enospc_and_keeps_what_was_written() {
     let chunk = 256 * 1024;
     let mut written = 0u64;
     let err = loop {
-        match vol.write(written, &pattern(chunk, (written / chunk as u64) as u8), false).await {
+        match vol
+            .write(
+                written,
+                &pattern(chunk, (written / chunk as u64) as u8),
+                false,
+            )
+            .await
+        {
             Ok(()) => written += chunk as u64,
             Err(err) => break err,
         }
@@ -190,11 +239,18 @@ async fn a_full_pool_says_enospc_and_keeps_what_was_written() {
     drop(pool);
     let pool = open(&path, 16 * MIB).await;
     let vol = pool.volume("big").unwrap();
-    assert_same_bytes!(vol.read(0, chunk as u32).await.unwrap(), pattern(chunk, 0xAA));
+    assert_same_bytes!(
+        vol.read(0, chunk as u32).await.unwrap(),
+        pattern(chunk, 0xAA)
+    );
     let mut at = chunk as u64;
     while at < written {
         let expected = pattern(chunk, (at / chunk as u64) as u8);
-        assert_same_bytes!(vol.read(at, chunk as u32).await.unwrap(), expected, "at {at}");
+        assert_same_bytes!(
+            vol.read(at, chunk as u32).await.unwrap(),
+            expected,
+            "at {at}"
+        );
         at += chunk as u64;
     }
 }
@@ -210,14 +266,23 @@ async fn many_commits_wrap_the_journal_into_checkpoints() {
     // Each flush writes at least one journal block: go round several times.
     for i in 0..(journal_blocks * 3) {
         let lba = i % 2048;
-        vol.write(lba * 4096, &[(i % 251) as u8; 4096], false).await.unwrap();
+        vol.write(lba * 4096, &[(i % 251) as u8; 4096], false)
+            .await
+            .unwrap();
         vol.flush().await.unwrap();
     }
     let image = vol.read(0, 8 * MIB as u32).await.unwrap();
     drop(vol);
     drop(pool);
     let pool = open(&path, 32 * MIB).await;
-    assert_same_bytes!(pool.volume("v").unwrap().read(0, 8 * MIB as u32).await.unwrap(), image);
+    assert_same_bytes!(
+        pool.volume("v")
+            .unwrap()
+            .read(0, 8 * MIB as u32)
+            .await
+            .unwrap(),
+        image
+    );
 }
 
 #[tokio::test]
@@ -236,15 +301,26 @@ async fn a_torn_journal_batch_is_ignored_and_earlier_batches_kept() {
     drop(vol);
     drop(pool);
     // Tear the second batch: damage its last block, as if power failed mid-write.
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-    file.write_all_at(&[0xFF; 64], (journal_start + last_block_of_second_batch) * 4096 + 512)
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
         .unwrap();
+    file.write_all_at(
+        &[0xFF; 64],
+        (journal_start + last_block_of_second_batch) * 4096 + 512,
+    )
+    .unwrap();
     drop(file);
     let pool = open(&path, 32 * MIB).await;
     let vol = pool.volume("v").unwrap();
     assert_same_bytes!(vol.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
     assert!(vol.read(4096, 4096).await.unwrap().iter().all(|b| *b == 0));
-    assert_eq!(pool.usage().used, 4096, "the torn batch's blocks are free again");
+    assert_eq!(
+        pool.usage().used,
+        4096,
+        "the torn batch's blocks are free again"
+    );
 }
 
 #[tokio::test]
@@ -257,7 +333,9 @@ async fn concurrent_partial_writes_to_one_block_both_land() {
     for i in 0..8u64 {
         let vol = vol.clone();
         tasks.push(tokio::spawn(async move {
-            vol.write(i * 512, &[i as u8 + 1; 512], false).await.unwrap();
+            vol.write(i * 512, &[i as u8 + 1; 512], false)
+                .await
+                .unwrap();
         }));
     }
     for t in tasks {
@@ -265,7 +343,12 @@ async fn concurrent_partial_writes_to_one_block_both_land() {
     }
     let block = vol.read(0, 4096).await.unwrap();
     for i in 0..8usize {
-        assert!(block[i * 512..(i + 1) * 512].iter().all(|b| *b == i as u8 + 1), "sector {i}");
+        assert!(
+            block[i * 512..(i + 1) * 512]
+                .iter()
+                .all(|b| *b == i as u8 + 1),
+            "sector {i}"
+        );
     }
 }
 
@@ -274,19 +357,46 @@ async fn volume_management_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let pool = open(&dir.path().join("pool"), 32 * MIB).await;
     for bad in ["", "-x", "a/b", "a b", &"x".repeat(200)] {
-        assert!(matches!(pool.create_volume(bad, MIB).await, Err(PoolError::Invalid(_))), "{bad:?}");
+        assert!(
+            matches!(
+                pool.create_volume(bad, MIB).await,
+                Err(PoolError::Invalid(_))
+            ),
+            "{bad:?}"
+        );
     }
-    assert!(matches!(pool.create_volume("v", 0).await, Err(PoolError::Invalid(_))));
+    assert!(matches!(
+        pool.create_volume("v", 0).await,
+        Err(PoolError::Invalid(_))
+    ));
     let info = pool.create_volume("v", 1000).await.unwrap();
     assert_eq!(info.size, 4096, "rounded up to the block size");
-    assert!(matches!(pool.create_volume("v", MIB).await, Err(PoolError::AlreadyExists(_))));
-    assert_eq!(pool.resize_volume("v", 2 * MIB).await.unwrap().size, 2 * MIB);
-    assert!(matches!(pool.resize_volume("v", MIB).await, Err(PoolError::Invalid(_))));
-    assert!(matches!(pool.resize_volume("nope", MIB).await, Err(PoolError::NotFound(_))));
+    assert!(matches!(
+        pool.create_volume("v", MIB).await,
+        Err(PoolError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        pool.resize_volume("v", 2 * MIB).await.unwrap().size,
+        2 * MIB
+    );
+    assert!(matches!(
+        pool.resize_volume("v", MIB).await,
+        Err(PoolError::Invalid(_))
+    ));
+    assert!(matches!(
+        pool.resize_volume("nope", MIB).await,
+        Err(PoolError::NotFound(_))
+    ));
     let vol = pool.volume("v").unwrap();
     assert_eq!(vol.size(), 2 * MIB);
-    assert!(matches!(vol.read(2 * MIB - 1, 2).await, Err(BlockError::OutOfRange { .. })));
-    assert!(matches!(vol.write(u64::MAX, b"x", false).await, Err(BlockError::OutOfRange { .. })));
+    assert!(matches!(
+        vol.read(2 * MIB - 1, 2).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.write(u64::MAX, b"x", false).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
     pool.delete_volume("v").await.unwrap();
     assert_eq!(vol.read(0, 1).await, Err(BlockError::Gone));
 }
@@ -301,5 +411,9 @@ async fn a_device_holding_something_else_is_refused() {
         .err()
         .unwrap();
     assert!(matches!(err, PoolError::Corrupt(_)), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap()[..4], [0x55; 4], "left untouched");
+    assert_eq!(
+        std::fs::read(&path).unwrap()[..4],
+        [0x55; 4],
+        "left untouched"
+    );
 }

@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::format::{data_crc, BlockEntry, JournalRecord, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::{Pool, PoolError};
 use crate::engine::AlignedBuf;
-use crate::metrics::{IoLabels, IoOp, VolumeLabels};
+use crate::metrics::{IoLabels, VolumeLabels};
 use crate::target::{BlockError, BlockResult, BlockTarget};
 
 /// Unmapping is done in slices so one huge TRIM does not hold the map lock long.
@@ -51,7 +51,7 @@ struct VolumeMetrics {
 impl VolumeMetrics {
     fn new(pool: &Pool, volume: &str) -> Self {
         let m = pool.metrics();
-        let op = |op: IoOp| {
+        let op = |op: &'static str| {
             let labels = IoLabels {
                 volume: volume.to_string(),
                 op,
@@ -64,11 +64,11 @@ impl VolumeMetrics {
             }
         };
         VolumeMetrics {
-            read: op(IoOp::Read),
-            write: op(IoOp::Write),
-            flush: op(IoOp::Flush),
-            trim: op(IoOp::Trim),
-            write_zeroes: op(IoOp::WriteZeroes),
+            read: op("read"),
+            write: op("write"),
+            flush: op("flush"),
+            trim: op("trim"),
+            write_zeroes: op("write_zeroes"),
             checksum_failures: m
                 .checksum_failures
                 .get_or_create(&VolumeLabels {
@@ -220,7 +220,8 @@ impl Volume {
     }
 
     fn stripe(&self, lba: u64) -> usize {
-        ((self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba) % self.pool.stripes.len() as u64) as usize
+        ((self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba) % self.pool.stripes.len() as u64)
+            as usize
     }
 
     /// Writes whole blocks from `first` to newly allocated physical blocks and
@@ -233,7 +234,10 @@ impl Volume {
         let written = self.write_runs(buf, &pbas).await;
         if let Err(err) = written {
             pool.release_unused(&pbas);
-            return Err(BlockError::Io(format!("writing volume {}: {err}", self.name)));
+            return Err(BlockError::Io(format!(
+                "writing volume {}: {err}",
+                self.name
+            )));
         }
         let mut guard = pool.state.lock().expect("state lock");
         let state = &mut *guard;
@@ -262,7 +266,10 @@ impl Volume {
     /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks.
     async fn write_runs(&self, buf: AlignedBuf, pbas: &[u32]) -> std::io::Result<()> {
         let engine = &self.pool.engine;
-        let entries: Vec<BlockEntry> = pbas.iter().map(|p| BlockEntry { pba: *p, crc: 0 }).collect();
+        let entries: Vec<BlockEntry> = pbas
+            .iter()
+            .map(|p| BlockEntry { pba: *p, crc: 0 })
+            .collect();
         let runs = mapped_runs(&entries);
         if runs.len() == 1 {
             let (_, res) = engine.write_at(buf, pbas[0] as u64 * BLOCK_SIZE_U64).await;
@@ -314,7 +321,13 @@ impl Volume {
         Ok(())
     }
 
-    async fn write_zeroes_impl(&self, offset: u64, len: u64, fua: bool, allocate: bool) -> BlockResult<()> {
+    async fn write_zeroes_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        allocate: bool,
+    ) -> BlockResult<()> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -331,11 +344,13 @@ impl Volume {
             let first_full = offset.div_ceil(BLOCK_SIZE_U64);
             let end_full = end / BLOCK_SIZE_U64;
             if first_full >= end_full {
-                self.write_impl(offset, &vec![0u8; len as usize], false).await?;
+                self.write_impl(offset, &vec![0u8; len as usize], false)
+                    .await?;
             } else {
                 let head = first_full * BLOCK_SIZE_U64 - offset;
                 if head > 0 {
-                    self.write_impl(offset, &vec![0u8; head as usize], false).await?;
+                    self.write_impl(offset, &vec![0u8; head as usize], false)
+                        .await?;
                 }
                 let tail = end - end_full * BLOCK_SIZE_U64;
                 if tail > 0 {
@@ -441,7 +456,9 @@ impl BlockTarget for Volume {
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
         let started = Instant::now();
         let result = self.write_impl(offset, data, fua).await;
-        self.metrics.write.record(started, data.len() as u64, &result);
+        self.metrics
+            .write
+            .record(started, data.len() as u64, &result);
         result
     }
 
@@ -459,7 +476,13 @@ impl BlockTarget for Volume {
         result
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool, allocate: bool) -> BlockResult<()> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        allocate: bool,
+    ) -> BlockResult<()> {
         let started = Instant::now();
         let result = self.write_zeroes_impl(offset, len, fua, allocate).await;
         self.metrics.write_zeroes.record(started, len, &result);

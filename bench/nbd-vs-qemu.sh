@@ -1,0 +1,402 @@
+#!/usr/bin/env bash
+#
+# nbd-vs-qemu.sh: fio against Strata's NBD server and against qemu-nbd, side by
+# side, on the same machine, the same disk and the same job lines.
+#
+# What one run does:
+#   1. builds strata-node and the strata CLI (release) unless STRATA_NODE_BIN
+#      and STRATA_CLI_BIN point at binaries already built;
+#   2. starts one storage node on a pool file in a fresh temp dir and creates
+#      a volume "bench" on it through the CLI;
+#   3. creates a raw file of the same size next to the pool and serves it with
+#      qemu-nbd (--cache=none, io_uring, or native AIO when io_uring is refused);
+#   4. prefills both exports with the same 1 MiB sequential write, so random
+#      reads hit real data (Strata is thin-provisioned: an unwritten block
+#      would be answered with zeroes without touching the disk), then runs
+#      each fio job on Strata and then on qemu-nbd, job after job;
+#   5. prints a table (IOPS, mean latency, MB/s, Strata/qemu-nbd IOPS ratio);
+#   6. stops both servers and deletes the temp dir on exit, whatever happens.
+#
+# Jobs (fio's nbd engine, one connection per job, time-based):
+#   randread   4 KiB random read,  QD32
+#   randwrite  4 KiB random write, QD32
+#   seqwrite   1 MiB sequential write, QD${SEQ_IODEPTH} (default 8)
+#
+# Usage:
+#   bench/nbd-vs-qemu.sh
+#   RUNTIME=30 VOL_SIZE=8GiB POOL_SIZE=16GiB bench/nbd-vs-qemu.sh
+#
+# Environment knobs (defaults in brackets):
+#   RUNTIME          seconds per fio job [15]
+#   VOL_SIZE         size of the volume and of the qemu-nbd file [2GiB]
+#   POOL_SIZE        size of the Strata pool file [4GiB]
+#   IO_ENGINE        strata-node --io-engine: auto, io_uring or sync [auto]
+#   SEQ_IODEPTH      queue depth of the 1 MiB sequential write [8]
+#   STRATA_NODE_BIN  use this strata-node instead of building one
+#   STRATA_CLI_BIN   use this strata CLI instead of building one
+#   BENCH_TMPDIR     where the temp dir (pool file, qemu file) goes [$TMPDIR or /tmp];
+#                    must allow O_DIRECT (not tmpfs), since both servers use it
+#   RESULTS_DIR      if set, fio's JSON output is copied there
+#
+# Needs: cargo (unless both *_BIN are set), python3, fio with the nbd engine,
+# qemu-nbd, nbdinfo.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+RUNTIME=${RUNTIME:-15}
+VOL_SIZE=${VOL_SIZE:-2GiB}
+POOL_SIZE=${POOL_SIZE:-4GiB}
+IO_ENGINE=${IO_ENGINE:-auto}
+SEQ_IODEPTH=${SEQ_IODEPTH:-8}
+RESULTS_DIR=${RESULTS_DIR:-}
+
+# Filled in as things start, so cleanup knows what to stop.
+TMP=""
+STRATA_PID=""
+QEMU_PID=""
+FIO_PID=""
+QEMU_AIO=""
+STRATA_ENGINE=""
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------
+# Cleanup: runs on every exit (normal, error, Ctrl-C, SIGTERM).
+# ---------------------------------------------------------------------------
+
+# Stops one server we started: SIGTERM first (strata-node then makes its
+# writes durable and exits cleanly), SIGKILL if it is still there after 10 s.
+stop_process() {
+    local pid=$1
+    [[ -n $pid ]] || return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    # On failure, the server logs are the first thing one wants; they live in
+    # the temp dir that is about to go, so show their tails now.
+    if [[ $status -ne 0 && -n $TMP ]]; then
+        local f
+        for f in "$TMP/strata-node.log" "$TMP/qemu-nbd.log"; do
+            if [[ -s $f ]]; then
+                printf '\n--- last lines of %s ---\n' "$(basename "$f")" >&2
+                tail -n 20 "$f" >&2
+            fi
+        done
+    fi
+    stop_process "$FIO_PID"
+    stop_process "$STRATA_PID"
+    stop_process "$QEMU_PID"
+    [[ -n $TMP ]] && rm -rf "$TMP"
+    exit "$status"
+}
+trap cleanup EXIT
+# Turn signals into a normal exit so the EXIT trap runs once, with a status.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+# Converts 2GiB, 512MiB, 4096 ... to bytes (the same suffixes strata accepts).
+to_bytes() {
+    python3 - "$1" <<'EOF'
+import re, sys
+m = re.fullmatch(r'\s*(\d+)\s*([KMGT]i?B?|B)?\s*', sys.argv[1], re.I)
+if not m:
+    sys.exit(f"cannot parse size {sys.argv[1]!r}")
+n, unit = int(m.group(1)), (m.group(2) or "B").upper()
+powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+base = 1024 if "I" in unit or len(unit) == 1 and unit != "B" else 1000
+print(n * base ** powers.get(unit[0], 0))
+EOF
+}
+
+# Prints N distinct free TCP ports. All sockets stay bound until every port is
+# picked, so the kernel cannot hand out the same port twice.
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# True once something accepts TCP connections on 127.0.0.1:PORT.
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Waits up to TIMEOUT seconds for PORT to accept connections, failing early
+# if the server process PID has died.
+wait_for_port() {
+    local port=$1 pid=$2 what=$3 timeout=${4:-30}
+    local deadline=$((SECONDS + timeout))
+    until port_open "$port"; do
+        kill -0 "$pid" 2>/dev/null || die "$what exited before listening on port $port"
+        ((SECONDS < deadline)) || die "$what is not listening on port $port after ${timeout}s"
+        sleep 0.2
+    done
+}
+
+# Waits until an NBD client can complete the handshake on URI and prints the
+# export size. A listening port is not enough: a server may accept
+# connections and still never answer the handshake.
+wait_for_export() {
+    local uri=$1 what=$2 timeout=${3:-30}
+    local deadline=$((SECONDS + timeout)) size
+    while true; do
+        if size=$(timeout 10 nbdinfo --size "$uri" 2>"$TMP/nbdinfo.err"); then
+            echo "$size"
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            cat "$TMP/nbdinfo.err" >&2
+            die "$what: no NBD client can open $uri"
+        fi
+        sleep 1
+    done
+}
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+
+build_strata() {
+    if [[ -n ${STRATA_NODE_BIN:-} && -n ${STRATA_CLI_BIN:-} ]]; then
+        return
+    fi
+    command -v cargo >/dev/null || die "cargo not found (or set STRATA_NODE_BIN and STRATA_CLI_BIN)"
+    log "building strata-node and strata (release)"
+    (cd "$ROOT" && cargo build --release -p strata-node -p strata-cli)
+    # Honour CARGO_TARGET_DIR the way cargo does.
+    local target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+    STRATA_NODE_BIN=${STRATA_NODE_BIN:-$target_dir/release/strata-node}
+    STRATA_CLI_BIN=${STRATA_CLI_BIN:-$target_dir/release/strata}
+}
+
+check_tools() {
+    local tool
+    for tool in python3 fio qemu-nbd nbdinfo timeout; do
+        command -v "$tool" >/dev/null || die "$tool not found (bash .ci/install-test-deps installs the NBD tools and fio)"
+    done
+    fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (it needs libnbd)"
+}
+
+# Starts a single storage node and creates the volume "bench". The CLI finds
+# the node through a cluster.json we write ourselves, in the format that
+# `strata up` writes, so no gRPC code is needed here.
+start_strata() {
+    local grpc=$1 nbd=$2 http=$3
+    log "starting strata-node (pool $POOL_SIZE, io engine $IO_ENGINE)"
+    "$STRATA_NODE_BIN" --name bench --zone zone-a \
+        --pool "$TMP/pool.img" --pool-size "$POOL_SIZE" --io-engine "$IO_ENGINE" \
+        --grpc-listen "127.0.0.1:$grpc" --nbd-listen "127.0.0.1:$nbd" \
+        --http-listen "127.0.0.1:$http" \
+        >"$TMP/strata-node.log" 2>&1 &
+    STRATA_PID=$!
+    # gRPC is bound last, so once it listens the pool is open.
+    wait_for_port "$grpc" "$STRATA_PID" strata-node 60
+    wait_for_port "$nbd" "$STRATA_PID" strata-node 10
+
+    # Which engine the node really uses ("auto" may fall back to pread/pwrite).
+    local deadline=$((SECONDS + 10))
+    until grep -q 'storage node ready' "$TMP/strata-node.log" || ((SECONDS >= deadline)); do
+        sleep 0.2
+    done
+    STRATA_ENGINE=$(sed -nE 's/.*storage node ready.*engine="?([A-Za-z_]+).*/\1/p; s/.*engine="?([A-Za-z_]+)"?.*storage node ready.*/\1/p' \
+        "$TMP/strata-node.log" | head -n1)
+    STRATA_ENGINE=${STRATA_ENGINE:-unknown}
+
+    cat >"$TMP/cluster.json" <<EOF
+{"supervisor_pid":null,"nodes":[{"name":"bench","zone":"zone-a","grpc":"127.0.0.1:$grpc","nbd":"127.0.0.1:$nbd","http":"127.0.0.1:$http","pool":"$TMP/pool.img","pid":null}]}
+EOF
+    "$STRATA_CLI_BIN" volume create bench --size "$VOL_SIZE" --dir "$TMP" >&2
+}
+
+# Serves a raw file of the volume's size with qemu-nbd: O_DIRECT like Strata,
+# io_uring like Strata when the kernel allows it, else Linux native AIO.
+start_qemu_nbd() {
+    local port=$1 bytes=$2 aio
+    # Allocate every block now so qemu-nbd's writes never extend or allocate
+    # the file (Strata's pool file is allocated by its own prefill, below).
+    fallocate -l "$bytes" "$TMP/qemu.img" 2>/dev/null || truncate -s "$bytes" "$TMP/qemu.img"
+    for aio in io_uring native; do
+        log "starting qemu-nbd (--cache=none --aio=$aio)"
+        qemu-nbd --cache=none --aio="$aio" -f raw -x bench -p "$port" -b 127.0.0.1 \
+            --persistent --shared=8 "$TMP/qemu.img" >"$TMP/qemu-nbd.log" 2>&1 &
+        QEMU_PID=$!
+        # qemu-nbd opens the image before it listens, so an AIO mode it cannot
+        # use makes it exit instead of listen.
+        if (wait_for_port "$port" "$QEMU_PID" qemu-nbd 15) 2>/dev/null; then
+            QEMU_AIO=$aio
+            [[ $aio == io_uring ]] || log "NOTE: qemu-nbd refused --aio=io_uring; using --aio=native"
+            return
+        fi
+        cat "$TMP/qemu-nbd.log" >&2
+        stop_process "$QEMU_PID"
+        QEMU_PID=""
+    done
+    die "qemu-nbd did not start"
+}
+
+# Runs one fio job against URI, JSON to OUT. Any extra arguments are fio
+# options. A hung server must not hang the benchmark: fio gets a deadline.
+run_fio() {
+    local uri=$1 out=$2 deadline=$3
+    shift 3
+    # In the background plus `wait`, because bash defers a trap until a
+    # foreground child exits: Ctrl-C would otherwise wait out the whole job.
+    timeout --kill-after=10 "$deadline" fio --ioengine=nbd --uri="$uri" \
+        --size="$VOL_BYTES" --group_reporting \
+        --output-format=json --output="$out" "$@" >"$out.stderr" 2>&1 &
+    FIO_PID=$!
+    local status=0
+    wait "$FIO_PID" || status=$?
+    FIO_PID=""
+    if ((status != 0)); then
+        cat "$out.stderr" >&2
+        ((status == 124)) && die "fio against $uri did not finish within ${deadline}s"
+        die "fio failed against $uri (${*})"
+    fi
+}
+
+# The same full sequential write on both targets, so that every later read
+# hits written data and the two servers start from the same state.
+prefill() {
+    local name=$1 uri=$2
+    log "prefilling $name with a sequential write of $VOL_SIZE"
+    run_fio "$uri" "$TMP/prefill-$name.json" 1800 \
+        --name=prefill --rw=write --bs=1M --iodepth=8 --end_fsync=1
+}
+
+# job name | fio options. Each runs on Strata, then on qemu-nbd.
+JOBS=(
+    "randread|--rw=randread --bs=4k --iodepth=32"
+    "randwrite|--rw=randwrite --bs=4k --iodepth=32"
+    "seqwrite|--rw=write --bs=1M --iodepth=$SEQ_IODEPTH"
+)
+
+run_jobs() {
+    local entry job opts target uri
+    for entry in "${JOBS[@]}"; do
+        job=${entry%%|*}
+        opts=${entry#*|}
+        for target in strata qemu; do
+            uri=$STRATA_URI
+            [[ $target == qemu ]] && uri=$QEMU_URI
+            log "$job on $target (${RUNTIME}s)"
+            # shellcheck disable=SC2086 # opts is a list of fio options
+            run_fio "$uri" "$TMP/$job-$target.json" $((RUNTIME + 120)) \
+                --name="$job" $opts --runtime="$RUNTIME" --time_based
+        done
+    done
+}
+
+# Reads the fio JSON files and prints the comparison table.
+print_table() {
+    local names=()
+    local entry
+    for entry in "${JOBS[@]}"; do names+=("${entry%%|*}"); done
+    python3 - "$TMP" "${names[@]}" <<'EOF'
+import json, sys
+
+tmp, jobs = sys.argv[1], sys.argv[2:]
+
+def stats(job, target):
+    with open(f"{tmp}/{job}-{target}.json") as f:
+        data = json.load(f)
+    j = data["jobs"][0]
+    if j.get("error"):
+        sys.exit(f"fio reported error {j['error']} for {job} on {target}")
+    d = j["read"] if "read" in job else j["write"]
+    # lat_ns: submission to completion, what the client waits for.
+    return d["iops"], d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6
+
+header = ("job", "Strata IOPS", "Strata lat µs", "Strata MB/s",
+          "qemu-nbd IOPS", "qemu-nbd lat µs", "qemu-nbd MB/s", "Strata/qemu IOPS")
+rows = []
+for job in jobs:
+    s_iops, s_lat, s_mbs = stats(job, "strata")
+    q_iops, q_lat, q_mbs = stats(job, "qemu")
+    ratio = f"{s_iops / q_iops:.2f}" if q_iops else "n/a"
+    rows.append((job, f"{s_iops:,.0f}", f"{s_lat:,.1f}", f"{s_mbs:,.1f}",
+                 f"{q_iops:,.0f}", f"{q_lat:,.1f}", f"{q_mbs:,.1f}", ratio))
+
+widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+def line(r):
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(r, widths)))
+print(line(header))
+print("  ".join("-" * w for w in widths))
+for r in rows:
+    print(line(r))
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+main() {
+    check_tools
+    build_strata
+    [[ -x $STRATA_NODE_BIN ]] || die "no strata-node at $STRATA_NODE_BIN"
+    [[ -x $STRATA_CLI_BIN ]] || die "no strata CLI at $STRATA_CLI_BIN"
+
+    VOL_BYTES=$(to_bytes "$VOL_SIZE")
+    TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/strata-bench.XXXXXX")
+    log "temp dir $TMP"
+
+    local grpc nbd http qport
+    read -r grpc nbd http qport < <(free_ports 4)
+
+    start_strata "$grpc" "$nbd" "$http"
+    STRATA_URI="nbd://127.0.0.1:$nbd/bench"
+    start_qemu_nbd "$qport" "$VOL_BYTES"
+    QEMU_URI="nbd://127.0.0.1:$qport/bench"
+
+    local s_size q_size
+    s_size=$(wait_for_export "$STRATA_URI" strata-node 30)
+    q_size=$(wait_for_export "$QEMU_URI" qemu-nbd 30)
+    [[ $s_size == "$VOL_BYTES" ]] || die "Strata export is $s_size bytes, expected $VOL_BYTES"
+    [[ $q_size == "$VOL_BYTES" ]] || die "qemu-nbd export is $q_size bytes, expected $VOL_BYTES"
+
+    prefill strata "$STRATA_URI"
+    prefill qemu "$QEMU_URI"
+    run_jobs
+
+    if [[ -n $RESULTS_DIR ]]; then
+        mkdir -p "$RESULTS_DIR"
+        cp "$TMP"/*.json "$RESULTS_DIR"/
+    fi
+
+    echo
+    echo "Strata (io engine: $STRATA_ENGINE) vs qemu-nbd (--cache=none --aio=$QEMU_AIO)"
+    echo "volume $VOL_SIZE, ${RUNTIME}s per job, fio $(fio --version), $(nproc) CPUs"
+    echo "seqwrite: 1 MiB, QD$SEQ_IODEPTH; randread/randwrite: 4 KiB, QD32"
+    echo
+    print_table
+}
+
+# Run main only when executed, so the functions can be sourced for testing.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi

@@ -1,0 +1,260 @@
+//! Test harness: a real `strata-node` process on loopback, and small clients.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod nbd_client;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use strata_proto::storage::storage_node_client::StorageNodeClient;
+use strata_proto::storage::CreateVolumeRequest;
+
+pub const MIB: u64 = 1 << 20;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A storage node process with its own pool file and ports.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub grpc: SocketAddr,
+    pub nbd: SocketAddr,
+    pub http: SocketAddr,
+    extra_args: Vec<String>,
+    pool_size: String,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn start(pool_size: &str) -> TestNode {
+        Self::start_with(pool_size, &[])
+    }
+
+    pub fn start_with(pool_size: &str, extra_args: &[&str]) -> TestNode {
+        let mut node = TestNode {
+            dir: tempfile::tempdir().unwrap(),
+            grpc: free_addr(),
+            nbd: free_addr(),
+            http: free_addr(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            pool_size: pool_size.to_string(),
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    pub fn pool_path(&self) -> PathBuf {
+        self.dir.path().join("pool.img")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("node.log")
+    }
+
+    /// Starts the process (again) on the same pool and ports and waits until it serves.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strata-node"))
+            .args(["--name", "test-node", "--zone", "zone-a"])
+            .arg("--pool")
+            .arg(self.pool_path())
+            .args(["--pool-size", &self.pool_size])
+            .args(["--grpc-listen", &self.grpc.to_string()])
+            .args(["--nbd-listen", &self.nbd.to_string()])
+            .args(["--http-listen", &self.http.to_string()])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start strata-node");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(self.grpc).is_err() || TcpStream::connect(self.nbd).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("strata-node exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "strata-node did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILL: the process dies at once, as in a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "clean stop failed ({status}):\n{}",
+                self.log()
+            );
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{}", self.nbd, volume)
+    }
+
+    pub async fn client(&self) -> StorageNodeClient<tonic::transport::Channel> {
+        StorageNodeClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    /// Creates a volume and returns its NBD URI.
+    pub async fn create_volume(&self, name: &str, size: u64) -> String {
+        let volume = self
+            .client()
+            .await
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                size_bytes: size,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(volume.export_uri, self.uri(name));
+        volume.export_uri
+    }
+
+    /// GET an HTTP path; returns (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.http).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of a metric line that starts with `prefix` (name and labels).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command, returning its output; panics with the output when it cannot start.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (install it with .ci/install-test-deps): {e}")
+        })
+}
+
+/// Runs a command and insists it succeeded; returns stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// qemu-io on an NBD URI with the given commands; returns stdout+stderr.
+/// qemu-io exits 0 even when a `read -P` pattern check fails, so callers look
+/// at the text too (see `assert_qemu_io_ok`).
+pub fn qemu_io(uri: &str, commands: &[String]) -> (bool, String) {
+    let mut args = vec!["-f".to_string(), "raw".to_string()];
+    for c in commands {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(uri.to_string());
+    let arg_refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = run("qemu-io", &arg_refs);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+pub fn assert_qemu_io_ok(uri: &str, commands: &[String]) -> String {
+    let (ok, text) = qemu_io(uri, commands);
+    assert!(
+        ok && !text.contains("Pattern verification failed") && !text.contains("failed:"),
+        "qemu-io {commands:?} failed:\n{text}"
+    );
+    text
+}
+
+/// Random bytes from a seeded generator, so failures can be reproduced.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![0u8; len];
+    rng.fill_bytes(&mut out);
+    out
+}
+
+/// Finds `needle` in a file, at a multiple of `align`.
+pub fn find_in_file(path: &Path, needle: &[u8], align: usize) -> Option<u64> {
+    let data = std::fs::read(path).unwrap();
+    (0..data.len().saturating_sub(needle.len()))
+        .step_by(align)
+        .find(|&at| &data[at..at + needle.len()] == needle)
+        .map(|at| at as u64)
+}
