@@ -41,14 +41,14 @@ enum NodeCommand {
     /// List the storage nodes with their state and capacity.
     Ls,
     /// Run a storage node in the foreground (what `strata up` starts).
-    Serve(strata_node::daemon::NodeArgs),
+    Serve(Box<strata_node::daemon::NodeArgs>),
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Command::Node(NodeCommand::Serve(args)) = cli.command {
         // The node builds its own multi-threaded runtime.
-        if let Err(err) = strata_node::daemon::main_with(args) {
+        if let Err(err) = strata_node::daemon::main_with(*args) {
             eprintln!("error: {err:#}");
             std::process::exit(1);
         }

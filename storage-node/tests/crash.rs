@@ -102,6 +102,7 @@ async fn flushed_writes_survive_sigkill_at_random_instants() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut node = TestNode::start("128MiB");
     node.create_volume("ledger", BLOCKS * BLOCK as u64).await;
+    let fio_uri = node.create_volume("fio-load", 32 * MIB).await;
     let ledger = Arc::new(Mutex::new(Ledger {
         durable: vec![0; BLOCKS as usize],
         sent: vec![0; BLOCKS as usize],
@@ -116,10 +117,30 @@ async fn flushed_writes_survive_sigkill_at_random_instants() {
                 std::thread::spawn(move || writer(addr, w * per, per, ledger, stop, s))
             })
             .collect();
+        // fio writes with periodic flushes beside the ledger writers.
+        let mut fio = std::process::Command::new("fio")
+            .args([
+                "--name=load",
+                "--ioengine=nbd",
+                &format!("--uri={fio_uri}"),
+                "--rw=randwrite",
+                "--bs=16k",
+                "--iodepth=16",
+                "--fsync=8",
+                "--size=32M",
+                "--time_based",
+                "--runtime=30",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("fio (see .ci/install-test-deps)");
         // Kill at a random instant while the writers are busy.
         std::thread::sleep(Duration::from_millis(rng.random_range(100..900)));
         node.kill9();
         stop.store(true, Ordering::Relaxed);
+        let _ = fio.kill();
+        let _ = fio.wait();
         for t in threads {
             t.join().unwrap();
         }

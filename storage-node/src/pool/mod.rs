@@ -603,9 +603,10 @@ impl Pool {
     }
 }
 
-/// Sizes in messages, as people read them (1 GiB, 512 MiB).
+/// Sizes in messages, as people read them: 1 GiB, 512 MiB, 1.5 GiB.
 pub fn human(bytes: u64) -> String {
-    bytesize::ByteSize(bytes).display().iec().to_string()
+    let text = bytesize::ByteSize(bytes).display().iec().to_string();
+    text.replace(".0 ", " ")
 }
 
 fn volume_info(id: u64, v: &VolumeState) -> VolumeInfo {

@@ -1,0 +1,284 @@
+//! `strata up` and the CLI, end to end: real node processes, qemu-io on the exports.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn strata(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = strata(dir, args);
+    assert!(
+        out.status.success(),
+        "strata {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs a command that must fail with one clear line on stderr; returns it.
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = strata(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "strata {args:?} should fail");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+struct Up {
+    child: Child,
+}
+
+impl Up {
+    fn start(dir: &Path, args: &[&str]) -> Up {
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--dir")
+            .arg(dir)
+            .arg("up")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let up = Up { child };
+        wait_for(|| {
+            let out = strata(dir, &["node", "ls"]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            out.status.success() && !text.contains(" down ") && text.lines().count() > 1
+        });
+        up
+    }
+
+    /// Ctrl-C: the nodes stop cleanly and `strata up` exits 0.
+    fn interrupt(mut self) -> String {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "strata up: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd
+        .arg(uri)
+        .output()
+        .expect("qemu-io (see .ci/install-test-deps)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && !text.contains("Pattern verification failed")
+            && !text.contains("failed:"),
+        "qemu-io {commands:?}:\n{text}"
+    );
+    text
+}
+
+fn node_pid(dir: &Path, node: &str) -> u32 {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["pid"].as_u64())
+        .unwrap_or(0) as u32
+}
+
+#[test]
+fn strata_up_serves_volumes_restarts_dead_nodes_and_reopens_its_pools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let up = Up::start(&dir, &["--nodes", "2", "--pool-size", "128MiB"]);
+
+    // A second `strata up` on the same directory is refused.
+    let second = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--dir")
+        .arg(&dir)
+        .args(["up", "--nodes", "2"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
+
+    let nodes = ok(&dir, &["node", "ls"]);
+    assert!(
+        nodes.contains("node-1") && nodes.contains("node-2"),
+        "{nodes}"
+    );
+    assert!(
+        nodes.contains("zone-a") && nodes.contains("zone-b"),
+        "{nodes}"
+    );
+    assert_eq!(nodes.matches(" up ").count(), 2, "{nodes}");
+
+    let created = ok(&dir, &["volume", "create", "vol1", "--size", "64MiB"]);
+    assert!(
+        created.contains("created volume vol1 (64 MiB)"),
+        "{created}"
+    );
+    ok(
+        &dir,
+        &[
+            "volume", "create", "vol2", "--size", "1MiB", "--node", "node-2",
+        ],
+    );
+    let uri = ok(&dir, &["volume", "export", "vol1"]).trim().to_string();
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/vol1"),
+        "{uri}"
+    );
+    qemu_io(
+        &uri,
+        &["write -P 0xa5 1M 2M", "write -P 0x5a 5000 3", "flush"],
+    );
+    qemu_io(&uri, &["read -P 0xa5 1M 2M", "read -P 0x5a 5000 3"]);
+
+    let ls = ok(&dir, &["volume", "ls"]);
+    let vol1 = ls.lines().find(|l| l.starts_with("vol1")).unwrap();
+    assert!(vol1.contains("64 MiB") && vol1.contains(&uri), "{ls}");
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("vol2") && l.contains("node-2")),
+        "{ls}"
+    );
+
+    // Errors: one line, non-zero exit, the reason in words.
+    assert!(fails(&dir, &["volume", "create", "vol1", "--size", "1MiB"]).contains("already exists"));
+    assert!(
+        fails(&dir, &["volume", "create", "bad/name", "--size", "1MiB"])
+            .contains("invalid volume name")
+    );
+    assert!(
+        fails(&dir, &["volume", "create", "huge", "--size", "100GiB"]).contains("not enough space")
+    );
+    assert!(fails(
+        &dir,
+        &["volume", "create", "x", "--size", "1MiB", "--node", "node-9"]
+    )
+    .contains("no node named"));
+    assert!(fails(&dir, &["volume", "rm", "nope"]).contains("not found"));
+    assert!(fails(&dir, &["volume", "resize", "vol1", "--size", "1MiB"]).contains("shrinking"));
+    let bad_size = strata(&dir, &["volume", "create", "y", "--size", "lots"]);
+    assert!(!bad_size.status.success());
+
+    let resized = ok(&dir, &["volume", "resize", "vol1", "--size", "96MiB"]);
+    assert!(resized.contains("96 MiB"), "{resized}");
+    ok(&dir, &["volume", "rm", "vol2"]);
+    assert!(!ok(&dir, &["volume", "ls"]).contains("vol2"));
+
+    // A node that dies is restarted by `strata up`, with its data.
+    let node = if uri.contains(&format!("{}", node_port(&dir, "node-1"))) {
+        "node-1"
+    } else {
+        "node-2"
+    };
+    let old_pid = node_pid(&dir, node);
+    assert!(old_pid > 0);
+    // SAFETY: SIGKILL to the node process that this test's `strata up` started.
+    unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
+    wait_for(|| {
+        let pid = node_pid(&dir, node);
+        pid != 0 && pid != old_pid && ok(&dir, &["node", "ls"]).matches(" up ").count() == 2
+    });
+    qemu_io(&uri, &["read -P 0xa5 1M 2M"]);
+
+    // Ctrl-C stops everything; a second `strata up` reopens the same pools.
+    let pids = [node_pid(&dir, "node-1"), node_pid(&dir, "node-2")];
+    let stdout = up.interrupt();
+    assert!(
+        stdout.contains("Strata is up") && stdout.contains("stopped"),
+        "{stdout}"
+    );
+    for pid in pids {
+        // SAFETY: signal 0 only checks for existence.
+        assert!(
+            unsafe { libc::kill(pid as i32, 0) } != 0,
+            "node {pid} still running"
+        );
+    }
+    assert!(
+        strata(&dir, &["volume", "ls"]).status.code() != Some(0),
+        "no nodes, no listing"
+    );
+
+    let up = Up::start(&dir, &["--nodes", "2", "--pool-size", "128MiB"]);
+    assert_eq!(
+        ok(&dir, &["volume", "export", "vol1"]).trim(),
+        uri,
+        "same address after restart"
+    );
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0xa5 1M 2M",
+            "read -P 0x5a 5000 3",
+            "read -P 0 0 4k",
+        ],
+    );
+    drop(up.interrupt());
+}
+
+fn node_port(dir: &Path, node: &str) -> u16 {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let nbd = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["nbd"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    nbd.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn commands_without_a_cluster_say_how_to_start_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(tmp.path(), &["volume", "ls"]);
+    assert!(err.contains("strata up"), "{err}");
+    let err = fails(tmp.path(), &["node", "ls"]);
+    assert!(err.contains("no Strata cluster"), "{err}");
+}
