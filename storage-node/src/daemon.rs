@@ -58,6 +58,59 @@ pub struct NodeArgs {
     /// Host name or address that clients should use for NBD (default: the NBD listen address).
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// Threads serving NBD connections, each connection wholly on one of them
+    /// (default: half the CPUs, at least 1, at most 8).
+    #[arg(long)]
+    pub nbd_threads: Option<usize>,
+}
+
+/// Single-threaded runtimes that NBD connections are spread over.
+struct ConnectionThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ConnectionThreads {
+    fn start(count: usize) -> anyhow::Result<ConnectionThreads> {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut handles = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting an NBD connection runtime")?;
+            handles.push(runtime.handle().clone());
+            let mut stop_rx = stop_rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("strata-nbd-{i}"))
+                    .spawn(move || {
+                        runtime.block_on(async move {
+                            let _ = stop_rx.wait_for(|stop| *stop).await;
+                        })
+                    })?,
+            );
+        }
+        Ok(ConnectionThreads {
+            handles,
+            stop,
+            threads,
+        })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(true);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn default_nbd_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cpus / 2).clamp(1, 8)
 }
 
 /// Logs to stderr, `info` unless RUST_LOG says otherwise.
@@ -127,9 +180,12 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let connection_threads =
+        ConnectionThreads::start(args.nbd_threads.unwrap_or_else(default_nbd_threads).max(1))?;
     let nbd = Arc::new(
         NbdServer::new(Arc::new(PoolRegistry::new(pool.clone())))
-            .with_shutdown_grace(SHUTDOWN_GRACE),
+            .with_shutdown_grace(SHUTDOWN_GRACE)
+            .with_connection_runtimes(connection_threads.handles.clone()),
     );
     let nbd_task = tokio::spawn(nbd.serve(nbd_listener, stopped(stop_rx.clone())));
     let grpc_task = tokio::spawn(
@@ -170,6 +226,10 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::join!(nbd_task, grpc_task, http_task)
     })
     .await;
+    // Any connection still open past the grace period is dropped with its thread.
+    tokio::task::spawn_blocking(move || connection_threads.stop())
+        .await
+        .context("stopping NBD threads")?;
     // Writes that completed but were never flushed become durable on a clean stop.
     let committed = pool.commit().await.context("final commit");
     match drained {

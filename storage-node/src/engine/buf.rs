@@ -146,14 +146,27 @@ impl RegisteredSlots {
     /// A slot of at least `len` bytes, zeroed, or None when all are lent out or
     /// `len` is larger than a slot.
     pub fn take(self: &Arc<Self>, len: usize) -> Option<AlignedBuf> {
+        self.take_with(len, true)
+    }
+
+    /// A slot whose contents are left as the last user wrote them, for a read
+    /// that overwrites all of it. (The memory was zeroed once at allocation,
+    /// so it is always initialised.)
+    pub fn take_for_read(self: &Arc<Self>, len: usize) -> Option<AlignedBuf> {
+        self.take_with(len, false)
+    }
+
+    fn take_with(self: &Arc<Self>, len: usize, zero: bool) -> Option<AlignedBuf> {
         if len > self.slot_size {
             return None;
         }
         let index = self.free.lock().expect("slots lock").pop()?;
         // SAFETY: index < count, so the slot lies within the allocation.
         let ptr = unsafe { self.memory.as_ptr().add(index as usize * self.slot_size) };
-        // SAFETY: the slot is ours until put_back; zero it so no stale data leaks.
-        unsafe { std::ptr::write_bytes(ptr, 0, len.div_ceil(ALIGN) * ALIGN) };
+        if zero {
+            // SAFETY: the slot is ours until put_back; zero it so no stale data leaks.
+            unsafe { std::ptr::write_bytes(ptr, 0, len.div_ceil(ALIGN) * ALIGN) };
+        }
         Some(AlignedBuf {
             ptr: NonNull::new(ptr).expect("non-null"),
             len,

@@ -86,6 +86,15 @@ impl IoEngine {
         }
     }
 
+    /// A buffer for a read of `len` bytes: its contents are unspecified until
+    /// the read fills it, which saves zeroing it first.
+    pub fn read_buffer(&self, len: usize) -> AlignedBuf {
+        match self {
+            IoEngine::Uring(e) => e.read_buffer(len),
+            IoEngine::Sync(_) => AlignedBuf::zeroed(len),
+        }
+    }
+
     /// Fills `buf` from `offset`. Both must be aligned to [`ALIGN`].
     pub async fn read_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
         debug_assert!(offset % ALIGN as u64 == 0 && buf.len() % ALIGN == 0);

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -58,7 +59,7 @@ struct InFlight {
 
 pub struct UringEngine {
     requests: Mutex<Option<Sender<Request>>>,
-    wake: Arc<OwnedFd>,
+    wake: Arc<Wake>,
     slots: Option<Arc<RegisteredSlots>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -82,8 +83,11 @@ impl UringEngine {
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: raw is a fresh descriptor we own.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let wake = Arc::new(Wake {
+            // SAFETY: raw is a fresh descriptor we own.
+            eventfd: unsafe { OwnedFd::from_raw_fd(raw) },
+            pending: AtomicBool::new(false),
+        });
         let (tx, rx) = mpsc::channel();
         let thread_wake = wake.clone();
         let thread_slots = slots.clone();
@@ -109,6 +113,13 @@ impl UringEngine {
         self.slots
             .as_ref()
             .and_then(|slots| slots.take(len))
+            .unwrap_or_else(|| AlignedBuf::zeroed(len))
+    }
+
+    pub fn read_buffer(&self, len: usize) -> AlignedBuf {
+        self.slots
+            .as_ref()
+            .and_then(|slots| slots.take_for_read(len))
             .unwrap_or_else(|| AlignedBuf::zeroed(len))
     }
 
@@ -149,7 +160,7 @@ impl UringEngine {
                 Err(io::Error::other("io_uring engine stopped")),
             );
         }
-        poke(&self.wake);
+        self.wake.poke();
         match result.await {
             Ok(outcome) => outcome,
             Err(_) => (None, Err(io::Error::other("io_uring thread exited"))),
@@ -161,20 +172,39 @@ impl Drop for UringEngine {
     fn drop(&mut self) {
         // Closing the channel and waking the thread makes it finish in-flight work and exit.
         self.requests.lock().expect("requests lock").take();
-        poke(&self.wake);
+        self.wake.poke();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn poke(eventfd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes from a valid u64 to an eventfd.
-    unsafe { libc::write(eventfd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+/// The ring thread's doorbell: an eventfd whose read the ring keeps armed.
+/// Pokes are coalesced: while one is pending (the thread has not yet woken and
+/// drained the channel), further requests need no system call.
+struct Wake {
+    eventfd: OwnedFd,
+    pending: AtomicBool,
 }
 
-fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &OwnedFd) -> io::Result<()> {
+impl Wake {
+    fn poke(&self) {
+        if self.pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to an eventfd.
+        unsafe { libc::write(self.eventfd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+    }
+
+    /// Called by the ring thread when it wakes, before draining the channel:
+    /// a request sent after this pokes again.
+    fn woken(&self) {
+        self.pending.store(false, Ordering::SeqCst);
+    }
+}
+
+fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &Wake) -> io::Result<()> {
     // Declared before use by the ring; the ring is dropped (and its requests
     // cancelled) when this function returns, while these are still alive.
     let mut wake_counter = Box::new(0u64);
@@ -188,7 +218,7 @@ fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &OwnedFd) -> i
     loop {
         if !wake_armed && !closed {
             let sqe = opcode::Read::new(
-                types::Fd(wake.as_raw_fd()),
+                types::Fd(wake.eventfd.as_raw_fd()),
                 &mut *wake_counter as *mut u64 as *mut u8,
                 8,
             )
@@ -261,6 +291,7 @@ fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &OwnedFd) -> i
         for (token, result) in completions {
             if token == WAKE_TOKEN {
                 wake_armed = false;
+                wake.woken();
                 continue;
             }
             let token = token as usize;

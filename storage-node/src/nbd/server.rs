@@ -62,6 +62,9 @@ pub struct NbdServer<R: TargetRegistry> {
     registry: Arc<R>,
     handshake_timeout: Duration,
     shutdown_grace: Duration,
+    /// Runtimes that connections are spread over (empty: the caller's).
+    connection_runtimes: Vec<tokio::runtime::Handle>,
+    next_runtime: std::sync::atomic::AtomicUsize,
 }
 
 impl<R: TargetRegistry> NbdServer<R> {
@@ -70,7 +73,20 @@ impl<R: TargetRegistry> NbdServer<R> {
             registry,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            connection_runtimes: Vec::new(),
+            next_runtime: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Serves each connection wholly on one of these runtimes, round robin.
+    ///
+    /// With single-threaded runtimes, a connection's socket, its request tasks
+    /// and its replies all stay on one thread: no work stealing and no
+    /// cross-thread wake-ups per request, which on a busy node costs more CPU
+    /// than the protocol itself.
+    pub fn with_connection_runtimes(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
+        self.connection_runtimes = runtimes;
+        self
     }
 
     /// Closes connections that have not finished the handshake after `timeout`.
@@ -108,7 +124,28 @@ impl<R: TargetRegistry> NbdServer<R> {
                     Ok((stream, peer)) => {
                         let server = Arc::clone(&self);
                         let stop = stop_rx.clone();
-                        connections.spawn(server.handle_connection(stream, peer, stop));
+                        if self.connection_runtimes.is_empty() {
+                            connections.spawn(server.handle_connection(stream, peer, stop));
+                        } else {
+                            let i = self.next_runtime.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let runtime = &self.connection_runtimes[i % self.connection_runtimes.len()];
+                            // The socket moves to the chosen runtime's reactor, so its
+                            // readiness events wake tasks on that runtime's thread.
+                            match stream.into_std() {
+                                Ok(stream) => {
+                                    connections.spawn_on(
+                                        async move {
+                                            match TcpStream::from_std(stream) {
+                                                Ok(stream) => server.handle_connection(stream, peer, stop).await,
+                                                Err(e) => warn!(error = %e, "cannot move an NBD connection to its runtime"),
+                                            }
+                                        },
+                                        runtime,
+                                    );
+                                }
+                                Err(e) => warn!(error = %e, "cannot move an NBD connection to its runtime"),
+                            }
+                        }
                     }
                     Err(e) if is_transient_accept_error(&e) => {
                         warn!(error = %e, "accepting an NBD connection failed; retrying");

@@ -142,7 +142,7 @@ impl Volume {
         let mut out = vec![0u8; n as usize * BLOCK_SIZE];
         let runs = mapped_runs(&entries);
         let reads = runs.iter().map(|&(start, len)| {
-            let buf = pool.engine.buffer(len * BLOCK_SIZE);
+            let buf = pool.engine.read_buffer(len * BLOCK_SIZE);
             pool.engine
                 .read_at(buf, entries[start].pba as u64 * BLOCK_SIZE_U64)
         });
