@@ -31,6 +31,12 @@
 #   VOL_SIZE         size of the volume and of the qemu-nbd file [2GiB]
 #   POOL_SIZE        size of the Strata pool file [4GiB]
 #   IO_ENGINE        strata-node --io-engine: auto, io_uring or sync [auto]
+#
+# The Strata pool file is created with --preallocate (zero-filled once), as the
+# qemu-nbd file is fallocated and prefilled: a copy-on-write pool writes to
+# fresh blocks, and on a sparse file the filesystem would make each such
+# O_DIRECT write block in a kernel worker thread. On a raw NVMe device neither
+# is needed.
 #   SEQ_IODEPTH      queue depth of the 1 MiB sequential write [8]
 #   STRATA_NODE_BIN  use this strata-node instead of building one
 #   STRATA_CLI_BIN   use this strata CLI instead of building one
@@ -208,6 +214,7 @@ start_strata() {
     log "starting strata-node (pool $POOL_SIZE, io engine $IO_ENGINE)"
     "$STRATA_NODE_BIN" --name bench --zone zone-a \
         --pool "$TMP/pool.img" --pool-size "$POOL_SIZE" --io-engine "$IO_ENGINE" \
+        --preallocate \
         --grpc-listen "127.0.0.1:$grpc" --nbd-listen "127.0.0.1:$nbd" \
         --http-listen "127.0.0.1:$http" \
         >"$TMP/strata-node.log" 2>&1 &
@@ -294,18 +301,30 @@ JOBS=(
     "seqwrite|--rw=write --bs=1M --iodepth=$SEQ_IODEPTH"
 )
 
+# utime + stime of a process (and its threads), in clock ticks.
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
 run_jobs() {
-    local entry job opts target uri
+    local entry job opts target uri pid
     for entry in "${JOBS[@]}"; do
         job=${entry%%|*}
         opts=${entry#*|}
         for target in strata qemu; do
             uri=$STRATA_URI
             [[ $target == qemu ]] && uri=$QEMU_URI
+            pid=$STRATA_PID
+            [[ $target == qemu ]] && pid=$QEMU_PID
             log "$job on $target (${RUNTIME}s)"
+            # The server's CPU time (user + system, in clock ticks) around the
+            # job gives its CPU cost per request, a figure that the shared,
+            # noisy machine disturbs far less than IOPS.
+            cpu_ticks "$pid" >"$TMP/$job-$target.cpu"
             # shellcheck disable=SC2086 # opts is a list of fio options
             run_fio "$uri" "$TMP/$job-$target.json" $((RUNTIME + 120)) \
                 --name="$job" $opts --runtime="$RUNTIME" --time_based
+            cpu_ticks "$pid" >>"$TMP/$job-$target.cpu"
         done
     done
 }
@@ -316,7 +335,7 @@ print_table() {
     local entry
     for entry in "${JOBS[@]}"; do names+=("${entry%%|*}"); done
     python3 - "$TMP" "${names[@]}" <<'EOF'
-import json, sys
+import json, os, sys
 
 tmp, jobs = sys.argv[1], sys.argv[2:]
 
@@ -327,18 +346,24 @@ def stats(job, target):
     if j.get("error"):
         sys.exit(f"fio reported error {j['error']} for {job} on {target}")
     d = j["read"] if "read" in job else j["write"]
+    with open(f"{tmp}/{job}-{target}.cpu") as f:
+        before, after = (int(x) for x in f.read().split())
+    ios = d["total_ios"]
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    cpu_per_io = (after - before) * tick_us / ios if ios else float("nan")
     # lat_ns: submission to completion, what the client waits for.
-    return d["iops"], d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6
+    return d["iops"], d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6, cpu_per_io
 
-header = ("job", "Strata IOPS", "Strata lat µs", "Strata MB/s",
-          "qemu-nbd IOPS", "qemu-nbd lat µs", "qemu-nbd MB/s", "Strata/qemu IOPS")
+header = ("job", "Strata IOPS", "Strata lat µs", "Strata MB/s", "Strata CPU µs/IO",
+          "qemu-nbd IOPS", "qemu-nbd lat µs", "qemu-nbd MB/s", "qemu-nbd CPU µs/IO",
+          "Strata/qemu IOPS")
 rows = []
 for job in jobs:
-    s_iops, s_lat, s_mbs = stats(job, "strata")
-    q_iops, q_lat, q_mbs = stats(job, "qemu")
+    s_iops, s_lat, s_mbs, s_cpu = stats(job, "strata")
+    q_iops, q_lat, q_mbs, q_cpu = stats(job, "qemu")
     ratio = f"{s_iops / q_iops:.2f}" if q_iops else "n/a"
-    rows.append((job, f"{s_iops:,.0f}", f"{s_lat:,.1f}", f"{s_mbs:,.1f}",
-                 f"{q_iops:,.0f}", f"{q_lat:,.1f}", f"{q_mbs:,.1f}", ratio))
+    rows.append((job, f"{s_iops:,.0f}", f"{s_lat:,.1f}", f"{s_mbs:,.1f}", f"{s_cpu:,.1f}",
+                 f"{q_iops:,.0f}", f"{q_lat:,.1f}", f"{q_mbs:,.1f}", f"{q_cpu:,.1f}", ratio))
 
 widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
 def line(r):
