@@ -34,6 +34,10 @@ pub struct UpArgs {
     /// I/O engine of the nodes: auto, io_uring or sync.
     #[arg(long, default_value = "auto")]
     pub io_engine: String,
+    /// Zero-fill new pool files once, so writes never land in holes of a
+    /// sparse file (much faster writes; costs the pool size in disk writes).
+    #[arg(long)]
+    pub preallocate: bool,
 }
 
 struct RunningNode {
@@ -148,6 +152,7 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .args(["--grpc-listen", &e.grpc.to_string()])
         .args(["--nbd-listen", &e.nbd.to_string()])
         .args(["--http-listen", &e.http.to_string()])
+        .args(args.preallocate.then_some("--preallocate"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

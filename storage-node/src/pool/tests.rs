@@ -417,3 +417,40 @@ async fn a_device_holding_something_else_is_refused() {
         "left untouched"
     );
 }
+
+#[tokio::test]
+async fn preallocation_writes_the_whole_file_once() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let opts = PoolOptions {
+        preallocate: true,
+        ..options(32 * MIB)
+    };
+    let pool = Pool::open(&path, &opts, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    // st_blocks counts 512-byte units actually allocated: no holes left.
+    assert!(std::fs::metadata(&path).unwrap().blocks() * 512 >= 32 * MIB);
+    pool.create_volume("v", MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &[3u8; 4096], true).await.unwrap();
+    drop(vol);
+    drop(pool);
+    // Reopening an existing pool never preallocates (or formats) again.
+    let pool = Pool::open(&path, &opts, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    assert_same_bytes!(
+        pool.volume("v").unwrap().read(0, 4096).await.unwrap(),
+        [3u8; 4096]
+    );
+    // A sparse pool leaves the data area unallocated.
+    let sparse = dir.path().join("sparse");
+    drop(
+        Pool::open(&sparse, &options(32 * MIB), Arc::new(Metrics::new()))
+            .await
+            .unwrap(),
+    );
+    assert!(std::fs::metadata(&sparse).unwrap().blocks() * 512 < 8 * MIB);
+}
