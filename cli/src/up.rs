@@ -8,6 +8,7 @@
 
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,6 +51,11 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    // Handlers first: a Ctrl-C at any point from here on stops the nodes
+    // cleanly instead of killing `strata up` and leaving them running.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let mut cluster = ClusterFile::load_if_present(&dir)?.unwrap_or_default();
@@ -98,7 +104,11 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         start(node, &dir, &args)?;
     }
     save(&dir, &nodes)?;
-    let ready = wait_until_ready(&mut nodes, &dir).await;
+    let ready = tokio::select! {
+        ready = wait_until_ready(&mut nodes, &dir) => ready,
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted while starting")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated while starting")),
+    };
     if let Err(err) = ready {
         stop_all(&mut nodes);
         clear(&dir, &mut nodes)?;
@@ -106,12 +116,11 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     }
     print_endpoints(&dir, &nodes).await;
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
             _ = tick.tick() => {
                 if supervise(&mut nodes, &dir, &args)? {
                     save(&dir, &nodes)?;
@@ -143,7 +152,8 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the strata executable")?;
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["node", "serve", "--name", &e.name, "--zone", &e.zone])
         .arg("--pool")
         .arg(&e.pool)
@@ -155,7 +165,25 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .args(args.preallocate.then_some("--preallocate"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
+        .stderr(log);
+    let supervisor = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            // A node must not outlive `strata up`, even when it is killed
+            // with SIGKILL and cannot stop the nodes itself.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // It may have died before the line above took effect.
+            if libc::getppid() as u32 != supervisor {
+                return Err(std::io::Error::other("strata up exited"));
+            }
+            Ok(())
+        })
+    };
+    let child = command
         .spawn()
         .with_context(|| format!("starting {}", e.name))?;
     node.entry.pid = Some(child.id());

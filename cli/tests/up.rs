@@ -37,42 +37,52 @@ fn fails(dir: &Path, args: &[&str]) -> String {
 
 struct Up {
     child: Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Up {
+    /// Starts `strata up` and waits until it says it is up.
     fn start(dir: &Path, args: &[&str]) -> Up {
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .arg("--dir")
             .arg(dir)
             .arg("up")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let up = Up { child };
-        wait_for(|| {
-            let out = strata(dir, &["node", "ls"]);
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            out.status.success() && !text.contains(" down ") && text.lines().count() > 1
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let pipe = child.stdout.take().unwrap();
+        let sink = stdout.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
         });
+        let up = Up {
+            child,
+            stdout,
+            reader: Some(reader),
+        };
+        wait_for(|| up.stdout.lock().unwrap().contains("Press Ctrl-C to stop."));
         up
     }
 
-    /// Ctrl-C: the nodes stop cleanly and `strata up` exits 0.
+    /// Ctrl-C: the nodes stop cleanly and `strata up` exits 0. Returns its output.
     fn interrupt(mut self) -> String {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "strata up: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let status = self.child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        let stdout = self.stdout.lock().unwrap().clone();
+        assert!(status.success(), "strata up exited with {status}: {stdout}");
         stdout
     }
 }
@@ -281,4 +291,20 @@ fn commands_without_a_cluster_say_how_to_start_one() {
     assert!(err.contains("strata up"), "{err}");
     let err = fails(tmp.path(), &["node", "ls"]);
     assert!(err.contains("no Strata cluster"), "{err}");
+}
+
+#[test]
+fn nodes_do_not_outlive_a_killed_strata_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let mut up = Up::start(&dir, &["--nodes", "2", "--pool-size", "64MiB"]);
+    let pids = [node_pid(&dir, "node-1"), node_pid(&dir, "node-2")];
+    assert!(pids.iter().all(|p| *p > 0));
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    wait_for(|| {
+        // SAFETY: signal 0 only checks for existence.
+        pids.iter()
+            .all(|p| unsafe { libc::kill(*p as i32, 0) } != 0)
+    });
 }

@@ -91,6 +91,9 @@ impl ConnectionThreads {
                 std::thread::Builder::new()
                     .name(format!("strata-nbd-{i}"))
                     .spawn(move || {
+                        // Requests from this thread's connections go to io_uring
+                        // rings of its own: no thread hop per request.
+                        crate::engine::use_thread_local_rings();
                         runtime.block_on(async move {
                             let _ = stop_rx.wait_for(|stop| *stop).await;
                         })

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -133,13 +134,17 @@ async fn flushed_writes_survive_sigkill_at_random_instants() {
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            // fio forks its job processes: a group of their own lets one
+            // signal stop them all.
+            .process_group(0)
             .spawn()
             .expect("fio (see .ci/install-test-deps)");
         // Kill at a random instant while the writers are busy.
         std::thread::sleep(Duration::from_millis(rng.random_range(100..900)));
         node.kill9();
         stop.store(true, Ordering::Relaxed);
-        let _ = fio.kill();
+        // SAFETY: signalling the process group of our own child.
+        unsafe { libc::kill(-(fio.id() as i32), libc::SIGKILL) };
         let _ = fio.wait();
         for t in threads {
             t.join().unwrap();

@@ -9,8 +9,10 @@
 mod buf;
 mod sync;
 mod uring;
+mod uring_local;
 
 pub use buf::{AlignedBuf, RegisteredSlots, ALIGN};
+pub use uring_local::use_thread_local_rings;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -182,6 +184,13 @@ mod tests {
             res.unwrap();
             assert!(buf.iter().all(|b| *b == i as u8 + 1), "block {i}");
         }
+        // Far more requests at once than a ring has room for.
+        let reads =
+            (0..2048u64).map(|i| engine.read_at(engine.read_buffer(4096), (i % 256) * 4096));
+        for (buf, res) in futures::future::join_all(reads).await {
+            res.unwrap();
+            assert_eq!(buf.len(), 4096);
+        }
         // A buffer larger than any registered slot still works.
         let mut big = engine.buffer(1 << 19);
         big.fill(0xEE);
@@ -195,6 +204,27 @@ mod tests {
     #[tokio::test]
     async fn uring_engine_round_trips() {
         round_trip(EngineKind::IoUring).await;
+    }
+
+    #[test]
+    fn per_thread_rings_round_trip() {
+        // As an NBD connection thread runs: a current-thread runtime on a
+        // thread that opted in to rings of its own.
+        std::thread::spawn(|| {
+            use_thread_local_rings();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(round_trip(EngineKind::IoUring));
+            assert_eq!(
+                uring_local::thread_ring_count(),
+                1,
+                "served by a ring of this thread"
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[tokio::test]

@@ -29,17 +29,17 @@ const SLOT_COUNT: usize = 128;
 /// user_data of the armed eventfd read.
 const WAKE_TOKEN: u64 = u64::MAX;
 
-enum Op {
+pub(super) enum Op {
     Read,
     Write,
     SyncData,
 }
 
-struct Request {
-    op: Op,
-    buf: Option<AlignedBuf>,
-    offset: u64,
-    done: oneshot::Sender<(Option<AlignedBuf>, io::Result<()>)>,
+pub(super) struct Request {
+    pub(super) op: Op,
+    pub(super) buf: Option<AlignedBuf>,
+    pub(super) offset: u64,
+    pub(super) done: oneshot::Sender<(Option<AlignedBuf>, io::Result<()>)>,
 }
 
 /// Work waiting for room in the ring.
@@ -52,12 +52,15 @@ enum Pending {
 
 /// A request in the kernel, with how many bytes have been transferred so far
 /// (short reads and writes are resubmitted for the rest).
-struct InFlight {
-    request: Request,
-    transferred: usize,
+pub(super) struct InFlight {
+    pub(super) request: Request,
+    pub(super) transferred: usize,
 }
 
 pub struct UringEngine {
+    /// Identifies this engine's rings in threads that have their own.
+    id: u64,
+    file: Arc<File>,
     requests: Mutex<Option<Sender<Request>>>,
     wake: Arc<Wake>,
     slots: Option<Arc<RegisteredSlots>>,
@@ -89,19 +92,24 @@ impl UringEngine {
             pending: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
+        let file = Arc::new(file);
+        let thread_file = file.clone();
         let thread_wake = wake.clone();
         let thread_slots = slots.clone();
         let thread = std::thread::Builder::new()
             .name("strata-uring".into())
             .spawn(move || {
                 // Keep the file and the registered memory alive until the ring is gone.
-                let _file = file;
+                let _file = thread_file;
                 let _slots = thread_slots;
                 if let Err(err) = run_ring(ring, rx, &thread_wake) {
                     tracing::error!(error = %err, "io_uring thread failed");
                 }
             })?;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(UringEngine {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            file,
             requests: Mutex::new(Some(tx)),
             wake,
             slots,
@@ -143,6 +151,9 @@ impl UringEngine {
         buf: Option<AlignedBuf>,
         offset: u64,
     ) -> (Option<AlignedBuf>, io::Result<()>) {
+        if let Some(local) = super::uring_local::ring_for(self.id, &self.file, &self.slots) {
+            return local.call(op, buf, offset).await;
+        }
         let (done, result) = oneshot::channel();
         let request = Request {
             op,
@@ -313,12 +324,12 @@ fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &Wake) -> io::
     }
 }
 
-enum Completion {
+pub(super) enum Completion {
     Done(io::Result<()>),
     Resubmit,
 }
 
-fn complete(entry: &mut InFlight, result: i32) -> Completion {
+pub(super) fn complete(entry: &mut InFlight, result: i32) -> Completion {
     if result < 0 {
         let errno = -result;
         if errno == libc::EINTR || errno == libc::EAGAIN {
@@ -345,7 +356,7 @@ fn complete(entry: &mut InFlight, result: i32) -> Completion {
     }
 }
 
-fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
+pub(super) fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
     let file = types::Fixed(0);
     let request = &mut entry.request;
     let offset = request.offset + entry.transferred as u64;

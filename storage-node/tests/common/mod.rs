@@ -5,6 +5,7 @@ pub mod nbd_client;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -67,7 +68,8 @@ impl TestNode {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata-node"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_strata-node"));
+        command
             .args(["--name", "test-node", "--zone", "zone-a"])
             .arg("--pool")
             .arg(self.pool_path())
@@ -78,9 +80,16 @@ impl TestNode {
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start strata-node");
+            .stderr(log);
+        // SAFETY: only an async-signal-safe system call between fork and exec.
+        // A test killed from outside (a timeout) must not leave nodes behind.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
+        let child = command.spawn().expect("start strata-node");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(self.grpc).is_err() || TcpStream::connect(self.nbd).is_err() {
