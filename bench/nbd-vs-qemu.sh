@@ -31,18 +31,19 @@
 #   VOL_SIZE         size of the volume and of the qemu-nbd file [2GiB]
 #   POOL_SIZE        size of the Strata pool file [4GiB]
 #   IO_ENGINE        strata-node --io-engine: auto, io_uring or sync [auto]
-#
-# The Strata pool file is created with --preallocate (zero-filled once), as the
-# qemu-nbd file is fallocated and prefilled: a copy-on-write pool writes to
-# fresh blocks, and on a sparse file the filesystem would make each such
-# O_DIRECT write block in a kernel worker thread. On a raw NVMe device neither
-# is needed.
+#   ROUNDS           rounds per job, alternating the servers; medians shown [3]
 #   SEQ_IODEPTH      queue depth of the 1 MiB sequential write [8]
 #   STRATA_NODE_BIN  use this strata-node instead of building one
 #   STRATA_CLI_BIN   use this strata CLI instead of building one
 #   BENCH_TMPDIR     where the temp dir (pool file, qemu file) goes [$TMPDIR or /tmp];
 #                    must allow O_DIRECT (not tmpfs), since both servers use it
 #   RESULTS_DIR      if set, fio's JSON output is copied there
+#
+# The Strata pool file is created with --preallocate (zero-filled once), as the
+# qemu-nbd file is fallocated and prefilled: a copy-on-write pool writes to
+# fresh blocks, and on a sparse file the filesystem would make each such
+# O_DIRECT write block in a kernel worker thread. On a raw NVMe device neither
+# is needed.
 #
 # Needs: cargo (unless both *_BIN are set), python3, fio with the nbd engine,
 # qemu-nbd, nbdinfo.
@@ -56,6 +57,7 @@ VOL_SIZE=${VOL_SIZE:-2GiB}
 POOL_SIZE=${POOL_SIZE:-4GiB}
 IO_ENGINE=${IO_ENGINE:-auto}
 SEQ_IODEPTH=${SEQ_IODEPTH:-8}
+ROUNDS=${ROUNDS:-3}
 RESULTS_DIR=${RESULTS_DIR:-}
 
 # Filled in as things start, so cleanup knows what to stop.
@@ -307,24 +309,30 @@ cpu_ticks() {
 }
 
 run_jobs() {
-    local entry job opts target uri pid
+    local entry job opts target uri pid round
     for entry in "${JOBS[@]}"; do
         job=${entry%%|*}
         opts=${entry#*|}
-        for target in strata qemu; do
-            uri=$STRATA_URI
-            [[ $target == qemu ]] && uri=$QEMU_URI
-            pid=$STRATA_PID
-            [[ $target == qemu ]] && pid=$QEMU_PID
-            log "$job on $target (${RUNTIME}s)"
-            # The server's CPU time (user + system, in clock ticks) around the
-            # job gives its CPU cost per request, a figure that the shared,
-            # noisy machine disturbs far less than IOPS.
-            cpu_ticks "$pid" >"$TMP/$job-$target.cpu"
-            # shellcheck disable=SC2086 # opts is a list of fio options
-            run_fio "$uri" "$TMP/$job-$target.json" $((RUNTIME + 120)) \
-                --name="$job" $opts --runtime="$RUNTIME" --time_based
-            cpu_ticks "$pid" >>"$TMP/$job-$target.cpu"
+        # Rounds alternate the two servers, so a slow spell of this shared
+        # machine hits both; the table reports each side's median round.
+        for round in $(seq 1 "$ROUNDS"); do
+            for target in strata qemu; do
+                uri=$STRATA_URI
+                pid=$STRATA_PID
+                if [[ $target == qemu ]]; then
+                    uri=$QEMU_URI
+                    pid=$QEMU_PID
+                fi
+                log "$job on $target, round $round of $ROUNDS (${RUNTIME}s)"
+                # The server's CPU time (user + system, in clock ticks) around
+                # the job gives its CPU cost per request, a figure that the
+                # shared, noisy machine disturbs far less than IOPS.
+                cpu_ticks "$pid" >"$TMP/$job-$target-$round.cpu"
+                # shellcheck disable=SC2086 # opts is a list of fio options
+                run_fio "$uri" "$TMP/$job-$target-$round.json" $((RUNTIME + 120)) \
+                    --name="$job" $opts --runtime="$RUNTIME" --time_based
+                cpu_ticks "$pid" >>"$TMP/$job-$target-$round.cpu"
+            done
         done
     done
 }
@@ -334,25 +342,30 @@ print_table() {
     local names=()
     local entry
     for entry in "${JOBS[@]}"; do names+=("${entry%%|*}"); done
-    python3 - "$TMP" "${names[@]}" <<'EOF'
+    python3 - "$TMP" "$ROUNDS" "${names[@]}" <<'EOF'
 import json, os, sys
 
-tmp, jobs = sys.argv[1], sys.argv[2:]
+tmp, rounds, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
-def stats(job, target):
-    with open(f"{tmp}/{job}-{target}.json") as f:
+def one_round(job, target, rnd):
+    with open(f"{tmp}/{job}-{target}-{rnd}.json") as f:
         data = json.load(f)
     j = data["jobs"][0]
     if j.get("error"):
         sys.exit(f"fio reported error {j['error']} for {job} on {target}")
     d = j["read"] if "read" in job else j["write"]
-    with open(f"{tmp}/{job}-{target}.cpu") as f:
+    with open(f"{tmp}/{job}-{target}-{rnd}.cpu") as f:
         before, after = (int(x) for x in f.read().split())
     ios = d["total_ios"]
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     cpu_per_io = (after - before) * tick_us / ios if ios else float("nan")
     # lat_ns: submission to completion, what the client waits for.
     return d["iops"], d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6, cpu_per_io
+
+def stats(job, target):
+    """The round with the median IOPS (its latency, throughput and CPU too)."""
+    runs = sorted((one_round(job, target, r) for r in range(1, rounds + 1)), key=lambda r: r[0])
+    return runs[len(runs) // 2]
 
 header = ("job", "Strata IOPS", "Strata lat µs", "Strata MB/s", "Strata CPU µs/IO",
           "qemu-nbd IOPS", "qemu-nbd lat µs", "qemu-nbd MB/s", "qemu-nbd CPU µs/IO",

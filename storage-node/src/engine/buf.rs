@@ -106,6 +106,9 @@ pub struct RegisteredSlots {
     memory: NonNull<u8>,
     slot_size: usize,
     count: usize,
+    /// Registered-buffer index of the first slot, when several sets are
+    /// registered with one ring.
+    base: u16,
     free: Mutex<Vec<u16>>,
 }
 
@@ -115,7 +118,12 @@ unsafe impl Sync for RegisteredSlots {}
 
 impl RegisteredSlots {
     pub fn new(slot_size: usize, count: usize) -> Arc<Self> {
-        assert!(slot_size % ALIGN == 0 && count > 0 && count <= u16::MAX as usize);
+        Self::with_base(slot_size, count, 0)
+    }
+
+    /// Slots whose registered indices start at `base` (after another set's).
+    pub fn with_base(slot_size: usize, count: usize, base: u16) -> Arc<Self> {
+        assert!(slot_size % ALIGN == 0 && count > 0 && base as usize + count <= u16::MAX as usize);
         let layout = Layout::from_size_align(slot_size * count, ALIGN).expect("valid layout");
         // SAFETY: non-zero size.
         let memory = unsafe { alloc_zeroed(layout) };
@@ -124,12 +132,17 @@ impl RegisteredSlots {
             memory,
             slot_size,
             count,
+            base,
             free: Mutex::new((0..count as u16).rev().collect()),
         })
     }
 
     pub fn slot_size(&self) -> usize {
         self.slot_size
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
     }
 
     /// The iovecs to register with the ring, one per slot.
@@ -149,14 +162,10 @@ impl RegisteredSlots {
         self.take_with(len, true)
     }
 
-    /// A slot whose contents are left as the last user wrote them, for a read
-    /// that overwrites all of it. (The memory was zeroed once at allocation,
-    /// so it is always initialised.)
-    pub fn take_for_read(self: &Arc<Self>, len: usize) -> Option<AlignedBuf> {
-        self.take_with(len, false)
-    }
-
-    fn take_with(self: &Arc<Self>, len: usize, zero: bool) -> Option<AlignedBuf> {
+    /// A slot of at least `len` bytes, zeroed when `zero` is set; otherwise
+    /// left as its last user wrote it, for a caller that overwrites all of it.
+    /// (The memory was zeroed once at allocation, so it is always initialised.)
+    pub fn take_with(self: &Arc<Self>, len: usize, zero: bool) -> Option<AlignedBuf> {
         if len > self.slot_size {
             return None;
         }
@@ -171,12 +180,15 @@ impl RegisteredSlots {
             ptr: NonNull::new(ptr).expect("non-null"),
             len,
             capacity: self.slot_size,
-            registered: Some((index, Arc::clone(self))),
+            registered: Some((self.base + index, Arc::clone(self))),
         })
     }
 
     fn put_back(&self, index: u16) {
-        self.free.lock().expect("slots lock").push(index);
+        self.free
+            .lock()
+            .expect("slots lock")
+            .push(index - self.base);
     }
 }
 
@@ -187,6 +199,45 @@ impl Drop for RegisteredSlots {
         // SAFETY: allocated in `new` with this layout; no AlignedBuf outlives us
         // because each holds an Arc to this struct.
         unsafe { dealloc(self.memory.as_ptr(), layout) }
+    }
+}
+
+/// The buffers an io_uring engine registers: many small slots for block-sized
+/// I/O and fewer large ones for big sequential requests. Both sets are
+/// registered with every ring of the engine, small first.
+pub struct BufferSets {
+    small: Arc<RegisteredSlots>,
+    large: Arc<RegisteredSlots>,
+}
+
+impl BufferSets {
+    pub fn new(
+        small_size: usize,
+        small_count: usize,
+        large_size: usize,
+        large_count: usize,
+    ) -> Arc<Self> {
+        Arc::new(BufferSets {
+            small: RegisteredSlots::new(small_size, small_count),
+            large: RegisteredSlots::with_base(large_size, large_count, small_count as u16),
+        })
+    }
+
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        let mut all = self.small.iovecs();
+        all.extend(self.large.iovecs());
+        all
+    }
+
+    /// A registered buffer of `len` bytes from the smallest set that fits,
+    /// zeroed when asked; None when none is free or `len` is too large.
+    pub fn take(&self, len: usize, zero: bool) -> Option<AlignedBuf> {
+        let set = if len <= self.small.slot_size() {
+            &self.small
+        } else {
+            &self.large
+        };
+        set.take_with(len, zero)
     }
 }
 
@@ -217,5 +268,23 @@ mod tests {
         assert_eq!(c.registered_index(), index);
         assert!(c.iter().all(|x| *x == 0));
         drop((b, c));
+    }
+
+    #[test]
+    fn buffer_sets_pick_the_smallest_fit_with_distinct_indices() {
+        let sets = BufferSets::new(8192, 2, 65536, 2);
+        assert_eq!(sets.iovecs().len(), 4);
+        let small = sets.take(4096, true).unwrap();
+        let large = sets.take(10_000, true).unwrap();
+        assert_eq!(small.capacity(), 8192);
+        assert_eq!(large.capacity(), 65536);
+        assert!(small.registered_index().unwrap() < 2);
+        assert!(large.registered_index().unwrap() >= 2);
+        assert!(sets.take(65537, true).is_none());
+        let index = large.registered_index();
+        drop(large);
+        let again = sets.take(65536, false).unwrap();
+        assert_eq!(again.registered_index(), index, "returned to its own set");
+        drop((small, again));
     }
 }

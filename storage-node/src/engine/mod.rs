@@ -11,7 +11,7 @@ mod sync;
 mod uring;
 mod uring_local;
 
-pub use buf::{AlignedBuf, RegisteredSlots, ALIGN};
+pub use buf::{AlignedBuf, BufferSets, RegisteredSlots, ALIGN};
 pub use uring_local::use_thread_local_rings;
 
 use std::fs::{File, OpenOptions};
@@ -78,6 +78,12 @@ impl IoEngine {
             IoEngine::Uring(_) => "io_uring",
             IoEngine::Sync(_) => "sync",
         }
+    }
+
+    /// A buffer of `len` bytes that the caller fills completely before writing
+    /// it: not zeroed when it is a registered slot.
+    pub fn write_buffer(&self, len: usize) -> AlignedBuf {
+        self.read_buffer(len)
     }
 
     /// A zeroed buffer of `len` bytes; a registered one when the engine has a free slot.

@@ -19,13 +19,18 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
-use super::{AlignedBuf, RegisteredSlots};
+use super::{AlignedBuf, BufferSets};
 
 const RING_ENTRIES: u32 = 256;
 /// At most this many requests are in the kernel at once; the rest wait in a backlog.
 const MAX_IN_FLIGHT: usize = 256;
-const SLOT_SIZE: usize = 128 * 1024;
-const SLOT_COUNT: usize = 128;
+/// Registered buffers: 16 MiB of 128 KiB slots for block-sized requests and
+/// 32 MiB of 1 MiB slots for large ones. Registered memory is pinned once, so
+/// requests skip page pinning, and the slots are zeroed once, not per request.
+const SMALL_SLOT_SIZE: usize = 128 * 1024;
+const SMALL_SLOT_COUNT: usize = 128;
+const LARGE_SLOT_SIZE: usize = 1024 * 1024;
+const LARGE_SLOT_COUNT: usize = 32;
 /// user_data of the armed eventfd read.
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -63,7 +68,7 @@ pub struct UringEngine {
     file: Arc<File>,
     requests: Mutex<Option<Sender<Request>>>,
     wake: Arc<Wake>,
-    slots: Option<Arc<RegisteredSlots>>,
+    slots: Option<Arc<BufferSets>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -71,7 +76,12 @@ impl UringEngine {
     pub fn new(file: File) -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
-        let slots = RegisteredSlots::new(SLOT_SIZE, SLOT_COUNT);
+        let slots = BufferSets::new(
+            SMALL_SLOT_SIZE,
+            SMALL_SLOT_COUNT,
+            LARGE_SLOT_SIZE,
+            LARGE_SLOT_COUNT,
+        );
         // SAFETY: the slot memory lives as long as the Arc, which the ring thread
         // holds until after the ring is dropped.
         let slots = match unsafe { ring.submitter().register_buffers(&slots.iovecs()) } {
@@ -120,14 +130,14 @@ impl UringEngine {
     pub fn buffer(&self, len: usize) -> AlignedBuf {
         self.slots
             .as_ref()
-            .and_then(|slots| slots.take(len))
+            .and_then(|slots| slots.take(len, true))
             .unwrap_or_else(|| AlignedBuf::zeroed(len))
     }
 
     pub fn read_buffer(&self, len: usize) -> AlignedBuf {
         self.slots
             .as_ref()
-            .and_then(|slots| slots.take_for_read(len))
+            .and_then(|slots| slots.take(len, false))
             .unwrap_or_else(|| AlignedBuf::zeroed(len))
     }
 

@@ -23,7 +23,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use super::uring::{build_sqe, complete, Completion, InFlight, Op, Request};
-use super::{AlignedBuf, RegisteredSlots};
+use super::{AlignedBuf, BufferSets};
 
 const LOCAL_RING_ENTRIES: u32 = 128;
 /// While requests are in flight the reaper also looks every so often, so a
@@ -48,7 +48,7 @@ pub fn use_thread_local_rings() {
 pub(super) fn ring_for(
     id: u64,
     file: &Arc<File>,
-    slots: &Option<Arc<RegisteredSlots>>,
+    slots: &Option<Arc<BufferSets>>,
 ) -> Option<Arc<LocalRing>> {
     LOCAL_RINGS.with(|rings| {
         let mut rings = rings.borrow_mut();
@@ -125,11 +125,11 @@ pub(super) struct LocalRing {
     readiness: AsyncFd<RingFd>,
     inner: Mutex<Inner>,
     _file: Arc<File>,
-    _slots: Option<Arc<RegisteredSlots>>,
+    _slots: Option<Arc<BufferSets>>,
 }
 
 impl LocalRing {
-    fn start(file: Arc<File>, slots: Option<Arc<RegisteredSlots>>) -> io::Result<Arc<LocalRing>> {
+    fn start(file: Arc<File>, slots: Option<Arc<BufferSets>>) -> io::Result<Arc<LocalRing>> {
         let ring = IoUring::new(LOCAL_RING_ENTRIES)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         if let Some(slots) = &slots {

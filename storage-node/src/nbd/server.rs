@@ -22,6 +22,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -520,9 +521,7 @@ async fn read_requests<T: BlockTarget>(
                         // Bounded by MAX_REQUEST_LEN and paid for by `permits`.
                         // If the client drops mid-payload, read_exact fails and
                         // nothing reaches the target.
-                        let mut buf = vec![0u8; len as usize];
-                        rd.read_exact(&mut buf).await?;
-                        buf
+                        read_payload(rd, len as usize).await?
                     }
                     _ => Vec::new(),
                 };
@@ -605,6 +604,22 @@ async fn execute<T: BlockTarget>(
         }
         proto::errno_for(&e, op.command())
     })
+}
+
+/// Reads a WRITE payload of exactly `len` bytes into spare capacity: no
+/// zero-filling of a buffer that is about to be overwritten, and reads as
+/// large as what remains, so a buffered reader with nothing buffered hands
+/// them straight to the socket instead of copying through its buffer.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let remaining = len - buf.len();
+        let mut rest = (&mut buf).limit(remaining);
+        if rd.read_buf(&mut rest).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf)
 }
 
 /// The writer task: sends queued replies in order of completion.

@@ -201,7 +201,8 @@ impl Volume {
         for s in stripes {
             _guards.push(self.pool.stripes[s].lock().await);
         }
-        let mut buf = self.pool.engine.buffer(n as usize * BLOCK_SIZE);
+        // Every byte is overwritten below: by the old partial blocks, then the data.
+        let mut buf = self.pool.engine.write_buffer(n as usize * BLOCK_SIZE);
         if head_partial {
             let old = self.read_blocks(first, 1).await?;
             buf[..BLOCK_SIZE].copy_from_slice(&old);
