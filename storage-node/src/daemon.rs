@@ -193,7 +193,8 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     let nbd = Arc::new(
         NbdServer::new(Arc::new(PoolRegistry::new(pool.clone())))
             .with_shutdown_grace(SHUTDOWN_GRACE)
-            .with_connection_runtimes(connection_threads.handles.clone()),
+            .with_connection_runtimes(connection_threads.handles.clone())
+            .with_bulk_runtime(tokio::runtime::Handle::current()),
     );
     let nbd_task = tokio::spawn(nbd.serve(nbd_listener, stopped(stop_rx.clone())));
     let grpc_task = tokio::spawn(

@@ -52,6 +52,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// in-flight requests before dropping them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Requests at least this large run on the bulk runtime, when there is one.
+pub const BULK_REQUEST_BYTES: usize = 128 * 1024;
+
 const READ_BUFFER: usize = 128 * 1024;
 const WRITE_BUFFER: usize = 128 * 1024;
 /// Pause after an accept error caused by resource exhaustion, so a flood of
@@ -65,6 +68,8 @@ pub struct NbdServer<R: TargetRegistry> {
     shutdown_grace: Duration,
     /// Runtimes that connections are spread over (empty: the caller's).
     connection_runtimes: Vec<tokio::runtime::Handle>,
+    /// Where large requests run, if not on their connection's runtime.
+    bulk_runtime: Option<tokio::runtime::Handle>,
     next_runtime: std::sync::atomic::AtomicUsize,
 }
 
@@ -75,6 +80,7 @@ impl<R: TargetRegistry> NbdServer<R> {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             connection_runtimes: Vec::new(),
+            bulk_runtime: None,
             next_runtime: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -100,6 +106,16 @@ impl<R: TargetRegistry> NbdServer<R> {
     /// shutdown before dropping them.
     pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+
+    /// Runs requests of [`BULK_REQUEST_BYTES`] or more on `runtime` (a
+    /// multi-threaded one). A connection's requests otherwise all run on its
+    /// own thread, which then does everything for a large write in turn:
+    /// receiving it, copying, checksumming, submitting. Handing the large ones
+    /// to other threads lets that work overlap with receiving the next.
+    pub fn with_bulk_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.bulk_runtime = Some(runtime);
         self
     }
 
@@ -223,7 +239,7 @@ impl<R: TargetRegistry> NbdServer<R> {
         };
         Span::current().record("export", name.as_str());
         debug!("entering transmission");
-        transmission(stream, target, stop).await
+        transmission(stream, target, stop, self.bulk_runtime.clone()).await
     }
 
     /// Runs option haggling. Returns the export to serve, or `None` if the
@@ -423,6 +439,7 @@ async fn transmission<T: BlockTarget>(
     stream: TcpStream,
     target: Arc<T>,
     mut stop: watch::Receiver<bool>,
+    bulk: Option<tokio::runtime::Handle>,
 ) -> Result<(), ConnError> {
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
@@ -439,8 +456,16 @@ async fn transmission<T: BlockTarget>(
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
     };
 
-    let read_result =
-        read_requests(&mut rd, &target, &tx, &limits, &mut stop, &writer_failed).await;
+    let read_result = read_requests(
+        &mut rd,
+        &target,
+        &tx,
+        &limits,
+        &mut stop,
+        &writer_failed,
+        bulk.as_ref(),
+    )
+    .await;
 
     // Whatever ended the loop (DISC, a protocol violation, shutdown, the
     // client going away), let every started request finish and reply before
@@ -481,6 +506,7 @@ async fn read_requests<T: BlockTarget>(
     limits: &Limits,
     stop: &mut watch::Receiver<bool>,
     writer_failed: &Notify,
+    bulk: Option<&tokio::runtime::Handle>,
 ) -> Result<(), ConnError> {
     loop {
         let mut header = [0u8; REQUEST_HEADER_LEN];
@@ -528,31 +554,34 @@ async fn read_requests<T: BlockTarget>(
                 let target = Arc::clone(target);
                 let tx = tx.clone();
                 let handle = req.handle;
-                tokio::spawn(
-                    async move {
-                        // A panicking target must not leave the client
-                        // waiting forever for this handle.
-                        let outcome = AssertUnwindSafe(execute(&*target, op, payload))
-                            .catch_unwind()
-                            .await;
-                        let (error, data) = match outcome {
-                            Ok(Ok(data)) => (0, data),
-                            Ok(Err(error)) => (error, None),
-                            Err(_) => {
-                                warn!(?op, "target panicked; replying EIO");
-                                (NBD_EIO, None)
-                            }
-                        };
-                        let reply = Reply {
-                            handle,
-                            error,
-                            data,
-                            _permits: Some(permits),
-                        };
-                        send(&tx, reply).await;
-                    }
-                    .instrument(Span::current()),
-                );
+                let runtime = bulk.filter(|_| op.buffer_len() as usize >= BULK_REQUEST_BYTES);
+                let task = async move {
+                    // A panicking target must not leave the client
+                    // waiting forever for this handle.
+                    let outcome = AssertUnwindSafe(execute(&*target, op, payload))
+                        .catch_unwind()
+                        .await;
+                    let (error, data) = match outcome {
+                        Ok(Ok(data)) => (0, data),
+                        Ok(Err(error)) => (error, None),
+                        Err(_) => {
+                            warn!(?op, "target panicked; replying EIO");
+                            (NBD_EIO, None)
+                        }
+                    };
+                    let reply = Reply {
+                        handle,
+                        error,
+                        data,
+                        _permits: Some(permits),
+                    };
+                    send(&tx, reply).await;
+                }
+                .instrument(Span::current());
+                match runtime {
+                    Some(runtime) => drop(runtime.spawn(task)),
+                    None => drop(tokio::spawn(task)),
+                }
             }
         }
     }
