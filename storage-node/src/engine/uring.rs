@@ -47,6 +47,22 @@ pub(super) struct Request {
     pub(super) done: oneshot::Sender<(Option<AlignedBuf>, io::Result<()>)>,
 }
 
+/// What a caller waits on for a request's outcome.
+pub(super) type Outcome = oneshot::Receiver<(Option<AlignedBuf>, io::Result<()>)>;
+
+impl Request {
+    pub(super) fn new(op: Op, buf: Option<AlignedBuf>, offset: u64) -> (Request, Outcome) {
+        let (done, outcome) = oneshot::channel();
+        let request = Request {
+            op,
+            buf,
+            offset,
+            done,
+        };
+        (request, outcome)
+    }
+}
+
 /// Work waiting for room in the ring.
 enum Pending {
     New(Request),
@@ -164,13 +180,7 @@ impl UringEngine {
         if let Some(local) = super::uring_local::ring_for(self.id, &self.file, &self.slots) {
             return local.call(op, buf, offset).await;
         }
-        let (done, result) = oneshot::channel();
-        let request = Request {
-            op,
-            buf,
-            offset,
-            done,
-        };
+        let (request, result) = Request::new(op, buf, offset);
         let sent = match self.requests.lock().expect("requests lock").as_ref() {
             Some(tx) => tx.send(request).map_err(|e| e.0),
             None => Err(request),

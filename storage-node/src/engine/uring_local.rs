@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use io_uring::IoUring;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::oneshot;
 
 use super::uring::{build_sqe, complete, Completion, InFlight, Op, Request};
 use super::{AlignedBuf, BufferSets};
@@ -167,13 +166,7 @@ impl LocalRing {
         buf: Option<AlignedBuf>,
         offset: u64,
     ) -> (Option<AlignedBuf>, io::Result<()>) {
-        let (done, result) = oneshot::channel();
-        let request = Request {
-            op,
-            buf,
-            offset,
-            done,
-        };
+        let (request, result) = Request::new(op, buf, offset);
         if let Err(request) = self.submit(request) {
             return (
                 request.buf,
