@@ -55,11 +55,27 @@ impl Allocator {
         true
     }
 
-    /// `n` free blocks, as contiguous as the free space allows, in ascending runs
-    /// from the cursor; None (and nothing taken) when fewer than `n` are free.
+    /// `n` free blocks; None (and nothing taken) when fewer than `n` are free.
+    /// A multi-block request gets one contiguous run when the bitmap has one
+    /// near the cursor (one large I/O instead of many small ones); otherwise
+    /// the free blocks found first from the cursor, in ascending order.
     pub fn allocate(&mut self, n: u64) -> Option<Vec<u32>> {
         if n > self.free {
             return None;
+        }
+        if n > 1 {
+            if let Some(start) = self.find_run(n) {
+                for i in start..start + n {
+                    self.set(i, true);
+                }
+                self.free -= n;
+                self.cursor = start + n;
+                return Some(
+                    (start..start + n)
+                        .map(|i| (self.first + i) as u32)
+                        .collect(),
+                );
+            }
         }
         let mut out = Vec::with_capacity(n as usize);
         let mut i = self.cursor;
@@ -81,6 +97,52 @@ impl Allocator {
         self.free -= n;
         self.cursor = i;
         Some(out)
+    }
+
+    /// The start of `n` contiguous free blocks at or after the cursor (then
+    /// from the beginning), looking at no more than RUN_SEARCH_BLOCKS so a
+    /// fragmented pool does not make every write scan the whole bitmap.
+    fn find_run(&self, n: u64) -> Option<u64> {
+        const RUN_SEARCH_BLOCKS: u64 = 1 << 22; // 16 GiB of pool
+        let mut i = self.cursor.min(self.count);
+        let mut scanned = 0;
+        let (mut start, mut len) = (i, 0u64);
+        while scanned < self.count.min(RUN_SEARCH_BLOCKS) {
+            if i >= self.count {
+                // Runs do not wrap around the end.
+                i = 0;
+                len = 0;
+            }
+            let word = self.bits[(i / 64) as usize];
+            if i % 64 == 0 && i + 64 <= self.count && (word == 0 || word == u64::MAX) {
+                // A whole word at once: all free extends the run, all used ends it.
+                if word == 0 {
+                    if len == 0 {
+                        start = i;
+                    }
+                    len += 64;
+                } else {
+                    len = 0;
+                }
+                i += 64;
+                scanned += 64;
+            } else {
+                if self.is_used(i) {
+                    len = 0;
+                } else {
+                    if len == 0 {
+                        start = i;
+                    }
+                    len += 1;
+                }
+                i += 1;
+                scanned += 1;
+            }
+            if len >= n {
+                return Some(start);
+            }
+        }
+        None
     }
 
     /// Returns a block. Freeing a block that is not in use is a bug in the caller.
@@ -116,6 +178,30 @@ mod tests {
         assert_eq!(a.free_blocks(), 1);
         assert!(a.allocate(2).is_none(), "no partial allocation");
         assert_eq!(a.free_blocks(), 1);
+    }
+
+    #[test]
+    fn multi_block_requests_get_a_contiguous_run_when_there_is_one() {
+        let mut a = Allocator::new(0, 1024);
+        let all = a.allocate(1024).unwrap();
+        // Free every other block of the first half, and a run of 100 later.
+        for pba in all[..512].iter().step_by(2) {
+            a.release(*pba);
+        }
+        for pba in &all[700..800] {
+            a.release(*pba);
+        }
+        a.cursor = 0;
+        let run = a.allocate(64).unwrap();
+        assert_eq!(
+            run,
+            (700..764).collect::<Vec<u32>>(),
+            "skips the scattered holes"
+        );
+        // No run of 200 exists: it takes scattered blocks instead.
+        let scattered = a.allocate(200).unwrap();
+        assert_eq!(scattered.len(), 200);
+        assert_eq!(a.free_blocks(), 256 + 100 - 64 - 200);
     }
 
     #[test]
