@@ -1,7 +1,6 @@
 //! strata: the admin CLI of Strata, and `strata up`, the whole system on one machine.
 
-mod client;
-mod cluster;
+use strata_node::cluster;
 mod node;
 mod up;
 mod volume;

@@ -1,8 +1,8 @@
 //! `strata node ...`: list nodes, or run one in the foreground.
 
-use crate::client;
-use crate::cluster::{process_alive, ClusterFile};
 use crate::volume::human;
+use strata_node::cluster::client;
+use strata_node::cluster::{process_alive, ClusterFile};
 
 pub async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
     println!(

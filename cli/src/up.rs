@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
 
-use crate::client;
-use crate::cluster::{process_alive, ClusterFile, NodeEntry};
+use strata_node::cluster::client;
+use strata_node::cluster::{process_alive, ClusterFile, NodeEntry};
 
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -39,6 +39,10 @@ pub struct UpArgs {
     /// sparse file (much faster writes; costs the pool size in disk writes).
     #[arg(long)]
     pub preallocate: bool,
+    /// How long a volume target waits for a replica before dropping it from
+    /// the in-sync set, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub replica_timeout_ms: u64,
 }
 
 struct RunningNode {
@@ -81,10 +85,16 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
             grpc: free_local_addr()?,
             nbd: free_local_addr()?,
             http: free_local_addr()?,
+            replication: Some(free_local_addr()?),
             pool: dir.join(&name).join("pool.img"),
             name,
             pid: None,
         });
+    }
+    for node in &mut cluster.nodes {
+        if node.replication.is_none() {
+            node.replication = Some(free_local_addr()?);
+        }
     }
     cluster.supervisor_pid = Some(std::process::id());
     let mut nodes: Vec<RunningNode> = cluster
@@ -162,6 +172,8 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .args(["--grpc-listen", &e.grpc.to_string()])
         .args(["--nbd-listen", &e.nbd.to_string()])
         .args(["--http-listen", &e.http.to_string()])
+        .args(e.replication.map(|a| format!("--replication-listen={a}")))
+        .args(["--replica-timeout-ms", &args.replica_timeout_ms.to_string()])
         .args(args.preallocate.then_some("--preallocate"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

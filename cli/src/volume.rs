@@ -1,27 +1,31 @@
-//! `strata volume ...`: create, list, resize, delete and export volumes.
+//! `strata volume ...`: create, list, describe, resize, delete and export
+//! replicated volumes.
 
-use anyhow::bail;
 use bytesize::ByteSize;
-use strata_proto::storage::{CreateVolumeRequest, DeleteVolumeRequest, ResizeVolumeRequest};
 
-use crate::client::{self, status_error};
-use crate::cluster::ClusterFile;
+use strata_node::cluster::volumes::{self, Placement, VolumeReport};
+use strata_node::cluster::ClusterFile;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum VolumeCommand {
-    /// Create a thin-provisioned volume.
+    /// Create a thin-provisioned volume with replicas on distinct nodes.
     Create {
         name: String,
         /// Size, e.g. 1GiB or 512MiB.
         #[arg(long)]
         size: ByteSize,
-        /// Node to place the volume on (default: the one with the most room).
+        /// Number of replicas, each on a different node (spread over zones).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// Put the first replica on this node.
         #[arg(long)]
         node: Option<String>,
     },
-    /// List volumes on every node.
+    /// List volumes with their replicas and target.
     Ls,
-    /// Delete a volume and free its space.
+    /// Show a volume's replicas, their states, the epoch and the target.
+    Describe { name: String },
+    /// Delete a volume and free its space on every node.
     Rm { name: String },
     /// Grow a volume.
     Resize {
@@ -29,114 +33,180 @@ pub enum VolumeCommand {
         #[arg(long)]
         size: ByteSize,
     },
-    /// Print the volume's NBD URI.
-    Export { name: String },
+    /// Open the volume's target (fencing any other) and print its NBD URI.
+    Export {
+        name: String,
+        /// Node to serve the volume from (default: the current target's, or
+        /// a node holding an in-sync replica).
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Result<()> {
     match command {
-        VolumeCommand::Create { name, size, node } => create(cluster, &name, size, node).await,
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            node,
+        } => {
+            let placement = Placement {
+                replicas,
+                zones: Vec::new(),
+                preferred_node: node,
+            };
+            if let Some(node) = &placement.preferred_node {
+                cluster.node(node)?;
+            }
+            let volume = volumes::create(cluster, &name, size.as_u64(), &placement).await?;
+            let nodes: Vec<&str> = volume
+                .replicas
+                .iter()
+                .map(|r| r.node.name.as_str())
+                .collect();
+            println!(
+                "created volume {} ({}) with {} replica{} on {}",
+                volume.name,
+                human(volume.size_bytes),
+                nodes.len(),
+                if nodes.len() == 1 { "" } else { "s" },
+                nodes.join(", ")
+            );
+            Ok(())
+        }
         VolumeCommand::Ls => list(cluster).await,
+        VolumeCommand::Describe { name } => describe(&volumes::get(cluster, &name).await?),
         VolumeCommand::Rm { name } => {
-            let (node, _) = client::find_volume(cluster, &name).await?;
-            client::connect(&node)
-                .await?
-                .delete_volume(DeleteVolumeRequest { name: name.clone() })
-                .await
-                .map_err(status_error)?;
-            println!("deleted volume {name} from {}", node.name);
+            volumes::delete(cluster, &name).await?;
+            println!("deleted volume {name}");
             Ok(())
         }
         VolumeCommand::Resize { name, size } => {
-            let (node, _) = client::find_volume(cluster, &name).await?;
-            let volume = client::connect(&node)
-                .await?
-                .resize_volume(ResizeVolumeRequest {
-                    name,
-                    size_bytes: size.as_u64(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let volume = volumes::resize(cluster, &name, size.as_u64()).await?;
             println!("volume {} is now {}", volume.name, human(volume.size_bytes));
             Ok(())
         }
-        VolumeCommand::Export { name } => {
-            let (_, volume) = client::find_volume(cluster, &name).await?;
-            println!("{}", volume.export_uri);
+        VolumeCommand::Export { name, node } => {
+            let (_, target) = volumes::open_target(cluster, &name, node.as_deref()).await?;
+            println!("{}", target.export_uri);
             Ok(())
         }
     }
 }
 
-async fn create(
-    cluster: &ClusterFile,
-    name: &str,
-    size: ByteSize,
-    node: Option<String>,
-) -> anyhow::Result<()> {
-    if size.as_u64() == 0 {
-        bail!("--size must be greater than zero");
+/// "2/3 in sync" and the like.
+fn health(volume: &VolumeReport) -> String {
+    let members = volume.members().len();
+    let in_sync = volume.in_sync().len();
+    if in_sync == members {
+        format!("{in_sync}/{members} in sync")
+    } else {
+        format!("{in_sync}/{members} in sync (degraded)")
     }
-    // Names are unique across the cluster: an export name must find one volume.
-    if let Some((holder, _)) = client::all_volumes(cluster)
-        .await?
-        .into_iter()
-        .find(|(_, v)| v.name == name)
-    {
-        bail!("volume {name:?} already exists on {}", holder.name);
-    }
-    let target = match node {
-        Some(node) => cluster.node(&node)?.clone(),
-        None => {
-            let mut best = None;
-            for node in &cluster.nodes {
-                let info = client::node_info(node).await?;
-                let room = info
-                    .provisionable_bytes
-                    .saturating_sub(info.provisioned_bytes);
-                if best.as_ref().is_none_or(|(_, r)| room > *r) {
-                    best = Some((node.clone(), room));
-                }
-            }
-            best.map(|(n, _)| n).expect("a cluster has nodes")
-        }
-    };
-    let volume = client::connect(&target)
-        .await?
-        .create_volume(CreateVolumeRequest {
-            name: name.to_string(),
-            size_bytes: size.as_u64(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    println!(
-        "created volume {} ({}) on {}",
-        volume.name,
-        human(volume.size_bytes),
-        target.name
-    );
-    println!("export: {}", volume.export_uri);
-    Ok(())
 }
 
 async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
-    let mut volumes = client::all_volumes(cluster).await?;
-    volumes.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let volumes = volumes::list(cluster).await?;
     println!(
-        "{:<24} {:>10} {:>10} {:<8} EXPORT",
-        "NAME", "SIZE", "ALLOCATED", "NODE"
+        "{:<20} {:>10} {:>10} {:<26} {:<20} EXPORT",
+        "NAME", "SIZE", "ALLOCATED", "REPLICAS", "STATE"
     );
-    for (node, v) in volumes {
+    for v in &volumes {
+        let nodes: Vec<String> = v.members().into_iter().map(|m| m.node).collect();
+        let allocated = v
+            .replicas
+            .iter()
+            .map(|r| r.replica.allocated_bytes)
+            .max()
+            .unwrap_or(0);
+        let target = match v.active_target() {
+            Some((_, t)) => t.export_uri.clone(),
+            None => "-".to_string(),
+        };
         println!(
-            "{:<24} {:>10} {:>10} {:<8} {}",
+            "{:<20} {:>10} {:>10} {:<26} {:<20} {}",
             v.name,
             human(v.size_bytes),
-            human(v.allocated_bytes),
-            node.name,
-            v.export_uri
+            human(allocated),
+            nodes.join(","),
+            health(v),
+            target
         );
+    }
+    Ok(())
+}
+
+fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
+    let in_sync = volume.in_sync();
+    let epoch = volume
+        .replicas
+        .iter()
+        .map(|r| r.replica.config_epoch)
+        .max()
+        .unwrap_or(0);
+    println!("Name:      {}", volume.name);
+    println!("Size:      {}", human(volume.size_bytes));
+    println!("Epoch:     {epoch}");
+    println!("State:     {}", health(volume));
+    match volume.active_target() {
+        Some((node, t)) => println!(
+            "Target:    {} on {} (epoch {})",
+            t.export_uri, node.name, t.epoch
+        ),
+        None => println!(
+            "Target:    none (open one with `strata volume export {}`)",
+            volume.name
+        ),
+    }
+    println!("Replicas:");
+    println!(
+        "  {:<4} {:<10} {:<16} {:>10} {:>8}",
+        "ID", "NODE", "STATE", "ALLOCATED", "EPOCH"
+    );
+    for member in volume.members() {
+        let report = volume
+            .replicas
+            .iter()
+            .find(|r| r.replica.replica_id == member.id);
+        let (state, allocated, promised) = match report {
+            None => ("unreachable".to_string(), "-".to_string(), "-".to_string()),
+            Some(r) => {
+                let rebuild = volume.active_target().and_then(|(_, t)| {
+                    t.replicas
+                        .iter()
+                        .find(|tr| tr.member.as_ref().is_some_and(|m| m.id == member.id))
+                        .filter(|tr| tr.rebuilding)
+                });
+                let state = if in_sync.contains(&member.id) {
+                    "in-sync".to_string()
+                } else if let Some(tr) = rebuild {
+                    let percent = (tr.rebuild_extents_copied * 100)
+                        .checked_div(tr.rebuild_extents_total)
+                        .unwrap_or(0);
+                    format!("rebuilding {percent}%")
+                } else {
+                    "faulted".to_string()
+                };
+                (
+                    state,
+                    human(r.replica.allocated_bytes),
+                    r.replica.promised_epoch.to_string(),
+                )
+            }
+        };
+        println!(
+            "  {:<4} {:<10} {:<16} {:>10} {:>8}",
+            member.id, member.node, state, allocated, promised
+        );
+    }
+    if let Some((_, t)) = volume.active_target() {
+        if t.repaired_blocks > 0 {
+            println!(
+                "Repaired:  {} blocks after checksum failures",
+                t.repaired_blocks
+            );
+        }
     }
     Ok(())
 }

@@ -20,7 +20,8 @@ use crate::grpc::{ControlService, NodeIdentity};
 use crate::metrics::Metrics;
 use crate::nbd::NbdServer;
 use crate::pool::{Pool, PoolOptions};
-use crate::registry::PoolRegistry;
+use crate::registry::NodeRegistry;
+use crate::replication::{self, Replicas, TargetOptions};
 
 /// How long a stopping node waits for clients to finish before closing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -56,6 +57,17 @@ pub struct NodeArgs {
     /// Address of the NBD server.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    /// Address of the replication endpoint, where volume targets reach this
+    /// node's replicas.
+    #[arg(long, default_value = "127.0.0.1:7410")]
+    pub replication_listen: SocketAddr,
+    /// How long a replica may take to answer a volume target before the
+    /// target drops it from the in-sync set, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub replica_timeout_ms: u64,
+    /// Bytes per second a rebuild may copy to a replica, e.g. 200MiB (0: no limit).
+    #[arg(long, default_value = "256MiB")]
+    pub rebuild_rate: ByteSize,
     /// Address of /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub http_listen: SocketAddr,
@@ -172,6 +184,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     let nbd_listener = bind(args.nbd_listen, "NBD").await?;
     let grpc_listener = bind(args.grpc_listen, "gRPC").await?;
     let http_listener = bind(args.http_listen, "HTTP").await?;
+    let replication_listener = bind(args.replication_listen, "replication").await?;
     let nbd_addr = nbd_listener.local_addr()?;
     let host = args
         .advertise_host
@@ -181,7 +194,12 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         name: args.name.clone(),
         zone: args.zone.clone(),
         nbd_address: format!("{host}:{}", nbd_addr.port()),
+        replication_address: format!("{host}:{}", replication_listener.local_addr()?.port()),
     };
+    let replicas = Replicas::load(pool.clone())
+        .await
+        .context("loading replicas")?;
+    let registry = NodeRegistry::new(pool.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -191,17 +209,37 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     let connection_threads =
         ConnectionThreads::start(args.nbd_threads.unwrap_or_else(default_nbd_threads).max(1))?;
     let nbd = Arc::new(
-        NbdServer::new(Arc::new(PoolRegistry::new(pool.clone())))
+        NbdServer::new(registry.clone())
             .with_shutdown_grace(SHUTDOWN_GRACE)
             .with_connection_runtimes(connection_threads.handles.clone())
             .with_bulk_runtime(tokio::runtime::Handle::current()),
     );
     let nbd_task = tokio::spawn(nbd.serve(nbd_listener, stopped(stop_rx.clone())));
+    let replication_task = tokio::spawn(replication::server::serve(
+        replication_listener,
+        replicas.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let target_options = TargetOptions {
+        node: args.name.clone(),
+        timeout: Duration::from_millis(args.replica_timeout_ms.max(1)),
+        rebuild_rate: args.rebuild_rate.as_u64(),
+    };
+    // Serving volumes again after a restart; in the background, because
+    // the replicas' nodes may be starting too.
+    tokio::spawn({
+        let registry = registry.clone();
+        let replicas = replicas.clone();
+        let options = target_options.clone();
+        async move { registry.reopen_recorded(replicas, options).await }
+    });
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(StorageNodeServer::new(ControlService::new(
-                pool.clone(),
                 identity.clone(),
+                replicas.clone(),
+                registry.clone(),
+                target_options,
             )))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
@@ -215,6 +253,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         node = %args.name,
         zone = %args.zone,
         nbd = %nbd_addr,
+        replication = %identity.replication_address,
         grpc = %args.grpc_listen,
         http = %args.http_listen,
         engine = pool.engine_name(),
@@ -224,6 +263,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    replication_task.abort();
     // Servers drain their connections, but an idle or stuck client must not
     // hold the node up: past the grace period the servers are dropped.
     let (nbd_abort, grpc_abort, http_abort) = (

@@ -1,16 +1,24 @@
-//! The node's gRPC control API (`proto/storage.proto`) over its pool.
+//! The node's gRPC control API (`proto/storage.proto`): its pool's plain
+//! volumes, its replicas, and the volume targets open on it.
 
 use std::sync::Arc;
 
 use strata_proto::storage::storage_node_server::StorageNode;
 use strata_proto::storage::{
-    CreateVolumeRequest, DeleteVolumeRequest, DeleteVolumeResponse, GetNodeInfoRequest,
-    GetVolumeRequest, ListVolumesRequest, ListVolumesResponse, NodeInfo, ResizeVolumeRequest,
-    Volume,
+    CloseTargetRequest, CloseTargetResponse, CreateReplicaRequest, CreateVolumeRequest,
+    DeleteReplicaRequest, DeleteReplicaResponse, DeleteVolumeRequest, DeleteVolumeResponse,
+    GetNodeInfoRequest, GetVolumeRequest, ListReplicasRequest, ListReplicasResponse,
+    ListTargetsRequest, ListTargetsResponse, ListVolumesRequest, ListVolumesResponse, NodeInfo,
+    OpenTargetRequest, Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest, Target,
+    TargetReplica, Volume,
 };
 use tonic::{Request, Response, Status};
 
-use crate::pool::{Pool, PoolError, VolumeInfo};
+use crate::pool::{is_internal_volume_name, Pool, PoolError, VolumeInfo};
+use crate::registry::NodeRegistry;
+use crate::replication::replica::ReplicaError;
+use crate::replication::target::OpenError;
+use crate::replication::{Member, Replicas, TargetOptions, VolumeTarget};
 
 /// Identity the node reports about itself.
 #[derive(Debug, Clone)]
@@ -19,16 +27,87 @@ pub struct NodeIdentity {
     pub zone: String,
     /// host:port clients use for NBD.
     pub nbd_address: String,
+    /// host:port volume targets use to reach this node's replicas.
+    pub replication_address: String,
 }
 
 pub struct ControlService {
     pool: Arc<Pool>,
     identity: NodeIdentity,
+    replicas: Arc<Replicas>,
+    registry: Arc<NodeRegistry>,
+    target_options: TargetOptions,
+    /// Opening and closing targets one at a time keeps "the newest open
+    /// wins" simple on this node.
+    target_changes: tokio::sync::Mutex<()>,
 }
 
 impl ControlService {
-    pub fn new(pool: Arc<Pool>, identity: NodeIdentity) -> Self {
-        ControlService { pool, identity }
+    pub fn new(
+        identity: NodeIdentity,
+        replicas: Arc<Replicas>,
+        registry: Arc<NodeRegistry>,
+        target_options: TargetOptions,
+    ) -> Self {
+        ControlService {
+            pool: replicas.pool().clone(),
+            identity,
+            replicas,
+            registry,
+            target_options,
+            target_changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn replica(&self, replica: &crate::replication::Replica) -> Replica {
+        let state = replica.state().await;
+        Replica {
+            volume: state.volume,
+            replica_id: state.replica_id,
+            node: self.identity.name.clone(),
+            size_bytes: state.size,
+            allocated_bytes: replica.allocated_bytes(&self.pool),
+            promised_epoch: state.promised_epoch,
+            config_epoch: state.config.epoch,
+            in_sync: state.config.in_sync,
+            members: state.members.iter().map(member_message).collect(),
+        }
+    }
+
+    fn target(&self, target: &VolumeTarget) -> Target {
+        Target {
+            volume: target.volume().to_string(),
+            node: self.identity.name.clone(),
+            epoch: target.epoch(),
+            export_uri: format!("nbd://{}/{}", self.identity.nbd_address, target.volume()),
+            size_bytes: crate::target::BlockTarget::size(target),
+            fenced: target.is_fenced(),
+            replicas: target
+                .replicas()
+                .into_iter()
+                .map(|view| TargetReplica {
+                    member: Some(member_message(&view.member)),
+                    in_sync: view.in_sync,
+                    connected: view.connected,
+                    rebuilding: view.rebuild.is_some(),
+                    rebuild_extents_total: view.rebuild.as_ref().map_or(0, |p| p.extents_total),
+                    rebuild_extents_copied: view.rebuild.as_ref().map_or(0, |p| p.extents_copied),
+                    rebuild_bytes_copied: view.rebuild.as_ref().map_or(0, |p| p.bytes_copied),
+                })
+                .collect(),
+            repaired_blocks: target.repaired_blocks(),
+        }
+    }
+
+    /// Plain volumes only: replicas live in the pool under internal names.
+    fn plain_volume_name<'a>(&self, name: &'a str) -> Result<&'a str, Status> {
+        let name = required_name(name)?;
+        if is_internal_volume_name(name) {
+            return Err(Status::invalid_argument(format!(
+                "{name:?} is not a volume name"
+            )));
+        }
+        Ok(name)
     }
 
     fn volume(&self, info: VolumeInfo) -> Volume {
@@ -40,6 +119,24 @@ impl ControlService {
             allocated_bytes: info.allocated,
             created_unix: info.created_unix,
         }
+    }
+}
+
+fn member_message(member: &Member) -> ReplicaMember {
+    ReplicaMember {
+        id: member.id,
+        node: member.node.clone(),
+        address: member.address.clone(),
+    }
+}
+
+fn replica_status(err: ReplicaError) -> Status {
+    match err {
+        ReplicaError::Pool(err) => status_from(err),
+        ReplicaError::NotFound(_) => Status::not_found(err.to_string()),
+        ReplicaError::AlreadyExists(_) => Status::already_exists(err.to_string()),
+        ReplicaError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        ReplicaError::Header(_) | ReplicaError::Block(_) => Status::internal(err.to_string()),
     }
 }
 
@@ -84,6 +181,7 @@ impl StorageNode for ControlService {
             provisionable_bytes: usage.provisionable,
             volume_count: self.pool.list_volumes().len() as u32,
             checksum_failures: self.pool.checksum_failures(),
+            replication_address: self.identity.replication_address.clone(),
         }))
     }
 
@@ -111,7 +209,7 @@ impl StorageNode for ControlService {
         request: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
-        let name = required_name(&req.name)?;
+        let name = self.plain_volume_name(&req.name)?;
         self.pool.delete_volume(name).await.map_err(status_from)?;
         Ok(Response::new(DeleteVolumeResponse {}))
     }
@@ -121,7 +219,7 @@ impl StorageNode for ControlService {
         request: Request<ResizeVolumeRequest>,
     ) -> Result<Response<Volume>, Status> {
         let req = request.into_inner();
-        let name = required_name(&req.name)?;
+        let name = self.plain_volume_name(&req.name)?;
         let info = self
             .pool
             .resize_volume(name, req.size_bytes)
@@ -140,7 +238,7 @@ impl StorageNode for ControlService {
         request: Request<GetVolumeRequest>,
     ) -> Result<Response<Volume>, Status> {
         let req = request.into_inner();
-        let name = required_name(&req.name)?;
+        let name = self.plain_volume_name(&req.name)?;
         let info = self
             .pool
             .volume_info(name)
@@ -156,8 +254,139 @@ impl StorageNode for ControlService {
             .pool
             .list_volumes()
             .into_iter()
+            .filter(|v| !is_internal_volume_name(&v.name))
             .map(|v| self.volume(v))
             .collect();
         Ok(Response::new(ListVolumesResponse { volumes }))
+    }
+
+    async fn create_replica(
+        &self,
+        request: Request<CreateReplicaRequest>,
+    ) -> Result<Response<Replica>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        if req.size_bytes == 0 {
+            return Err(Status::invalid_argument(
+                "size_bytes must be greater than zero",
+            ));
+        }
+        if req.members.is_empty() {
+            return Err(Status::invalid_argument("members are required"));
+        }
+        let members = req
+            .members
+            .iter()
+            .map(|m| Member {
+                id: m.id,
+                node: m.node.clone(),
+                address: m.address.clone(),
+            })
+            .collect();
+        let replica = self
+            .replicas
+            .create(volume, req.size_bytes, req.replica_id, members)
+            .await
+            .map_err(replica_status)?;
+        Ok(Response::new(self.replica(&replica).await))
+    }
+
+    async fn delete_replica(
+        &self,
+        request: Request<DeleteReplicaRequest>,
+    ) -> Result<Response<DeleteReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        self.replicas.delete(volume).await.map_err(replica_status)?;
+        Ok(Response::new(DeleteReplicaResponse {}))
+    }
+
+    async fn resize_replica(
+        &self,
+        request: Request<ResizeReplicaRequest>,
+    ) -> Result<Response<Replica>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        self.replicas
+            .resize(volume, req.size_bytes)
+            .await
+            .map_err(|err| match err {
+                ReplicaError::Pool(PoolError::Invalid(msg)) if msg.contains("shrinking") => {
+                    Status::failed_precondition(msg)
+                }
+                other => replica_status(other),
+            })?;
+        let replica = self
+            .replicas
+            .get(volume)
+            .ok_or_else(|| Status::not_found(format!("no replica of {volume:?}")))?;
+        Ok(Response::new(self.replica(&replica).await))
+    }
+
+    async fn list_replicas(
+        &self,
+        _request: Request<ListReplicasRequest>,
+    ) -> Result<Response<ListReplicasResponse>, Status> {
+        let mut replicas = Vec::new();
+        for replica in self.replicas.list() {
+            replicas.push(self.replica(&replica).await);
+        }
+        Ok(Response::new(ListReplicasResponse { replicas }))
+    }
+
+    async fn open_target(
+        &self,
+        request: Request<OpenTargetRequest>,
+    ) -> Result<Response<Target>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        let _one_at_a_time = self.target_changes.lock().await;
+        // Opening again where the volume is served keeps its clients
+        // connected; it only takes up a new size.
+        if let Some(target) = self.registry.target(volume).filter(|t| !t.is_fenced()) {
+            target.refresh_size().await;
+            return Ok(Response::new(self.target(&target)));
+        }
+        let target = VolumeTarget::open(
+            volume,
+            &req.seeds,
+            self.replicas.clone(),
+            self.target_options.clone(),
+        )
+        .await
+        .map_err(|err| match err {
+            OpenError::NoReplica(_) => Status::not_found(err.to_string()),
+            OpenError::Membership { .. } => Status::unavailable(err.to_string()),
+            OpenError::Fenced(_) => Status::aborted(err.to_string()),
+        })?;
+        self.registry.add_target(target.clone()).await;
+        Ok(Response::new(self.target(&target)))
+    }
+
+    async fn close_target(
+        &self,
+        request: Request<CloseTargetRequest>,
+    ) -> Result<Response<CloseTargetResponse>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        let _one_at_a_time = self.target_changes.lock().await;
+        self.registry
+            .remove_target(volume)
+            .await
+            .ok_or_else(|| Status::not_found(format!("no target of {volume:?} on this node")))?;
+        Ok(Response::new(CloseTargetResponse {}))
+    }
+
+    async fn list_targets(
+        &self,
+        _request: Request<ListTargetsRequest>,
+    ) -> Result<Response<ListTargetsResponse>, Status> {
+        let targets = self
+            .registry
+            .targets()
+            .iter()
+            .map(|t| self.target(t))
+            .collect();
+        Ok(Response::new(ListTargetsResponse { targets }))
     }
 }

@@ -4,6 +4,7 @@
 //! volumes in it, and serves each volume as an NBD export. Its control API is
 //! gRPC; `/metrics` and `/healthz` are served over HTTP.
 
+pub mod cluster;
 pub mod daemon;
 pub mod engine;
 pub mod grpc;
@@ -12,4 +13,5 @@ pub mod metrics;
 pub mod nbd;
 pub mod pool;
 pub mod registry;
+pub mod replication;
 pub mod target;

@@ -13,6 +13,10 @@ pub enum BlockError {
     /// The medium failed, or a checksum did not match: never return data then.
     #[error("I/O error: {0}")]
     Io(String),
+    /// A stored block failed its checksum. Never returned as data; a
+    /// replicated volume reads it from another replica instead.
+    #[error("checksum mismatch: {0}")]
+    Checksum(String),
     /// No space could be allocated in the pool.
     #[error("no space left in the pool")]
     NoSpace,

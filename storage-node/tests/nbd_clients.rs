@@ -145,6 +145,7 @@ async fn fio_random_writes_verify_with_crc32c() {
             "--iodepth=16",
             "--size=64M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--fsync=64",

@@ -481,7 +481,7 @@ pub enum Action {
 /// checks, which are expressed as `BlockError::OutOfRange`.
 pub fn errno_for(err: &BlockError, command: Command) -> u32 {
     match err {
-        BlockError::Io(_) => NBD_EIO,
+        BlockError::Io(_) | BlockError::Checksum(_) => NBD_EIO,
         BlockError::NoSpace => NBD_ENOSPC,
         // The spec: ENOSPC for a write (or write zeroes) reaching past the
         // end of the device, EINVAL for a read or trim doing so.

@@ -381,6 +381,20 @@ impl Pool {
     /// is allocated until it is written.
     pub async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, PoolError> {
         validate_volume_name(name)?;
+        self.create_internal_volume(name, size).await
+    }
+
+    /// Creates a volume for Strata's own use (a replica of a replicated
+    /// volume, say) under a name users cannot pick: one with a ':'
+    /// ([`is_internal_volume_name`]), so it is never exported directly.
+    pub async fn create_internal_volume(
+        &self,
+        name: &str,
+        size: u64,
+    ) -> Result<VolumeInfo, PoolError> {
+        if name.is_empty() || name.len() > MAX_VOLUME_NAME + 16 {
+            return Err(PoolError::Invalid(format!("invalid volume name {name:?}")));
+        }
         if size == 0 {
             return Err(PoolError::Invalid(
                 "volume size must be greater than zero".into(),
@@ -627,6 +641,11 @@ fn volume_info(id: u64, v: &VolumeState) -> VolumeInfo {
         allocated: v.map.mapped_blocks() * BLOCK_SIZE_U64,
         created_unix: v.created_unix,
     }
+}
+
+/// Whether `name` is one of Strata's own volumes, which users do not see.
+pub fn is_internal_volume_name(name: &str) -> bool {
+    name.contains(':')
 }
 
 /// Volume names are export names and file names in tools: keep them plain.

@@ -134,10 +134,13 @@ async fn a_flipped_byte_is_an_io_error_never_data() {
         .await
         .unwrap();
     let vol = pool.volume("v").unwrap();
-    assert!(matches!(vol.read(4096, 4096).await, Err(BlockError::Io(_))));
+    assert!(matches!(
+        vol.read(4096, 4096).await,
+        Err(BlockError::Checksum(_))
+    ));
     assert!(matches!(
         vol.read(0, 3 * 4096).await,
-        Err(BlockError::Io(_))
+        Err(BlockError::Checksum(_))
     ));
     // The good neighbours still read.
     assert_same_bytes!(
@@ -155,7 +158,7 @@ async fn a_flipped_byte_is_an_io_error_never_data() {
     // A partial write into the bad block must not launder it into good data.
     assert!(matches!(
         vol.write(4096 + 10, b"x", false).await,
-        Err(BlockError::Io(_))
+        Err(BlockError::Checksum(_))
     ));
     // A full overwrite replaces it.
     vol.write(4096, &[5u8; 4096], false).await.unwrap();

@@ -128,6 +128,47 @@ impl Volume {
         }
     }
 
+    /// A 64-bit digest of each of `count` extents of `extent_bytes` from byte
+    /// `start` (block-aligned), computed from the stored block CRCs without
+    /// reading data. Blocks at or past `end` are left out. An unmapped block
+    /// counts as a block of zeroes, so two copies that read the same have the
+    /// same digest however their space is allocated.
+    pub fn extent_digests(
+        &self,
+        start: u64,
+        count: u64,
+        extent_bytes: u64,
+        end: u64,
+    ) -> BlockResult<Vec<u64>> {
+        static ZERO_BLOCK_CRC: std::sync::LazyLock<u32> =
+            std::sync::LazyLock::new(|| data_crc(&[0u8; BLOCK_SIZE]));
+        let extent_blocks = extent_bytes / BLOCK_SIZE_U64;
+        let end_block = end.div_ceil(BLOCK_SIZE_U64);
+        let mut digests = Vec::with_capacity(count as usize);
+        // The map lock is taken per slice of extents, not for the whole walk.
+        for slice_start in (0..count).step_by(64) {
+            let state = self.pool.state.lock().expect("state lock");
+            let volume = state.volumes.get(&self.id).ok_or(BlockError::Gone)?;
+            for extent in slice_start..(slice_start + 64).min(count) {
+                let first = start / BLOCK_SIZE_U64 + extent * extent_blocks;
+                let mut low = crc32fast::Hasher::new();
+                let mut high = crc32fast::Hasher::new_with_initial(0x9e37_79b9);
+                for lba in first..(first + extent_blocks).min(end_block) {
+                    let entry = volume.map.get(lba);
+                    let crc = if entry.is_mapped() {
+                        entry.crc
+                    } else {
+                        *ZERO_BLOCK_CRC
+                    };
+                    low.update(&crc.to_le_bytes());
+                    high.update(&crc.to_le_bytes());
+                }
+                digests.push((u64::from(high.finalize()) << 32) | u64::from(low.finalize()));
+            }
+        }
+        Ok(digests)
+    }
+
     /// Reads `n` whole blocks from `first`, every mapped one checked against its CRC.
     async fn read_blocks(&self, first: u64, n: u64) -> BlockResult<Vec<u8>> {
         let pool = &self.pool;
@@ -162,8 +203,8 @@ impl Volume {
                         pba = entry.pba,
                         "data block checksum mismatch; returning an I/O error"
                     );
-                    return Err(BlockError::Io(format!(
-                        "checksum mismatch in volume {} block {lba}",
+                    return Err(BlockError::Checksum(format!(
+                        "volume {} block {lba}",
                         self.name
                     )));
                 }

@@ -1,6 +1,7 @@
 //! Test harness: a real `strata-node` process on loopback, and small clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
 pub mod nbd_client;
 
 use std::io::{Read, Write};
@@ -25,9 +26,12 @@ fn free_addr() -> SocketAddr {
 /// A storage node process with its own pool file and ports.
 pub struct TestNode {
     pub dir: tempfile::TempDir,
+    pub name: String,
+    pub zone: String,
     pub grpc: SocketAddr,
     pub nbd: SocketAddr,
     pub http: SocketAddr,
+    pub replication: SocketAddr,
     extra_args: Vec<String>,
     pool_size: String,
     child: Option<Child>,
@@ -39,11 +43,18 @@ impl TestNode {
     }
 
     pub fn start_with(pool_size: &str, extra_args: &[&str]) -> TestNode {
+        Self::start_named("test-node", "zone-a", pool_size, extra_args)
+    }
+
+    pub fn start_named(name: &str, zone: &str, pool_size: &str, extra_args: &[&str]) -> TestNode {
         let mut node = TestNode {
             dir: tempfile::tempdir().unwrap(),
+            name: name.to_string(),
+            zone: zone.to_string(),
             grpc: free_addr(),
             nbd: free_addr(),
             http: free_addr(),
+            replication: free_addr(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             pool_size: pool_size.to_string(),
             child: None,
@@ -70,13 +81,14 @@ impl TestNode {
             .unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_strata-node"));
         command
-            .args(["--name", "test-node", "--zone", "zone-a"])
+            .args(["--name", &self.name, "--zone", &self.zone])
             .arg("--pool")
             .arg(self.pool_path())
             .args(["--pool-size", &self.pool_size])
             .args(["--grpc-listen", &self.grpc.to_string()])
             .args(["--nbd-listen", &self.nbd.to_string()])
             .args(["--http-listen", &self.http.to_string()])
+            .args(["--replication-listen", &self.replication.to_string()])
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -129,6 +141,10 @@ impl TestNode {
                 self.log()
             );
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn is_running(&mut self) -> bool {

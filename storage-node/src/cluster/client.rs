@@ -6,7 +6,7 @@ use strata_proto::storage::storage_node_client::StorageNodeClient;
 use strata_proto::storage::{GetNodeInfoRequest, ListVolumesRequest, NodeInfo, Volume};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::cluster::{ClusterFile, NodeEntry};
+use super::{ClusterFile, NodeEntry};
 
 pub type Client = StorageNodeClient<Channel>;
 

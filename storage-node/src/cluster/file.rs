@@ -17,6 +17,9 @@ pub struct NodeEntry {
     pub grpc: SocketAddr,
     pub nbd: SocketAddr,
     pub http: SocketAddr,
+    /// The replication endpoint (absent in files of older versions).
+    #[serde(default)]
+    pub replication: Option<SocketAddr>,
     pub pool: PathBuf,
     /// Process id while `strata up` runs the node.
     pub pid: Option<u32>,

@@ -1,0 +1,455 @@
+//! Replicated volumes across the nodes of a cluster: placing replicas on
+//! distinct nodes (spread over zones), creating, listing, resizing and
+//! deleting them, and opening a volume's target on a node. The CLI and the
+//! CSI controller both go through here.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use strata_proto::storage::{
+    CloseTargetRequest, CreateReplicaRequest, DeleteReplicaRequest, ListReplicasRequest,
+    ListTargetsRequest, NodeInfo, OpenTargetRequest, Replica, ReplicaMember, ResizeReplicaRequest,
+    Target,
+};
+use tonic::Code;
+
+use super::client;
+use super::{ClusterFile, NodeEntry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {0:?} not found")]
+    NotFound(String),
+    #[error("volume {name:?} already exists (replicas on {nodes})")]
+    AlreadyExists { name: String, nodes: String },
+    #[error("{0}")]
+    Invalid(String),
+    /// Not enough nodes (or room on them) for the replicas asked for.
+    #[error("{0}")]
+    NoRoom(String),
+    /// A node needed for the operation could not be reached or refused.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A node answered with an error.
+    #[error("node {node}: {}", status.message())]
+    Node { node: String, status: tonic::Status },
+}
+
+impl VolumeError {
+    fn node(node: &NodeEntry, status: tonic::Status) -> VolumeError {
+        VolumeError::Node {
+            node: node.name.clone(),
+            status,
+        }
+    }
+}
+
+/// One replica of a volume as its node reports it.
+#[derive(Debug, Clone)]
+pub struct ReplicaReport {
+    pub node: NodeEntry,
+    pub replica: Replica,
+}
+
+/// A replicated volume, gathered from every node that answered.
+#[derive(Debug, Clone)]
+pub struct VolumeReport {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Replicas found, by replica id.
+    pub replicas: Vec<ReplicaReport>,
+    /// Members whose node did not answer.
+    pub missing: Vec<ReplicaMember>,
+    /// Targets open on it, newest epoch first (more than one only while an
+    /// older, fenced target has not been closed).
+    pub targets: Vec<(NodeEntry, Target)>,
+}
+
+impl VolumeReport {
+    /// The in-sync set of the newest config any replica reports.
+    pub fn in_sync(&self) -> BTreeSet<u32> {
+        self.replicas
+            .iter()
+            .max_by_key(|r| r.replica.config_epoch)
+            .map(|r| r.replica.in_sync.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn members(&self) -> Vec<ReplicaMember> {
+        self.replicas
+            .first()
+            .map(|r| r.replica.members.clone())
+            .unwrap_or_default()
+    }
+
+    /// The target that owns the volume now, if it is open anywhere.
+    pub fn active_target(&self) -> Option<&(NodeEntry, Target)> {
+        self.targets.iter().find(|(_, t)| !t.fenced)
+    }
+}
+
+/// What every node holds: replicas and targets. Nodes that do not answer are
+/// returned apart, so callers decide whether that matters.
+struct Survey {
+    replicas: Vec<ReplicaReport>,
+    targets: Vec<(NodeEntry, Target)>,
+    unreachable: Vec<NodeEntry>,
+    infos: Vec<(NodeEntry, NodeInfo)>,
+}
+
+async fn survey(cluster: &ClusterFile) -> Survey {
+    let asks = cluster.nodes.iter().map(|node| async move {
+        let answer = async {
+            let mut c = client::connect(node).await?;
+            let info = c
+                .get_node_info(strata_proto::storage::GetNodeInfoRequest {})
+                .await?
+                .into_inner();
+            let replicas = c
+                .list_replicas(ListReplicasRequest {})
+                .await?
+                .into_inner()
+                .replicas;
+            let targets = c
+                .list_targets(ListTargetsRequest {})
+                .await?
+                .into_inner()
+                .targets;
+            anyhow::Ok((info, replicas, targets))
+        }
+        .await;
+        (node.clone(), answer)
+    });
+    let mut survey = Survey {
+        replicas: Vec::new(),
+        targets: Vec::new(),
+        unreachable: Vec::new(),
+        infos: Vec::new(),
+    };
+    for (node, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok((info, replicas, targets)) => {
+                survey.infos.push((node.clone(), info));
+                survey
+                    .replicas
+                    .extend(replicas.into_iter().map(|replica| ReplicaReport {
+                        node: node.clone(),
+                        replica,
+                    }));
+                survey
+                    .targets
+                    .extend(targets.into_iter().map(|t| (node.clone(), t)));
+            }
+            Err(_) => survey.unreachable.push(node),
+        }
+    }
+    survey
+}
+
+/// Every replicated volume the reachable nodes know of, by name. Fails only
+/// when no node answers.
+pub async fn list(cluster: &ClusterFile) -> Result<Vec<VolumeReport>, VolumeError> {
+    let survey = survey(cluster).await;
+    if survey.infos.is_empty() {
+        return Err(VolumeError::Unavailable(
+            "no storage node is reachable (is `strata up` running?)".into(),
+        ));
+    }
+    let mut by_name: BTreeMap<String, VolumeReport> = BTreeMap::new();
+    for report in survey.replicas {
+        let entry = by_name
+            .entry(report.replica.volume.clone())
+            .or_insert_with(|| VolumeReport {
+                name: report.replica.volume.clone(),
+                size_bytes: report.replica.size_bytes,
+                replicas: Vec::new(),
+                missing: Vec::new(),
+                targets: Vec::new(),
+            });
+        entry.size_bytes = entry.size_bytes.max(report.replica.size_bytes);
+        entry.replicas.push(report);
+    }
+    for (node, target) in survey.targets {
+        if let Some(volume) = by_name.get_mut(&target.volume) {
+            volume.targets.push((node, target));
+        }
+    }
+    for volume in by_name.values_mut() {
+        volume.replicas.sort_by_key(|r| r.replica.replica_id);
+        volume
+            .targets
+            .sort_by_key(|(_, t)| std::cmp::Reverse(t.epoch));
+        let found: BTreeSet<u32> = volume
+            .replicas
+            .iter()
+            .map(|r| r.replica.replica_id)
+            .collect();
+        volume.missing = volume
+            .members()
+            .into_iter()
+            .filter(|m| !found.contains(&m.id))
+            .collect();
+    }
+    Ok(by_name.into_values().collect())
+}
+
+pub async fn get(cluster: &ClusterFile, name: &str) -> Result<VolumeReport, VolumeError> {
+    list(cluster)
+        .await?
+        .into_iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| VolumeError::NotFound(name.to_string()))
+}
+
+/// Where the replicas of a new volume go.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub replicas: usize,
+    /// Only nodes in these zones (any zone when empty).
+    pub zones: Vec<String>,
+    /// Put the first replica on this node.
+    pub preferred_node: Option<String>,
+}
+
+/// Picks `placement.replicas` distinct nodes with room for `size` bytes:
+/// first a node in a zone not used yet, then the node with the most room.
+fn place(
+    infos: &[(NodeEntry, NodeInfo)],
+    size: u64,
+    placement: &Placement,
+) -> Result<Vec<(NodeEntry, NodeInfo)>, VolumeError> {
+    let room = |info: &NodeInfo| {
+        info.provisionable_bytes
+            .saturating_sub(info.provisioned_bytes)
+    };
+    let mut candidates: Vec<&(NodeEntry, NodeInfo)> = infos
+        .iter()
+        .filter(|(node, _)| placement.zones.is_empty() || placement.zones.contains(&node.zone))
+        .filter(|(_, info)| room(info) >= size)
+        .collect();
+    if candidates.len() < placement.replicas {
+        return Err(VolumeError::NoRoom(format!(
+            "not enough space: {} replica{} of {} need{} as many nodes with that much room{}, \
+             and {} of the {} reachable nodes have it",
+            placement.replicas,
+            if placement.replicas == 1 { "" } else { "s" },
+            crate::pool::human(size),
+            if placement.replicas == 1 { "s" } else { "" },
+            if placement.zones.is_empty() {
+                String::new()
+            } else {
+                format!(" in zones {}", placement.zones.join(", "))
+            },
+            candidates.len(),
+            infos.len()
+        )));
+    }
+    let mut chosen: Vec<(NodeEntry, NodeInfo)> = Vec::new();
+    if let Some(preferred) = &placement.preferred_node {
+        if let Some(i) = candidates.iter().position(|(n, _)| &n.name == preferred) {
+            chosen.push(candidates.remove(i).clone());
+        }
+    }
+    while chosen.len() < placement.replicas {
+        let used_zones: BTreeSet<&str> = chosen.iter().map(|(n, _)| n.zone.as_str()).collect();
+        let best = candidates
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, (node, info))| (!used_zones.contains(node.zone.as_str()), room(info)))
+            .map(|(i, _)| i)
+            .expect("enough candidates");
+        chosen.push(candidates.remove(best).clone());
+    }
+    Ok(chosen)
+}
+
+/// Creates a volume with replicas on distinct nodes. Nothing is left behind
+/// when one of them cannot be created.
+pub async fn create(
+    cluster: &ClusterFile,
+    name: &str,
+    size: u64,
+    placement: &Placement,
+) -> Result<VolumeReport, VolumeError> {
+    crate::pool::validate_volume_name(name).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+    if size == 0 {
+        return Err(VolumeError::Invalid(
+            "size must be greater than zero".into(),
+        ));
+    }
+    if placement.replicas == 0 {
+        return Err(VolumeError::Invalid("replicas must be at least 1".into()));
+    }
+    let survey = survey(cluster).await;
+    let holders: Vec<&str> = survey
+        .replicas
+        .iter()
+        .filter(|r| r.replica.volume == name)
+        .map(|r| r.node.name.as_str())
+        .collect();
+    if !holders.is_empty() {
+        return Err(VolumeError::AlreadyExists {
+            name: name.to_string(),
+            nodes: holders.join(", "),
+        });
+    }
+    let chosen = place(&survey.infos, size, placement)?;
+    let members: Vec<ReplicaMember> = chosen
+        .iter()
+        .enumerate()
+        .map(|(i, (node, info))| ReplicaMember {
+            id: i as u32 + 1,
+            node: node.name.clone(),
+            address: info.replication_address.clone(),
+        })
+        .collect();
+    let mut created: Vec<&NodeEntry> = Vec::new();
+    for ((node, _), member) in chosen.iter().zip(&members) {
+        let result = async {
+            client::connect(node)
+                .await
+                .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+                .create_replica(CreateReplicaRequest {
+                    volume: name.to_string(),
+                    size_bytes: size,
+                    replica_id: member.id,
+                    members: members.clone(),
+                })
+                .await
+                .map_err(|status| VolumeError::node(node, status))
+        }
+        .await;
+        if let Err(err) = result {
+            for node in created {
+                if let Ok(mut c) = client::connect(node).await {
+                    let _ = c
+                        .delete_replica(DeleteReplicaRequest {
+                            volume: name.to_string(),
+                        })
+                        .await;
+                }
+            }
+            return Err(err);
+        }
+        created.push(node);
+    }
+    get(cluster, name).await
+}
+
+/// Opens the volume's target on `node` (default: a node holding an in-sync
+/// replica, so one copy is read locally), fencing any other target, and
+/// closes targets the new one replaced.
+pub async fn open_target(
+    cluster: &ClusterFile,
+    name: &str,
+    node: Option<&str>,
+) -> Result<(NodeEntry, Target), VolumeError> {
+    let volume = get(cluster, name).await?;
+    let in_sync = volume.in_sync();
+    let node = match node {
+        Some(node) => cluster
+            .node(node)
+            .map_err(|e| VolumeError::Invalid(e.to_string()))?
+            .clone(),
+        None => match volume.active_target() {
+            Some((node, _)) => node.clone(),
+            None => volume
+                .replicas
+                .iter()
+                .find(|r| in_sync.contains(&r.replica.replica_id))
+                .or(volume.replicas.first())
+                .map(|r| r.node.clone())
+                .ok_or_else(|| VolumeError::NotFound(name.to_string()))?,
+        },
+    };
+    let seeds = volume.members().into_iter().map(|m| m.address).collect();
+    let target = client::connect(&node)
+        .await
+        .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+        .open_target(OpenTargetRequest {
+            volume: name.to_string(),
+            seeds,
+        })
+        .await
+        .map_err(|status| match status.code() {
+            Code::Unavailable => VolumeError::Unavailable(status.message().to_string()),
+            _ => VolumeError::node(&node, status),
+        })?
+        .into_inner();
+    for (other, _) in volume.targets.iter().filter(|(n, _)| n.name != node.name) {
+        close_target_on(other, name).await;
+    }
+    Ok((node, target))
+}
+
+async fn close_target_on(node: &NodeEntry, name: &str) {
+    if let Ok(mut c) = client::connect(node).await {
+        let _ = c
+            .close_target(CloseTargetRequest {
+                volume: name.to_string(),
+            })
+            .await;
+    }
+}
+
+/// Deletes the volume: its targets, then every replica. Fails (having
+/// deleted what it could) when a replica's node is unreachable.
+pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError> {
+    let volume = get(cluster, name).await?;
+    for (node, _) in &volume.targets {
+        close_target_on(node, name).await;
+    }
+    for report in &volume.replicas {
+        client::connect(&report.node)
+            .await
+            .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+            .delete_replica(DeleteReplicaRequest {
+                volume: name.to_string(),
+            })
+            .await
+            .map_err(|status| VolumeError::node(&report.node, status))?;
+    }
+    if !volume.missing.is_empty() {
+        let nodes: Vec<&str> = volume.missing.iter().map(|m| m.node.as_str()).collect();
+        return Err(VolumeError::Unavailable(format!(
+            "deleted the reachable replicas of {name}; the ones on {} remain (nodes down)",
+            nodes.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Grows every replica, then has the open target (if any) take the new size;
+/// its clients stay connected.
+pub async fn resize(
+    cluster: &ClusterFile,
+    name: &str,
+    size: u64,
+) -> Result<VolumeReport, VolumeError> {
+    let volume = get(cluster, name).await?;
+    if !volume.missing.is_empty() {
+        return Err(VolumeError::Unavailable(format!(
+            "cannot resize {name} while replicas on {} are unreachable",
+            volume
+                .missing
+                .iter()
+                .map(|m| m.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for report in &volume.replicas {
+        client::connect(&report.node)
+            .await
+            .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+            .resize_replica(ResizeReplicaRequest {
+                volume: name.to_string(),
+                size_bytes: size,
+            })
+            .await
+            .map_err(|status| VolumeError::node(&report.node, status))?;
+    }
+    if let Some((node, _)) = volume.active_target() {
+        open_target(cluster, name, Some(&node.name)).await?;
+    }
+    get(cluster, name).await
+}

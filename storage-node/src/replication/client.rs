@@ -1,0 +1,172 @@
+//! The target's side of a replication connection: many requests in flight on
+//! one TCP connection, replies matched to requests by id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{self, Op, Reply, Request, Status};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection lost: {0}")]
+    Closed(String),
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+pub struct ReplicaClient {
+    address: String,
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+}
+
+impl ReplicaClient {
+    /// Connects to the replication endpoint at `address` and says Hello for
+    /// `volume`.
+    pub async fn connect(
+        address: &str,
+        volume: &str,
+        timeout: Duration,
+    ) -> Result<ReplicaClient, LinkError> {
+        let connect_error = |reason: String| LinkError::Connect {
+            address: address.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| connect_error(format!("no answer within {timeout:?}")))?
+            .map_err(|err| connect_error(err.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|err| connect_error(err.to_string()))?;
+        let (read_half, mut write_half) = stream.into_split();
+        let mut reader = BufReader::with_capacity(256 << 10, read_half);
+
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let alive = Arc::new(AtomicBool::new(true));
+        let (frames, mut frames_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+
+        // Hello is answered before anything else is sent.
+        let mut hello = Request::new(Op::Hello, 0, 0);
+        hello.payload = volume.as_bytes().to_vec();
+        let mut out = Vec::new();
+        wire::encode_request(&hello, &mut out);
+        let answer = tokio::time::timeout(timeout, async {
+            wire::write_frames(&mut write_half, &out).await?;
+            wire::read_reply(&mut reader).await
+        })
+        .await
+        .map_err(|_| connect_error(format!("no answer within {timeout:?}")))?
+        .map_err(|err| connect_error(err.to_string()))?;
+        match answer {
+            Some(reply) if reply.status == Status::Ok => {}
+            Some(reply) => {
+                return Err(LinkError::Refused(
+                    String::from_utf8_lossy(&reply.payload).into_owned(),
+                ))
+            }
+            None => return Err(connect_error("closed during hello".into())),
+        }
+
+        let writer_alive = alive.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::with_capacity(256 << 10);
+            while let Some(frame) = frames_rx.recv().await {
+                out.clear();
+                out.extend_from_slice(&frame);
+                while out.len() < (1 << 20) {
+                    match frames_rx.try_recv() {
+                        Ok(frame) => out.extend_from_slice(&frame),
+                        Err(_) => break,
+                    }
+                }
+                if wire::write_frames(&mut write_half, &out).await.is_err() {
+                    break;
+                }
+            }
+            writer_alive.store(false, Ordering::Release);
+        });
+
+        let reader_pending = pending.clone();
+        let reader_alive = alive.clone();
+        let peer = address.to_string();
+        tokio::spawn(async move {
+            loop {
+                match wire::read_reply(&mut reader).await {
+                    Ok(Some(reply)) => {
+                        let waiter = reader_pending
+                            .lock()
+                            .expect("pending lock")
+                            .remove(&reply.id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(reply);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::warn!(%peer, %err, "replication connection broken");
+                        break;
+                    }
+                }
+            }
+            reader_alive.store(false, Ordering::Release);
+            // Dropping the waiters fails every request still in flight.
+            reader_pending.lock().expect("pending lock").clear();
+        });
+
+        Ok(ReplicaClient {
+            address: address.to_string(),
+            frames,
+            pending,
+            next_id: AtomicU64::new(1),
+            alive,
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Sends `request` (its id is replaced) and waits for the reply.
+    pub async fn call(&self, mut request: Request, timeout: Duration) -> Result<Reply, LinkError> {
+        if !self.is_alive() {
+            return Err(LinkError::Closed("connection is down".into()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        request.id = id;
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        let mut frame = Vec::with_capacity(wire::REQUEST_HEADER_LEN + request.payload.len() + 4);
+        wire::encode_request(&request, &mut frame);
+        if self.frames.send(frame).is_err() {
+            self.pending.lock().expect("pending lock").remove(&id);
+            return Err(LinkError::Closed("connection is down".into()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(LinkError::Closed("connection lost".into())),
+            Err(_) => {
+                self.pending.lock().expect("pending lock").remove(&id);
+                Err(LinkError::Timeout(timeout))
+            }
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! Replica membership and epoch fencing: the decisions a volume target and its
+//! replicas make about who may serve a volume and which replicas hold the truth.
+//!
+//! Pure functions over plain values, no I/O: the caller persists the
+//! `ReplicaState` a replica-side function changed (durably, before it answers)
+//! and carries the messages. `model.rs` explores these decisions under crashes,
+//! restarts, partitions and competing targets.
+//!
+//! The protocol, for a volume with a fixed member list:
+//!
+//! * Every change of configuration (opening the volume, or shrinking its
+//!   in-sync set after a replica failed) takes two rounds, each on a majority of
+//!   the members:
+//!   1. `Prepare(epoch)`: a replica accepts iff `epoch > promised_epoch`
+//!      ([`replica_prepare`]); it then refuses I/O and configs of lower epochs
+//!      and answers with its current config. Because each replica grants an
+//!      epoch once, at most one target ever owns a given epoch.
+//!   2. `Persist(config)`: a replica accepts iff `config.epoch >=
+//!      promised_epoch` ([`replica_accept_config`]). An opening target builds
+//!      that config from the answers of round 1 ([`plan_open`]); a shrinking
+//!      target from its own config ([`plan_shrink`]).
+//! * I/O carries the target's epoch and a replica takes it iff the epoch equals
+//!   its promised epoch ([`replica_io`]). A write is acknowledged when every
+//!   replica of the in-sync set took it ([`decide_write`]); otherwise the target
+//!   first persists a smaller in-sync set at a new epoch.
+//!
+//! The design's first version opened in one round: read the states, then
+//! persist the new config with a "promise" accepted iff its epoch was higher.
+//! Reading did not fence anyone, so a target could plan from states that the
+//! old target changed (by shrinking) before the new config landed, and two
+//! different configs could be persisted with the same epoch. Both lose
+//! acknowledged writes; `model.rs` keeps that version as a mutation and shows a
+//! trace.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// A replica of one volume, unique within its member list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaId(pub u32);
+
+impl fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
+/// How many of `member_count` replicas make a majority.
+pub fn majority(member_count: usize) -> usize {
+    member_count / 2 + 1
+}
+
+/// Which replicas a volume has and which of them hold every acknowledged write.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// The epoch of the target that persisted this config. At most one config
+    /// is ever persisted per epoch, so the epoch names the config.
+    pub epoch: u64,
+    /// The fixed member list of the volume.
+    pub members: Vec<ReplicaId>,
+    /// The replicas that have every acknowledged write: the only ones a target
+    /// may read from or treat as a source of truth.
+    pub in_sync: BTreeSet<ReplicaId>,
+}
+
+impl Config {
+    /// The config of a fresh volume: epoch 0, every member in sync (all empty).
+    pub fn initial(members: Vec<ReplicaId>) -> Self {
+        let in_sync = members.iter().copied().collect();
+        Config {
+            epoch: 0,
+            members,
+            in_sync,
+        }
+    }
+}
+
+/// What a replica persists about membership, besides its data.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaState {
+    /// The highest epoch this replica granted; it refuses anything older.
+    /// Never lower than `config.epoch`.
+    pub promised_epoch: u64,
+    /// The newest config this replica accepted.
+    pub config: Config,
+}
+
+impl ReplicaState {
+    /// The state of every replica of a fresh volume.
+    pub fn new(members: Vec<ReplicaId>) -> Self {
+        ReplicaState {
+            promised_epoch: 0,
+            config: Config::initial(members),
+        }
+    }
+}
+
+/// A replica's answer to `Prepare(epoch)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrepareReply {
+    /// The replica granted the epoch and sends the config the target plans from.
+    Prepared { config: Config },
+    /// The epoch was already granted, to this target or another: the target
+    /// must give up (and may retry with a higher epoch).
+    Fenced { promised_epoch: u64 },
+}
+
+/// Round 1 of a configuration change, on the replica. The caller persists
+/// `state` before answering.
+pub fn replica_prepare(state: &mut ReplicaState, epoch: u64) -> PrepareReply {
+    if epoch > state.promised_epoch {
+        state.promised_epoch = epoch;
+        PrepareReply::Prepared {
+            config: state.config.clone(),
+        }
+    } else {
+        PrepareReply::Fenced {
+            promised_epoch: state.promised_epoch,
+        }
+    }
+}
+
+/// Round 2 of a configuration change, on the replica: returns whether the
+/// config was accepted (the caller then persists `state`). A refusal means a
+/// newer epoch was granted: the sender is fenced.
+///
+/// Equal epochs are accepted because the replica may have granted that very
+/// epoch in round 1, and only the target that won round 1 on a majority sends
+/// a config for it.
+pub fn replica_accept_config(state: &mut ReplicaState, config: &Config) -> bool {
+    if config.epoch < state.promised_epoch {
+        return false;
+    }
+    state.promised_epoch = config.epoch;
+    state.config = config.clone();
+    true
+}
+
+/// A replica's answer to a data request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoReply {
+    Accepted,
+    /// A newer epoch was granted: the sender no longer owns the volume.
+    Fenced {
+        promised_epoch: u64,
+    },
+    /// The replica never heard of the request's epoch (it missed the rounds of
+    /// the configuration change): for the target it is a failed replica.
+    Behind {
+        promised_epoch: u64,
+    },
+}
+
+/// Whether a replica takes a data request: only from the current epoch, so a
+/// deposed target can neither write nor read.
+pub fn replica_io(state: &ReplicaState, request_epoch: u64) -> IoReply {
+    let promised_epoch = state.promised_epoch;
+    match request_epoch.cmp(&promised_epoch) {
+        std::cmp::Ordering::Equal => IoReply::Accepted,
+        std::cmp::Ordering::Less => IoReply::Fenced { promised_epoch },
+        std::cmp::Ordering::Greater => IoReply::Behind { promised_epoch },
+    }
+}
+
+/// Shorthand for [`replica_io`] when the reason for a refusal does not matter.
+pub fn replica_accepts_io(state: &ReplicaState, request_epoch: u64) -> bool {
+    replica_io(state, request_epoch) == IoReply::Accepted
+}
+
+/// The epoch a target asks for in round 1: above every promise it has seen
+/// (in answers to a state read, or in `Fenced` refusals).
+pub fn next_epoch(seen_promises: impl IntoIterator<Item = u64>) -> u64 {
+    seen_promises.into_iter().max().unwrap_or(0) + 1
+}
+
+/// Whether the replicas in `accepted` make a majority of `members`; replicas
+/// that are not members do not count.
+pub fn quorum_reached(members: &[ReplicaId], accepted: &BTreeSet<ReplicaId>) -> bool {
+    let votes = members.iter().filter(|m| accepted.contains(m)).count();
+    votes >= majority(members.len())
+}
+
+/// Why a target cannot open a volume.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("{prepared} replicas granted the epoch, a majority needs {needed}")]
+    NoMajority { prepared: usize, needed: usize },
+    /// Every replica holding the acknowledged writes is unreachable: serving
+    /// from any other would lose them.
+    #[error("no replica of the latest in-sync set answered")]
+    NoInSyncReplica,
+    /// A replica reported a config as new as the epoch being opened: the
+    /// answers do not come from round 1 at that epoch.
+    #[error("epoch {epoch} is not newer than answered config epoch {seen}")]
+    EpochNotNewer { epoch: u64, seen: u64 },
+}
+
+/// The config an opening target persists in round 2, from the answers of the
+/// members that granted `epoch` in round 1.
+///
+/// The newest answered config is the latest one persisted on a majority (or
+/// newer), and its in-sync replicas that answered hold every acknowledged
+/// write and, having granted `epoch`, can no longer take writes from an older
+/// target. Those that did not answer may be written by an older target still,
+/// so they are left out and have to be rebuilt.
+pub fn plan_open(
+    members: &[ReplicaId],
+    epoch: u64,
+    prepared: &[(ReplicaId, Config)],
+) -> Result<Config, OpenError> {
+    let answered: BTreeMap<ReplicaId, &Config> = prepared
+        .iter()
+        .filter(|(id, _)| members.contains(id))
+        .map(|(id, config)| (*id, config))
+        .collect();
+    let needed = majority(members.len());
+    if answered.len() < needed {
+        return Err(OpenError::NoMajority {
+            prepared: answered.len(),
+            needed,
+        });
+    }
+    let latest = answered
+        .values()
+        .max_by_key(|config| config.epoch)
+        .expect("a majority is never empty");
+    if latest.epoch >= epoch {
+        return Err(OpenError::EpochNotNewer {
+            epoch,
+            seen: latest.epoch,
+        });
+    }
+    let in_sync: BTreeSet<ReplicaId> = latest
+        .in_sync
+        .iter()
+        .filter(|id| answered.contains_key(id))
+        .copied()
+        .collect();
+    if in_sync.is_empty() {
+        return Err(OpenError::NoInSyncReplica);
+    }
+    Ok(Config {
+        epoch,
+        members: members.to_vec(),
+        in_sync,
+    })
+}
+
+/// Why a target cannot drop failed replicas from its in-sync set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShrinkError {
+    /// Every in-sync replica failed: no copy can take the write.
+    #[error("no in-sync replica would be left")]
+    NoInSyncReplicaLeft,
+}
+
+/// The config a target persists (both rounds, at its epoch) after `failed`
+/// replicas of its in-sync set missed a write. Only once it is persisted may
+/// the write be acknowledged: until then the old config, which still names
+/// the failed replicas, is what the next target would open from.
+pub fn plan_shrink(current: &Config, failed: &BTreeSet<ReplicaId>) -> Result<Config, ShrinkError> {
+    let in_sync: BTreeSet<ReplicaId> = current.in_sync.difference(failed).copied().collect();
+    if in_sync.is_empty() {
+        return Err(ShrinkError::NoInSyncReplicaLeft);
+    }
+    Ok(Config {
+        epoch: current.epoch + 1,
+        members: current.members.clone(),
+        in_sync,
+    })
+}
+
+/// What a target does with a write once the in-sync replicas answered or
+/// timed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Every in-sync replica has it: acknowledge.
+    Acknowledge,
+    /// These in-sync replicas missed it: shrink them out first.
+    Shrink { failed: BTreeSet<ReplicaId> },
+    /// A replica granted a newer epoch: fail the write and stop serving.
+    Fenced,
+}
+
+/// Decides a write from the replies of `config`'s in-sync replicas; a missing
+/// reply is a timeout. Fencing from any replica wins over everything: a newer
+/// target owns the volume, and it may have planned without the replicas that
+/// took the write.
+pub fn decide_write(config: &Config, replies: &BTreeMap<ReplicaId, IoReply>) -> WriteOutcome {
+    if replies
+        .values()
+        .any(|reply| matches!(reply, IoReply::Fenced { .. }))
+    {
+        return WriteOutcome::Fenced;
+    }
+    let failed: BTreeSet<ReplicaId> = config
+        .in_sync
+        .iter()
+        .filter(|id| replies.get(id) != Some(&IoReply::Accepted))
+        .copied()
+        .collect();
+    if failed.is_empty() {
+        WriteOutcome::Acknowledge
+    } else {
+        WriteOutcome::Shrink { failed }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(raw: &[u32]) -> Vec<ReplicaId> {
+        raw.iter().copied().map(ReplicaId).collect()
+    }
+
+    fn set(raw: &[u32]) -> BTreeSet<ReplicaId> {
+        raw.iter().copied().map(ReplicaId).collect()
+    }
+
+    fn config(epoch: u64, members: &[u32], in_sync: &[u32]) -> Config {
+        Config {
+            epoch,
+            members: ids(members),
+            in_sync: set(in_sync),
+        }
+    }
+
+    fn state(promised_epoch: u64, config_epoch: u64) -> ReplicaState {
+        ReplicaState {
+            promised_epoch,
+            config: config(config_epoch, &[1, 2, 3], &[1, 2, 3]),
+        }
+    }
+
+    #[test]
+    fn majority_of_one_to_five() {
+        for (members, expected) in [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)] {
+            assert_eq!(majority(members), expected, "{members} members");
+        }
+    }
+
+    #[test]
+    fn fresh_replica_has_everyone_in_sync_at_epoch_zero() {
+        let fresh = ReplicaState::new(ids(&[1, 2, 3]));
+        assert_eq!(fresh.promised_epoch, 0);
+        assert_eq!(fresh.config, config(0, &[1, 2, 3], &[1, 2, 3]));
+    }
+
+    #[test]
+    fn prepare_grants_each_epoch_once() {
+        // (promised, asked) -> granted
+        for (promised, asked, granted) in [(0, 1, true), (3, 5, true), (3, 3, false), (3, 2, false)]
+        {
+            let mut replica = state(promised, 0);
+            let reply = replica_prepare(&mut replica, asked);
+            if granted {
+                assert_eq!(
+                    reply,
+                    PrepareReply::Prepared {
+                        config: state(promised, 0).config
+                    },
+                    "promised {promised}, asked {asked}"
+                );
+                assert_eq!(replica.promised_epoch, asked);
+            } else {
+                assert_eq!(
+                    reply,
+                    PrepareReply::Fenced {
+                        promised_epoch: promised
+                    },
+                    "promised {promised}, asked {asked}"
+                );
+                assert_eq!(replica, state(promised, 0), "a refusal changes nothing");
+            }
+        }
+    }
+
+    #[test]
+    fn config_is_accepted_from_the_promised_epoch_on() {
+        // (promised, config epoch) -> accepted
+        for (promised, epoch, accepted) in [(2, 2, true), (2, 3, true), (2, 1, false), (0, 1, true)]
+        {
+            let mut replica = state(promised, 0);
+            let new = config(epoch, &[1, 2, 3], &[1, 3]);
+            assert_eq!(
+                replica_accept_config(&mut replica, &new),
+                accepted,
+                "promised {promised}, config epoch {epoch}"
+            );
+            if accepted {
+                assert_eq!(replica.promised_epoch, epoch);
+                assert_eq!(replica.config, new);
+            } else {
+                assert_eq!(replica, state(promised, 0), "a refusal changes nothing");
+            }
+        }
+    }
+
+    #[test]
+    fn io_is_taken_only_at_the_promised_epoch() {
+        for (promised, request, expected) in [
+            (4, 4, IoReply::Accepted),
+            (4, 3, IoReply::Fenced { promised_epoch: 4 }),
+            (4, 5, IoReply::Behind { promised_epoch: 4 }),
+        ] {
+            let replica = state(promised, 1);
+            assert_eq!(
+                replica_io(&replica, request),
+                expected,
+                "promised {promised}, request {request}"
+            );
+            assert_eq!(
+                replica_accepts_io(&replica, request),
+                expected == IoReply::Accepted
+            );
+        }
+    }
+
+    #[test]
+    fn next_epoch_is_above_every_seen_promise() {
+        for (seen, expected) in [(vec![], 1), (vec![0, 0], 1), (vec![3, 7, 5], 8)] {
+            assert_eq!(next_epoch(seen.clone()), expected, "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn quorum_counts_members_only() {
+        let members = ids(&[1, 2, 3]);
+        for (accepted, reached) in [
+            (set(&[]), false),
+            (set(&[2]), false),
+            (set(&[1, 3]), true),
+            (set(&[1, 2, 3]), true),
+            (set(&[1, 7, 9]), false),
+        ] {
+            assert_eq!(quorum_reached(&members, &accepted), reached, "{accepted:?}");
+        }
+        assert!(
+            quorum_reached(&ids(&[5]), &set(&[5])),
+            "one member is its own majority"
+        );
+    }
+
+    #[test]
+    fn plan_open_cases() {
+        let members = [1, 2, 3];
+        let old = config(1, &members, &[1, 2, 3]);
+        let shrunk = config(2, &members, &[2, 3]);
+        type Case = (&'static str, Vec<(u32, Config)>, Result<Config, OpenError>);
+        let cases: Vec<Case> = vec![
+            (
+                "all answer with the same config",
+                vec![(1, old.clone()), (2, old.clone()), (3, old.clone())],
+                Ok(config(5, &members, &[1, 2, 3])),
+            ),
+            (
+                "a silent in-sync replica is left out",
+                vec![(1, old.clone()), (2, old.clone())],
+                Ok(config(5, &members, &[1, 2])),
+            ),
+            (
+                "the newest config wins, whatever the answer order",
+                vec![(1, old.clone()), (2, shrunk.clone())],
+                Ok(config(5, &members, &[2])),
+            ),
+            (
+                "a stale replica is never put back in sync",
+                vec![(2, shrunk.clone()), (1, old.clone()), (3, shrunk.clone())],
+                Ok(config(5, &members, &[2, 3])),
+            ),
+            (
+                "only the stale replica and another answered",
+                vec![(1, old.clone()), (3, config(3, &members, &[2]))],
+                Err(OpenError::NoInSyncReplica),
+            ),
+            (
+                "no majority",
+                vec![(2, shrunk.clone())],
+                Err(OpenError::NoMajority {
+                    prepared: 1,
+                    needed: 2,
+                }),
+            ),
+            (
+                "answers of non-members and duplicates do not count",
+                vec![(2, shrunk.clone()), (2, shrunk.clone()), (9, old.clone())],
+                Err(OpenError::NoMajority {
+                    prepared: 1,
+                    needed: 2,
+                }),
+            ),
+            (
+                "answers not from round 1 at this epoch",
+                vec![(2, shrunk.clone()), (3, config(5, &members, &[3]))],
+                Err(OpenError::EpochNotNewer { epoch: 5, seen: 5 }),
+            ),
+        ];
+        for (name, answers, expected) in cases {
+            let answers: Vec<(ReplicaId, Config)> = answers
+                .into_iter()
+                .map(|(id, config)| (ReplicaId(id), config))
+                .collect();
+            assert_eq!(plan_open(&ids(&members), 5, &answers), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn plan_shrink_cases() {
+        let current = config(4, &[1, 2, 3], &[1, 2]);
+        for (failed, expected) in [
+            (set(&[2]), Ok(config(5, &[1, 2, 3], &[1]))),
+            (set(&[3]), Ok(config(5, &[1, 2, 3], &[1, 2]))),
+            (set(&[1, 2]), Err(ShrinkError::NoInSyncReplicaLeft)),
+        ] {
+            assert_eq!(
+                plan_shrink(&current, &failed),
+                expected,
+                "failed {failed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn decide_write_cases() {
+        let current = config(4, &[1, 2, 3], &[1, 2]);
+        let accepted = IoReply::Accepted;
+        let fenced = IoReply::Fenced { promised_epoch: 5 };
+        let behind = IoReply::Behind { promised_epoch: 3 };
+        for (replies, expected) in [
+            (
+                vec![(1, accepted), (2, accepted)],
+                WriteOutcome::Acknowledge,
+            ),
+            (
+                vec![(1, accepted), (2, accepted), (3, fenced)],
+                WriteOutcome::Fenced,
+            ),
+            (
+                vec![(1, accepted)],
+                WriteOutcome::Shrink { failed: set(&[2]) },
+            ),
+            (
+                vec![(1, behind), (2, accepted)],
+                WriteOutcome::Shrink { failed: set(&[1]) },
+            ),
+            (
+                vec![],
+                WriteOutcome::Shrink {
+                    failed: set(&[1, 2]),
+                },
+            ),
+            (vec![(1, accepted), (2, fenced)], WriteOutcome::Fenced),
+        ] {
+            let replies: BTreeMap<ReplicaId, IoReply> = replies
+                .into_iter()
+                .map(|(id, reply)| (ReplicaId(id), reply))
+                .collect();
+            assert_eq!(decide_write(&current, &replies), expected, "{replies:?}");
+        }
+    }
+}

@@ -1,0 +1,1138 @@
+//! Explicit-state exploration of membership and epoch fencing (test only).
+//!
+//! A small world, 3 replicas, 2 volume targets and a few client writes, is
+//! explored breadth-first over every ordering of message deliveries, timeouts,
+//! replica crashes and restarts, target crashes and (re)opens, within a budget
+//! of faults. Every decision goes through `membership`, so the test checks the
+//! code the real target will call, not a copy of it. Checked on every step:
+//!
+//! * no lost write: every acknowledged write is on every replica of the in-sync
+//!   set of the newest config a target installed (opened or shrank to). As that
+//!   is checked when a config is installed and again after every later
+//!   acknowledgement, it also says that a stale replica is never in sync, and
+//!   that a deposed target acknowledges nothing the new one lacks;
+//! * one owner per epoch: no epoch is installed twice (by two targets, or by
+//!   one target for two configs). A deposed target may still finish installing
+//!   an older epoch after a newer one exists; that is harmless because every
+//!   replica that promised the newer epoch refuses its I/O, and the lost-write
+//!   check (against the config of the highest epoch) covers what it acknowledges;
+//! * no stale overwrite: a replica never takes a write of an older epoch after
+//!   one of a newer epoch (the old target overwriting the new one's data).
+//!
+//! Messages: each (target, replica) pair carries at most one request; delivery
+//! is one atomic step (the replica acts, persists, answers). A request not yet
+//! delivered when its target moves on may still be delivered later, or be
+//! replaced (lost) by that target's next request to the same replica. A
+//! target decides a round when all answered, when the outcome is known, or on
+//! a timeout, which costs one fault unless every silent replica is down.
+//!
+//! Mutations of the rules check that the explorer can fail: each must lead it
+//! to a violation, printed as a trace of steps.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::fmt;
+use std::time::Instant;
+
+use super::membership::{
+    self, Config, IoReply, OpenError, PrepareReply, ReplicaId, ReplicaState, WriteOutcome,
+};
+
+const REPLICAS: usize = 3;
+const TARGETS: usize = 2;
+/// Upper bound for `Bounds::writes`: write ids index `World::write_epochs`.
+const MAX_WRITES: usize = 3;
+
+/// A set of replica indexes (bit i = replica i).
+type Set = u8;
+const ALL_REPLICAS: Set = (1 << REPLICAS) - 1;
+
+fn replica_id(index: usize) -> ReplicaId {
+    ReplicaId(index as u32 + 1)
+}
+
+fn members() -> Vec<ReplicaId> {
+    (0..REPLICAS).map(replica_id).collect()
+}
+
+fn ids(set: Set) -> BTreeSet<ReplicaId> {
+    (0..REPLICAS)
+        .filter(|r| set & (1 << r) != 0)
+        .map(replica_id)
+        .collect()
+}
+
+fn set_of(ids: &BTreeSet<ReplicaId>) -> Set {
+    (0..REPLICAS)
+        .filter(|&r| ids.contains(&replica_id(r)))
+        .fold(0, |set, r| set | (1 << r))
+}
+
+fn epoch_u8(epoch: u64) -> u8 {
+    u8::try_from(epoch).expect("the bounds keep epochs small")
+}
+
+/// A config in the model's compact form; members are always all replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Cfg {
+    epoch: u8,
+    in_sync: Set,
+}
+
+impl Cfg {
+    fn config(self) -> Config {
+        Config {
+            epoch: self.epoch.into(),
+            members: members(),
+            in_sync: ids(self.in_sync),
+        }
+    }
+
+    fn of(config: &Config) -> Cfg {
+        Cfg {
+            epoch: epoch_u8(config.epoch),
+            in_sync: set_of(&config.in_sync),
+        }
+    }
+}
+
+impl fmt::Display for Cfg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "e{}{}", self.epoch, SetDisplay(self.in_sync))
+    }
+}
+
+struct SetDisplay(Set);
+
+impl fmt::Display for SetDisplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = ids(self.0).iter().map(ToString::to_string).collect();
+        write!(f, "{{{}}}", names.join(","))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Replica {
+    promised: u8,
+    cfg: Cfg,
+    /// Write ids this replica took (bit w = write w).
+    applied: u8,
+    up: bool,
+}
+
+impl Replica {
+    fn state(&self) -> ReplicaState {
+        ReplicaState {
+            promised_epoch: self.promised.into(),
+            config: self.cfg.config(),
+        }
+    }
+
+    fn store(&mut self, state: &ReplicaState) {
+        self.promised = epoch_u8(state.promised_epoch);
+        self.cfg = Cfg::of(&state.config);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Msg {
+    /// Only in `SingleRoundChanges`: the design's first open read states.
+    ReadState,
+    Prepare {
+        epoch: u8,
+    },
+    Persist {
+        cfg: Cfg,
+    },
+    Write {
+        write: u8,
+        epoch: u8,
+    },
+}
+
+/// The model's form of `IoReply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Io {
+    Accepted,
+    Fenced,
+    Behind,
+}
+
+/// Why a target runs a configuration change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Purpose {
+    Open,
+    /// Drop failed replicas, then acknowledge `write`.
+    Shrink {
+        write: u8,
+        next: Cfg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    /// Never opened, crashed, or stopped after a failure.
+    Closed,
+    /// `SingleRoundChanges` only: (promised epoch, config) per replica.
+    Reading {
+        answers: [Option<(u8, Cfg)>; REPLICAS],
+    },
+    /// Round 1. `answered` includes refusals; `prepared` holds the grants.
+    Preparing {
+        epoch: u8,
+        purpose: Purpose,
+        answered: Set,
+        prepared: [Option<Cfg>; REPLICAS],
+    },
+    /// Round 2.
+    Persisting {
+        cfg: Cfg,
+        purpose: Purpose,
+        answered: Set,
+        accepted: Set,
+    },
+    Serving {
+        cfg: Cfg,
+    },
+    Writing {
+        cfg: Cfg,
+        write: u8,
+        replies: [Option<Io>; REPLICAS],
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    StartOpen(usize),
+    /// Deliver the request in flight from target to replica.
+    Deliver(usize, usize),
+    /// `SingleRoundChanges` only: plan from the states read so far.
+    Plan(usize),
+    /// End the current round of a target (prepare, persist or write).
+    Decide(usize),
+    IssueWrite(usize),
+    CrashTarget(usize),
+    CrashReplica(usize),
+    RestartReplica(usize),
+}
+
+/// A broken rule, to show that the explorer finds what it breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mutation {
+    /// The design's first version: open reads states, then persists its config
+    /// in one round, accepted iff the epoch is above the promise; shrink
+    /// persists in that one round too.
+    SingleRoundChanges,
+    /// Shrink persists its config without round 1.
+    ShrinkWithoutPrepare,
+    /// A replica grants an epoch it already granted.
+    PrepareGrantsEqualEpoch,
+    /// A replica takes I/O of an older epoch.
+    IoFromOlderEpochs,
+    /// Open plans from the oldest answered config instead of the newest.
+    OpenFromOldestConfig,
+    /// A write missed by a replica is acknowledged once the target dropped the
+    /// replica in memory, before the smaller in-sync set is persisted.
+    AckBeforeShrinkPersisted,
+    /// A round succeeds with a single acceptance.
+    QuorumOfOne,
+}
+
+/// Every decision of the world, through `membership` unless mutated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rules {
+    mutation: Option<Mutation>,
+}
+
+impl Rules {
+    const CORRECT: Rules = Rules { mutation: None };
+
+    fn mutated(mutation: Mutation) -> Rules {
+        Rules {
+            mutation: Some(mutation),
+        }
+    }
+
+    fn is(self, mutation: Mutation) -> bool {
+        self.mutation == Some(mutation)
+    }
+
+    fn prepare(self, state: &mut ReplicaState, epoch: u64) -> PrepareReply {
+        if self.is(Mutation::PrepareGrantsEqualEpoch) && epoch == state.promised_epoch {
+            return PrepareReply::Prepared {
+                config: state.config.clone(),
+            };
+        }
+        membership::replica_prepare(state, epoch)
+    }
+
+    fn accept_config(self, state: &mut ReplicaState, config: &Config) -> bool {
+        if self.is(Mutation::SingleRoundChanges) && config.epoch <= state.promised_epoch {
+            return false;
+        }
+        membership::replica_accept_config(state, config)
+    }
+
+    fn io(self, state: &ReplicaState, epoch: u64) -> Io {
+        if self.is(Mutation::IoFromOlderEpochs) && epoch <= state.promised_epoch {
+            return Io::Accepted;
+        }
+        match membership::replica_io(state, epoch) {
+            IoReply::Accepted => Io::Accepted,
+            IoReply::Fenced { .. } => Io::Fenced,
+            IoReply::Behind { .. } => Io::Behind,
+        }
+    }
+
+    fn quorum(self, accepted: Set) -> bool {
+        if self.is(Mutation::QuorumOfOne) {
+            return accepted != 0;
+        }
+        membership::quorum_reached(&members(), &ids(accepted))
+    }
+
+    fn plan_open(self, epoch: u8, answers: &[(ReplicaId, Config)]) -> Result<Config, OpenError> {
+        let mut planned = membership::plan_open(&members(), epoch.into(), answers)?;
+        if self.is(Mutation::OpenFromOldestConfig) {
+            let oldest = answers
+                .iter()
+                .map(|(_, config)| config)
+                .min_by_key(|config| config.epoch)
+                .expect("plan_open checked there is a majority");
+            let answered: BTreeSet<ReplicaId> = answers.iter().map(|(id, _)| *id).collect();
+            planned.in_sync = oldest.in_sync.intersection(&answered).copied().collect();
+            if planned.in_sync.is_empty() {
+                return Err(OpenError::NoInSyncReplica);
+            }
+        }
+        Ok(planned)
+    }
+
+    /// Whether configuration changes skip round 1: opens then read instead.
+    fn single_round_open(self) -> bool {
+        self.is(Mutation::SingleRoundChanges)
+    }
+
+    fn single_round_shrink(self) -> bool {
+        self.is(Mutation::SingleRoundChanges) || self.is(Mutation::ShrinkWithoutPrepare)
+    }
+}
+
+/// How far the exploration goes.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// Client writes, over all targets.
+    writes: u8,
+    /// Opens each target may start (the first, and reopens after a failure).
+    opens_per_target: u8,
+    /// Replica crashes, target crashes and timeouts of live replicas.
+    faults: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Violation {
+    LostWrite {
+        write: u8,
+        replica: usize,
+        newest: Cfg,
+    },
+    EpochInstalledTwice {
+        installed: Cfg,
+    },
+    StaleOverwrite {
+        replica: usize,
+        write: u8,
+        epoch: u8,
+        newer_epoch: u8,
+    },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Violation::LostWrite {
+                write,
+                replica,
+                newest,
+            } => write!(
+                f,
+                "lost write: w{write} was acknowledged but {} lacks it, and {} is in sync \
+                 in the newest installed config {newest}",
+                replica_id(replica),
+                replica_id(replica),
+            ),
+            Violation::EpochInstalledTwice { installed } => write!(
+                f,
+                "split brain: config {installed} installed at an epoch that was installed before"
+            ),
+            Violation::StaleOverwrite {
+                replica,
+                write,
+                epoch,
+                newer_epoch,
+            } => write!(
+                f,
+                "stale overwrite: {} took w{write} of epoch {epoch} after a write of epoch {newer_epoch}",
+                replica_id(replica)
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct World {
+    replicas: [Replica; REPLICAS],
+    targets: [Target; TARGETS],
+    /// The request in flight from each target to each replica.
+    channels: [[Option<Msg>; REPLICAS]; TARGETS],
+    /// Acknowledged write ids (bit w = write w).
+    acked: u8,
+    /// Writes issued so far; the next write id.
+    issued: u8,
+    /// The epoch each issued write was sent at.
+    write_epochs: [u8; MAX_WRITES],
+    /// The config of the highest epoch a target installed; the fresh
+    /// volume's config at first.
+    newest: Cfg,
+    /// Bit e is set once a config of epoch e has been installed.
+    installed_epochs: u64,
+    faults_left: u8,
+    opens_left: [u8; TARGETS],
+}
+
+impl World {
+    fn initial(bounds: Bounds) -> World {
+        let cfg = Cfg {
+            epoch: 0,
+            in_sync: ALL_REPLICAS,
+        };
+        World {
+            replicas: [Replica {
+                promised: 0,
+                cfg,
+                applied: 0,
+                up: true,
+            }; REPLICAS],
+            targets: [Target::Closed; TARGETS],
+            channels: [[None; REPLICAS]; TARGETS],
+            acked: 0,
+            issued: 0,
+            write_epochs: [0; MAX_WRITES],
+            newest: cfg,
+            installed_epochs: 1,
+            faults_left: bounds.faults,
+            opens_left: [bounds.opens_per_target; TARGETS],
+        }
+    }
+
+    fn up(&self) -> Set {
+        (0..REPLICAS)
+            .filter(|&r| self.replicas[r].up)
+            .fold(0, |set, r| set | (1 << r))
+    }
+
+    /// Sends `msg` from `target` to every replica of `to`; a down replica
+    /// refuses the connection, so nothing is left in flight to it.
+    fn send(&mut self, target: usize, to: Set, msg: Msg) {
+        for r in 0..REPLICAS {
+            if to & (1 << r) != 0 {
+                self.channels[target][r] = self.replicas[r].up.then_some(msg);
+            }
+        }
+    }
+
+    /// Faults a `Decide` costs, or `None` if the target has no round to end.
+    /// Ending a round early is free when the outcome cannot change (everyone
+    /// answered, a quorum accepted, someone fenced us) or the silent replicas
+    /// are down; otherwise it is a timeout on a live replica: a lost message.
+    fn decide_cost(&self, rules: Rules, target: usize) -> Option<u8> {
+        let (expected, answered, outcome_known) = match self.targets[target] {
+            Target::Preparing {
+                answered, prepared, ..
+            } => {
+                let granted = granted_set(&prepared);
+                (
+                    ALL_REPLICAS,
+                    answered,
+                    rules.quorum(granted) || answered != granted,
+                )
+            }
+            Target::Persisting {
+                answered, accepted, ..
+            } => (
+                ALL_REPLICAS,
+                answered,
+                rules.quorum(accepted) || answered != accepted,
+            ),
+            Target::Writing { cfg, replies, .. } => (
+                cfg.in_sync,
+                answered_set(&replies),
+                replies.contains(&Some(Io::Fenced)),
+            ),
+            Target::Closed | Target::Reading { .. } | Target::Serving { .. } => return None,
+        };
+        let silent = expected & !answered;
+        if silent == 0 || outcome_known || silent & self.up() == 0 {
+            Some(0)
+        } else {
+            Some(1)
+        }
+    }
+
+    fn actions(&self, rules: Rules, bounds: Bounds, out: &mut Vec<Action>) {
+        for t in 0..TARGETS {
+            match self.targets[t] {
+                Target::Closed => {
+                    if self.opens_left[t] > 0 {
+                        out.push(Action::StartOpen(t));
+                    }
+                }
+                Target::Reading { answers } => {
+                    let read = answers.iter().filter(|a| a.is_some()).count();
+                    if read >= membership::majority(REPLICAS) {
+                        out.push(Action::Plan(t));
+                    }
+                }
+                Target::Serving { .. } => {
+                    if self.issued < bounds.writes {
+                        out.push(Action::IssueWrite(t));
+                    }
+                }
+                Target::Preparing { .. } | Target::Persisting { .. } | Target::Writing { .. } => {}
+            }
+            if let Some(cost) = self.decide_cost(rules, t) {
+                if cost <= self.faults_left {
+                    out.push(Action::Decide(t));
+                }
+            }
+            if self.targets[t] != Target::Closed && self.faults_left > 0 {
+                out.push(Action::CrashTarget(t));
+            }
+            for r in 0..REPLICAS {
+                if self.channels[t][r].is_some() {
+                    out.push(Action::Deliver(t, r));
+                }
+            }
+        }
+        for r in 0..REPLICAS {
+            if !self.replicas[r].up {
+                out.push(Action::RestartReplica(r));
+            } else if self.faults_left > 0 {
+                out.push(Action::CrashReplica(r));
+            }
+        }
+    }
+
+    /// The world after `action`, and the first invariant it broke if any.
+    fn apply(&self, rules: Rules, action: Action) -> (World, Option<Violation>) {
+        let mut next = self.clone();
+        let violation = match action {
+            Action::StartOpen(t) => {
+                next.opens_left[t] -= 1;
+                if rules.single_round_open() {
+                    next.targets[t] = Target::Reading {
+                        answers: [None; REPLICAS],
+                    };
+                    next.send(t, ALL_REPLICAS, Msg::ReadState);
+                } else {
+                    // A real target learns the promises from a state read or
+                    // from refusals; which epoch it asks for does not matter
+                    // to safety, only that each replica grants it once.
+                    let promises = self
+                        .replicas
+                        .iter()
+                        .filter(|r| r.up)
+                        .map(|r| u64::from(r.promised));
+                    let epoch = epoch_u8(membership::next_epoch(promises));
+                    next.start_prepare(t, epoch, Purpose::Open);
+                }
+                None
+            }
+            Action::Deliver(t, r) => next.deliver(rules, t, r),
+            Action::Plan(t) => {
+                let Target::Reading { answers } = self.targets[t] else {
+                    unreachable!("Plan is only enabled while reading")
+                };
+                let read: Vec<(ReplicaId, u8, Cfg)> = (0..REPLICAS)
+                    .filter_map(|r| {
+                        answers[r].map(|(promised, cfg)| (replica_id(r), promised, cfg))
+                    })
+                    .collect();
+                let epoch = membership::next_epoch(read.iter().map(|&(_, p, _)| u64::from(p)));
+                let configs: Vec<(ReplicaId, Config)> = read
+                    .iter()
+                    .map(|&(id, _, cfg)| (id, cfg.config()))
+                    .collect();
+                match rules.plan_open(epoch_u8(epoch), &configs) {
+                    Ok(config) => next.start_persist(t, Cfg::of(&config), Purpose::Open),
+                    Err(_) => next.targets[t] = Target::Closed,
+                }
+                None
+            }
+            Action::Decide(t) => {
+                next.faults_left -= self.decide_cost(rules, t).expect("Decide is enabled");
+                next.decide(rules, t)
+            }
+            Action::IssueWrite(t) => {
+                let Target::Serving { cfg } = self.targets[t] else {
+                    unreachable!("IssueWrite is only enabled while serving")
+                };
+                let write = self.issued;
+                next.issued += 1;
+                next.write_epochs[usize::from(write)] = cfg.epoch;
+                next.targets[t] = Target::Writing {
+                    cfg,
+                    write,
+                    replies: [None; REPLICAS],
+                };
+                next.send(
+                    t,
+                    cfg.in_sync,
+                    Msg::Write {
+                        write,
+                        epoch: cfg.epoch,
+                    },
+                );
+                None
+            }
+            Action::CrashTarget(t) => {
+                // Requests it sent are still in the network.
+                next.faults_left -= 1;
+                next.targets[t] = Target::Closed;
+                None
+            }
+            Action::CrashReplica(r) => {
+                // Its persisted state survives; its connections do not.
+                next.faults_left -= 1;
+                next.replicas[r].up = false;
+                for channels in &mut next.channels {
+                    channels[r] = None;
+                }
+                None
+            }
+            Action::RestartReplica(r) => {
+                next.replicas[r].up = true;
+                None
+            }
+        };
+        let violation = violation.or_else(|| next.lost_write());
+        (next, violation)
+    }
+
+    fn start_prepare(&mut self, t: usize, epoch: u8, purpose: Purpose) {
+        self.targets[t] = Target::Preparing {
+            epoch,
+            purpose,
+            answered: 0,
+            prepared: [None; REPLICAS],
+        };
+        self.send(t, ALL_REPLICAS, Msg::Prepare { epoch });
+    }
+
+    fn start_persist(&mut self, t: usize, cfg: Cfg, purpose: Purpose) {
+        self.targets[t] = Target::Persisting {
+            cfg,
+            purpose,
+            answered: 0,
+            accepted: 0,
+        };
+        self.send(t, ALL_REPLICAS, Msg::Persist { cfg });
+    }
+
+    /// The replica handles the request, and the target records the answer if
+    /// it is still waiting for it.
+    fn deliver(&mut self, rules: Rules, t: usize, r: usize) -> Option<Violation> {
+        let msg = self.channels[t][r].take().expect("Deliver needs a request");
+        let replica = &mut self.replicas[r];
+        let mut state = replica.state();
+        let bit = 1 << r;
+        match msg {
+            Msg::ReadState => {
+                if let Target::Reading { answers } = &mut self.targets[t] {
+                    answers[r] = Some((replica.promised, replica.cfg));
+                }
+            }
+            Msg::Prepare { epoch } => {
+                let reply = rules.prepare(&mut state, epoch.into());
+                replica.store(&state);
+                if let Target::Preparing {
+                    epoch: waiting,
+                    answered,
+                    prepared,
+                    ..
+                } = &mut self.targets[t]
+                {
+                    if *waiting == epoch {
+                        *answered |= bit;
+                        if let PrepareReply::Prepared { config } = reply {
+                            prepared[r] = Some(Cfg::of(&config));
+                        }
+                    }
+                }
+            }
+            Msg::Persist { cfg } => {
+                let accepted_here = rules.accept_config(&mut state, &cfg.config());
+                replica.store(&state);
+                if let Target::Persisting {
+                    cfg: waiting,
+                    answered,
+                    accepted,
+                    ..
+                } = &mut self.targets[t]
+                {
+                    if *waiting == cfg {
+                        *answered |= bit;
+                        if accepted_here {
+                            *accepted |= bit;
+                        }
+                    }
+                }
+            }
+            Msg::Write { write, epoch } => {
+                let reply = rules.io(&state, epoch.into());
+                if reply == Io::Accepted {
+                    let newer_epoch = (0..self.issued)
+                        .filter(|w| replica.applied & (1 << w) != 0)
+                        .map(|w| self.write_epochs[usize::from(w)])
+                        .max();
+                    replica.applied |= 1 << write;
+                    if let Some(newer_epoch) = newer_epoch.filter(|&e| e > epoch) {
+                        return Some(Violation::StaleOverwrite {
+                            replica: r,
+                            write,
+                            epoch,
+                            newer_epoch,
+                        });
+                    }
+                }
+                if let Target::Writing {
+                    cfg,
+                    write: waiting,
+                    replies,
+                } = &mut self.targets[t]
+                {
+                    if *waiting == write && cfg.epoch == epoch {
+                        replies[r] = Some(reply);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn decide(&mut self, rules: Rules, t: usize) -> Option<Violation> {
+        match self.targets[t] {
+            Target::Preparing {
+                epoch,
+                purpose,
+                answered,
+                prepared,
+            } => {
+                let granted = granted_set(&prepared);
+                if answered != granted || !rules.quorum(granted) {
+                    self.targets[t] = Target::Closed;
+                    return None;
+                }
+                match purpose {
+                    Purpose::Open => {
+                        let answers: Vec<(ReplicaId, Config)> = (0..REPLICAS)
+                            .filter_map(|r| prepared[r].map(|cfg| (replica_id(r), cfg.config())))
+                            .collect();
+                        match rules.plan_open(epoch, &answers) {
+                            Ok(config) => self.start_persist(t, Cfg::of(&config), purpose),
+                            Err(_) => self.targets[t] = Target::Closed,
+                        }
+                    }
+                    Purpose::Shrink { next, .. } => self.start_persist(t, next, purpose),
+                }
+                None
+            }
+            Target::Persisting {
+                cfg,
+                purpose,
+                answered,
+                accepted,
+            } => {
+                if answered != accepted || !rules.quorum(accepted) {
+                    self.targets[t] = Target::Closed;
+                    return None;
+                }
+                let violation = self.install(cfg);
+                if let Purpose::Shrink { write, .. } = purpose {
+                    // Every replica of the new in-sync set took the write:
+                    // the failed ones are exactly those that did not.
+                    self.acked |= 1 << write;
+                }
+                self.targets[t] = Target::Serving { cfg };
+                violation
+            }
+            Target::Writing {
+                cfg,
+                write,
+                replies,
+            } => {
+                let replies: BTreeMap<ReplicaId, IoReply> = (0..REPLICAS)
+                    .filter_map(|r| replies[r].map(|io| (replica_id(r), io_reply(io))))
+                    .collect();
+                match membership::decide_write(&cfg.config(), &replies) {
+                    WriteOutcome::Acknowledge => {
+                        self.acked |= 1 << write;
+                        self.targets[t] = Target::Serving { cfg };
+                    }
+                    WriteOutcome::Fenced => self.targets[t] = Target::Closed,
+                    WriteOutcome::Shrink { failed } => {
+                        match membership::plan_shrink(&cfg.config(), &failed) {
+                            Err(_) => self.targets[t] = Target::Closed,
+                            Ok(planned) => {
+                                let next = Cfg::of(&planned);
+                                let purpose = Purpose::Shrink { write, next };
+                                if rules.is(Mutation::AckBeforeShrinkPersisted) {
+                                    self.acked |= 1 << write;
+                                    self.targets[t] = Target::Serving {
+                                        cfg: Cfg {
+                                            epoch: cfg.epoch,
+                                            in_sync: next.in_sync,
+                                        },
+                                    };
+                                } else if rules.single_round_shrink() {
+                                    self.start_persist(t, next, purpose);
+                                } else {
+                                    self.start_prepare(t, next.epoch, purpose);
+                                }
+                            }
+                        }
+                    }
+                }
+                None
+            }
+            Target::Closed | Target::Reading { .. } | Target::Serving { .. } => {
+                unreachable!("Decide is only enabled during a round")
+            }
+        }
+    }
+
+    /// Records a config a target installed; its epoch must be new.
+    fn install(&mut self, cfg: Cfg) -> Option<Violation> {
+        assert!(
+            cfg.epoch < 64,
+            "epochs beyond the bounds of the exploration"
+        );
+        let bit = 1u64 << cfg.epoch;
+        if self.installed_epochs & bit != 0 {
+            return Some(Violation::EpochInstalledTwice { installed: cfg });
+        }
+        self.installed_epochs |= bit;
+        if cfg.epoch > self.newest.epoch {
+            self.newest = cfg;
+        }
+        None
+    }
+
+    fn lost_write(&self) -> Option<Violation> {
+        for r in 0..REPLICAS {
+            if self.newest.in_sync & (1 << r) == 0 {
+                continue;
+            }
+            let missing = self.acked & !self.replicas[r].applied;
+            if missing != 0 {
+                return Some(Violation::LostWrite {
+                    write: missing.trailing_zeros() as u8,
+                    replica: r,
+                    newest: self.newest,
+                });
+            }
+        }
+        None
+    }
+}
+
+fn granted_set(prepared: &[Option<Cfg>; REPLICAS]) -> Set {
+    (0..REPLICAS)
+        .filter(|&r| prepared[r].is_some())
+        .fold(0, |set, r| set | (1 << r))
+}
+
+fn answered_set(replies: &[Option<Io>; REPLICAS]) -> Set {
+    (0..REPLICAS)
+        .filter(|&r| replies[r].is_some())
+        .fold(0, |set, r| set | (1 << r))
+}
+
+fn io_reply(io: Io) -> IoReply {
+    // The promised epoch in a refusal does not change the target's decision.
+    match io {
+        Io::Accepted => IoReply::Accepted,
+        Io::Fenced => IoReply::Fenced { promised_epoch: 0 },
+        Io::Behind => IoReply::Behind { promised_epoch: 0 },
+    }
+}
+
+fn target_name(t: usize) -> String {
+    format!("T{}", t + 1)
+}
+
+fn describe_target(target: &Target) -> String {
+    match *target {
+        Target::Closed => "closed".to_string(),
+        Target::Reading { .. } => "reading states".to_string(),
+        Target::Preparing { epoch, purpose, .. } => match purpose {
+            Purpose::Open => format!("opening: Prepare(e{epoch}) to all"),
+            Purpose::Shrink { write, next } => {
+                format!("shrinking to {next} before acking w{write}: Prepare(e{epoch}) to all")
+            }
+        },
+        Target::Persisting { cfg, purpose, .. } => match purpose {
+            Purpose::Open => format!("opening: Persist({cfg}) to all"),
+            Purpose::Shrink { write, .. } => {
+                format!("shrinking before acking w{write}: Persist({cfg}) to all")
+            }
+        },
+        Target::Serving { cfg } => format!("serving {cfg}"),
+        Target::Writing { cfg, write, .. } => {
+            format!(
+                "writing w{write} at e{} to {}",
+                cfg.epoch,
+                SetDisplay(cfg.in_sync)
+            )
+        }
+    }
+}
+
+fn describe_replica(replica: &Replica) -> String {
+    format!(
+        "promised e{}, config {}, has {}",
+        replica.promised,
+        replica.cfg,
+        describe_writes(replica.applied)
+    )
+}
+
+fn describe_writes(writes: u8) -> String {
+    let names: Vec<String> = (0..8)
+        .filter(|w| writes & (1 << w) != 0)
+        .map(|w| format!("w{w}"))
+        .collect();
+    format!("{{{}}}", names.join(","))
+}
+
+/// One line of a trace: what happened, and the state it changed.
+fn describe(action: Action, before: &World, after: &World) -> String {
+    match action {
+        Action::StartOpen(t) | Action::Plan(t) | Action::IssueWrite(t) | Action::CrashTarget(t) => {
+            let verb = match action {
+                Action::CrashTarget(_) => "crashes",
+                _ => "→",
+            };
+            format!(
+                "{} {verb} {}",
+                target_name(t),
+                describe_target(&after.targets[t])
+            )
+        }
+        Action::Decide(t) => {
+            let timeout = if after.faults_left < before.faults_left {
+                " (timeout on a live replica)"
+            } else {
+                ""
+            };
+            let acked = after.acked & !before.acked;
+            let ack = if acked != 0 {
+                format!(", acks {}", describe_writes(acked))
+            } else {
+                String::new()
+            };
+            format!(
+                "{} decides{timeout}{ack} → {}",
+                target_name(t),
+                describe_target(&after.targets[t])
+            )
+        }
+        Action::Deliver(t, r) => {
+            let msg = before.channels[t][r].expect("delivered a request");
+            let msg = match msg {
+                Msg::ReadState => "ReadState".to_string(),
+                Msg::Prepare { epoch } => format!("Prepare(e{epoch})"),
+                Msg::Persist { cfg } => format!("Persist({cfg})"),
+                Msg::Write { write, epoch } => format!("Write(w{write}, e{epoch})"),
+            };
+            format!(
+                "{} gets {}'s {msg}: now {}",
+                replica_id(r),
+                target_name(t),
+                describe_replica(&after.replicas[r])
+            )
+        }
+        Action::CrashReplica(r) => format!("{} crashes", replica_id(r)),
+        Action::RestartReplica(r) => format!("{} restarts", replica_id(r)),
+    }
+}
+
+/// What an exploration found.
+struct Exploration {
+    states: usize,
+    transitions: usize,
+    max_depth: usize,
+    /// The violation and the steps from the initial world that led to it.
+    violation: Option<(Violation, Vec<String>)>,
+}
+
+/// Breadth-first, so a counterexample is a shortest one.
+fn explore(rules: Rules, bounds: Bounds) -> Exploration {
+    assert!(usize::from(bounds.writes) <= MAX_WRITES);
+    let initial = World::initial(bounds);
+    let mut seen: HashSet<World> = HashSet::from([initial.clone()]);
+    // For each state found: the node it was reached from, and how.
+    let mut nodes: Vec<(usize, Action)> = vec![(usize::MAX, Action::StartOpen(0))];
+    let mut queue: VecDeque<(World, usize, usize)> = VecDeque::from([(initial.clone(), 0, 0)]);
+    let mut actions = Vec::new();
+    let mut exploration = Exploration {
+        states: 1,
+        transitions: 0,
+        max_depth: 0,
+        violation: None,
+    };
+    while let Some((world, node, depth)) = queue.pop_front() {
+        assert!(
+            seen.len() < 20_000_000,
+            "state space too large at depth {depth}"
+        );
+        exploration.max_depth = exploration.max_depth.max(depth);
+        actions.clear();
+        world.actions(rules, bounds, &mut actions);
+        for &action in &actions {
+            exploration.transitions += 1;
+            let (next, violation) = world.apply(rules, action);
+            if let Some(violation) = violation {
+                let mut path = vec![action];
+                let mut at = node;
+                while at != 0 {
+                    path.push(nodes[at].1);
+                    at = nodes[at].0;
+                }
+                path.reverse();
+                exploration.violation = Some((violation, replay(rules, &initial, &path)));
+                return exploration;
+            }
+            if seen.insert(next.clone()) {
+                nodes.push((node, action));
+                queue.push_back((next, nodes.len() - 1, depth + 1));
+            }
+        }
+    }
+    exploration.states = seen.len();
+    exploration
+}
+
+fn replay(rules: Rules, initial: &World, path: &[Action]) -> Vec<String> {
+    let mut world = initial.clone();
+    let mut lines = Vec::new();
+    for &action in path {
+        let (next, _) = world.apply(rules, action);
+        lines.push(describe(action, &world, &next));
+        world = next;
+    }
+    lines
+}
+
+fn report(violation: &Violation, trace: &[String]) -> String {
+    let steps: Vec<String> = trace
+        .iter()
+        .enumerate()
+        .map(|(i, line)| format!("{:3}. {line}", i + 1))
+        .collect();
+    format!("{violation}\nafter:\n{}", steps.join("\n"))
+}
+
+/// One write, one open per target (two competing targets) and one fault: the
+/// whole space is about 1.4 million states, half a minute in a debug build.
+/// (One more write, open or fault multiplies it by 3 to 10.)
+const BOUNDS: Bounds = Bounds {
+    writes: 1,
+    opens_per_target: 1,
+    faults: 1,
+};
+
+#[test]
+fn correct_rules_keep_every_invariant() {
+    let started = Instant::now();
+    let exploration = explore(Rules::CORRECT, BOUNDS);
+    if let Some((violation, trace)) = &exploration.violation {
+        panic!("{}", report(violation, trace));
+    }
+    if std::env::var_os("STRATA_MODEL_STATS").is_some() {
+        eprintln!(
+            "{} states, {} transitions, depth {}, {:?}",
+            exploration.states,
+            exploration.transitions,
+            exploration.max_depth,
+            started.elapsed()
+        );
+    }
+}
+
+fn assert_caught(mutation: Mutation) {
+    assert_caught_within(mutation, BOUNDS);
+}
+
+/// For mutations whose violation needs one more write or one more open than
+/// `BOUNDS` allows.
+fn assert_caught_within(mutation: Mutation, bounds: Bounds) {
+    let exploration = explore(Rules::mutated(mutation), bounds);
+    match &exploration.violation {
+        Some((violation, trace)) => {
+            if std::env::var_os("STRATA_MODEL_STATS").is_some() {
+                eprintln!("{mutation:?}: {}", report(violation, trace));
+            }
+        }
+        None => panic!(
+            "{mutation:?} broke no invariant in {} states: the explorer is too weak",
+            exploration.states
+        ),
+    }
+}
+
+#[test]
+fn catches_the_single_round_open_of_the_first_design() {
+    assert_caught_within(
+        Mutation::SingleRoundChanges,
+        Bounds {
+            opens_per_target: 2,
+            ..BOUNDS
+        },
+    );
+}
+
+#[test]
+fn catches_shrink_without_prepare() {
+    assert_caught(Mutation::ShrinkWithoutPrepare);
+}
+
+#[test]
+fn catches_an_epoch_granted_twice() {
+    assert_caught(Mutation::PrepareGrantsEqualEpoch);
+}
+
+#[test]
+fn catches_io_from_older_epochs() {
+    assert_caught_within(
+        Mutation::IoFromOlderEpochs,
+        Bounds {
+            writes: 2,
+            ..BOUNDS
+        },
+    );
+}
+
+#[test]
+fn catches_open_from_the_oldest_config() {
+    assert_caught(Mutation::OpenFromOldestConfig);
+}
+
+#[test]
+fn catches_ack_before_the_shrink_is_persisted() {
+    assert_caught(Mutation::AckBeforeShrinkPersisted);
+}
+
+#[test]
+fn catches_a_quorum_of_one() {
+    assert_caught(Mutation::QuorumOfOne);
+}

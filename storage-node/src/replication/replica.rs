@@ -1,0 +1,483 @@
+//! A replica: one node's copy of a replicated volume, kept in a pool volume of
+//! that node, and the node's set of replicas.
+//!
+//! The pool volume (`replica:NAME`) has one header block in front of the data.
+//! The header holds what the replica persists about membership (its promised
+//! epoch and the newest config it accepted, see `membership`) and the volume's
+//! fixed member list with the replication address of each member. The header
+//! is written through the pool like data, so it is copy-on-write, checksummed,
+//! and durable once the write carried FUA: a crash leaves the old header or
+//! the new one, never a mix.
+//!
+//! Every request is answered by [`Replica::handle`], for a remote target (the
+//! replication server) and for a target on the same node alike.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+use super::membership::{self, Config, IoReply, PrepareReply, ReplicaId, ReplicaState};
+use super::wire::{Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE};
+use crate::pool::{Pool, PoolError, Volume};
+use crate::target::{BlockError, BlockTarget};
+
+/// Bytes in front of the data in a replica's pool volume.
+pub const HEADER_BYTES: u64 = 4096;
+/// The unit of comparison between replicas (digests) and of rebuild copies.
+pub const EXTENT_BYTES: u64 = 1 << 20;
+const HEADER_MAGIC: &[u8; 8] = b"STRATREP";
+const POOL_VOLUME_PREFIX: &str = "replica:";
+
+/// A member of a replicated volume: which replica, on which node, reached where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u32,
+    pub node: String,
+    /// host:port of the node's replication endpoint.
+    pub address: String,
+}
+
+/// A config as it travels and is stored: plain numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigRecord {
+    pub epoch: u64,
+    pub members: Vec<u32>,
+    pub in_sync: Vec<u32>,
+}
+
+impl From<&Config> for ConfigRecord {
+    fn from(config: &Config) -> Self {
+        ConfigRecord {
+            epoch: config.epoch,
+            members: config.members.iter().map(|id| id.0).collect(),
+            in_sync: config.in_sync.iter().map(|id| id.0).collect(),
+        }
+    }
+}
+
+impl From<&ConfigRecord> for Config {
+    fn from(record: &ConfigRecord) -> Self {
+        Config {
+            epoch: record.epoch,
+            members: record.members.iter().map(|&id| ReplicaId(id)).collect(),
+            in_sync: record.in_sync.iter().map(|&id| ReplicaId(id)).collect(),
+        }
+    }
+}
+
+/// What a replica reports of itself (GetState, and refusals of Prepare).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub volume: String,
+    pub replica_id: u32,
+    pub members: Vec<Member>,
+    pub size: u64,
+    pub promised_epoch: u64,
+    pub config: ConfigRecord,
+}
+
+/// The persisted header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    volume: String,
+    replica_id: u32,
+    members: Vec<Member>,
+    promised_epoch: u64,
+    config: ConfigRecord,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("replica of volume {0:?} is not here")]
+    NotFound(String),
+    #[error("replica of volume {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("replica header: {0}")]
+    Header(String),
+    #[error("{0}")]
+    Block(#[from] BlockError),
+}
+
+pub struct Replica {
+    volume_name: String,
+    replica_id: u32,
+    members: Vec<Member>,
+    data: Volume,
+    /// Data requests hold it shared from the epoch check to their end; a
+    /// configuration change holds it exclusively, so no request of an older
+    /// epoch lands after a newer epoch was granted.
+    state: RwLock<ReplicaState>,
+}
+
+impl Replica {
+    pub fn volume_name(&self) -> &str {
+        &self.volume_name
+    }
+
+    pub fn replica_id(&self) -> u32 {
+        self.replica_id
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Size of the replicated volume in bytes.
+    pub fn size(&self) -> u64 {
+        self.data.size() - HEADER_BYTES
+    }
+
+    pub fn allocated_bytes(&self, pool: &Pool) -> u64 {
+        pool.volume_info(self.data.name())
+            .map_or(0, |info| info.allocated.saturating_sub(HEADER_BYTES))
+    }
+
+    pub async fn state(&self) -> StateRecord {
+        let state = self.state.read().await;
+        self.record(&state)
+    }
+
+    fn record(&self, state: &ReplicaState) -> StateRecord {
+        StateRecord {
+            volume: self.volume_name.clone(),
+            replica_id: self.replica_id,
+            members: self.members.clone(),
+            size: self.size(),
+            promised_epoch: state.promised_epoch,
+            config: ConfigRecord::from(&state.config),
+        }
+    }
+
+    async fn persist(&self, state: &ReplicaState) -> Result<(), BlockError> {
+        let header = Header {
+            volume: self.volume_name.clone(),
+            replica_id: self.replica_id,
+            members: self.members.clone(),
+            promised_epoch: state.promised_epoch,
+            config: ConfigRecord::from(&state.config),
+        };
+        let block = encode_header(&header).map_err(BlockError::Io)?;
+        self.data.write(0, &block, true).await
+    }
+
+    /// Answers one request. Never fails: every error is a status.
+    pub async fn handle(&self, request: Request) -> Reply {
+        let id = request.id;
+        let (status, payload) = match self.execute(request).await {
+            Ok(payload) => (Status::Ok, payload),
+            Err(refusal) => refusal,
+        };
+        Reply {
+            status,
+            id,
+            payload,
+        }
+    }
+
+    async fn execute(&self, request: Request) -> Result<Vec<u8>, (Status, Vec<u8>)> {
+        match request.op {
+            Op::Hello => Ok(Vec::new()),
+            Op::GetState => Ok(json(&self.state().await)),
+            Op::Prepare => {
+                let mut state = self.state.write().await;
+                let mut next = state.clone();
+                match membership::replica_prepare(&mut next, request.epoch) {
+                    PrepareReply::Prepared { .. } => {
+                        self.persist(&next).await.map_err(block_status)?;
+                        *state = next;
+                        Ok(json(&self.record(&state)))
+                    }
+                    PrepareReply::Fenced { .. } => {
+                        Err((Status::Fenced, json(&self.record(&state))))
+                    }
+                }
+            }
+            Op::Persist => {
+                let record: ConfigRecord = serde_json::from_slice(&request.payload)
+                    .map_err(|err| invalid(format!("config: {err}")))?;
+                let config = Config::from(&record);
+                let known: BTreeSet<u32> = self.members.iter().map(|m| m.id).collect();
+                if record.members.iter().copied().collect::<BTreeSet<_>>() != known
+                    || !record.in_sync.iter().all(|id| known.contains(id))
+                {
+                    return Err(invalid("config names other members".into()));
+                }
+                let mut state = self.state.write().await;
+                let mut next = state.clone();
+                if !membership::replica_accept_config(&mut next, &config) {
+                    return Err((Status::Fenced, json(&self.record(&state))));
+                }
+                self.persist(&next).await.map_err(block_status)?;
+                *state = next;
+                Ok(json(&self.record(&state)))
+            }
+            Op::Read | Op::Write | Op::Flush | Op::Trim | Op::WriteZeroes | Op::Digest => {
+                let state = self.state.read().await;
+                match membership::replica_io(&state, request.epoch) {
+                    IoReply::Accepted => {}
+                    IoReply::Fenced { .. } => {
+                        return Err((Status::Fenced, json(&self.record(&state))))
+                    }
+                    IoReply::Behind { .. } => return Err((Status::Behind, Vec::new())),
+                }
+                self.data_request(&request).await.map_err(block_status)
+            }
+        }
+    }
+
+    async fn data_request(&self, request: &Request) -> Result<Vec<u8>, BlockError> {
+        let fua = request.flags & FLAG_FUA != 0;
+        let size = self.size();
+        let range = |len: u64| match request.offset.checked_add(len) {
+            Some(end) if end <= size => Ok(request.offset + HEADER_BYTES),
+            _ => Err(BlockError::OutOfRange {
+                offset: request.offset,
+                len,
+                size,
+            }),
+        };
+        match request.op {
+            Op::Read => {
+                let len = u32::try_from(request.length)
+                    .ok()
+                    .filter(|&len| len <= super::wire::MAX_PAYLOAD)
+                    .ok_or_else(|| BlockError::Io("read too large".into()))?;
+                self.data.read(range(len as u64)?, len).await
+            }
+            Op::Write => {
+                let at = range(request.payload.len() as u64)?;
+                self.data.write(at, &request.payload, fua).await?;
+                Ok(Vec::new())
+            }
+            Op::Flush => self.data.flush().await.map(|()| Vec::new()),
+            Op::Trim => {
+                let at = range(request.length)?;
+                self.data.trim(at, request.length).await?;
+                Ok(Vec::new())
+            }
+            Op::WriteZeroes => {
+                let at = range(request.length)?;
+                let allocate = request.flags & FLAG_NO_HOLE != 0;
+                self.data
+                    .write_zeroes(at, request.length, fua, allocate)
+                    .await?;
+                Ok(Vec::new())
+            }
+            Op::Digest => {
+                let extents = extent_count(size);
+                let first = request.offset;
+                let count = request.length.min(extents.saturating_sub(first));
+                let digests = self.data.extent_digests(
+                    HEADER_BYTES + first * EXTENT_BYTES,
+                    count,
+                    EXTENT_BYTES,
+                    HEADER_BYTES + size,
+                )?;
+                Ok(digests.iter().flat_map(|d| d.to_le_bytes()).collect())
+            }
+            Op::Hello | Op::GetState | Op::Prepare | Op::Persist => {
+                unreachable!("not a data request")
+            }
+        }
+    }
+}
+
+/// Number of extents of a volume of `size` bytes (the last may be partial).
+pub fn extent_count(size: u64) -> u64 {
+    size.div_ceil(EXTENT_BYTES)
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("plain records serialize")
+}
+
+fn invalid(message: String) -> (Status, Vec<u8>) {
+    (Status::Invalid, message.into_bytes())
+}
+
+fn block_status(err: BlockError) -> (Status, Vec<u8>) {
+    let status = match &err {
+        BlockError::Io(_) => Status::Io,
+        BlockError::Checksum(_) => Status::Checksum,
+        BlockError::NoSpace => Status::NoSpace,
+        BlockError::OutOfRange { .. } => Status::OutOfRange,
+        BlockError::ReadOnly => Status::Invalid,
+        BlockError::Gone => Status::NotFound,
+    };
+    (status, err.to_string().into_bytes())
+}
+
+fn encode_header(header: &Header) -> Result<Vec<u8>, String> {
+    let body = serde_json::to_vec(header).map_err(|e| e.to_string())?;
+    let mut block = vec![0u8; HEADER_BYTES as usize];
+    if body.len() > block.len() - 12 {
+        return Err(format!(
+            "replica header of {} bytes does not fit in a block",
+            body.len()
+        ));
+    }
+    block[..8].copy_from_slice(HEADER_MAGIC);
+    block[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    block[12..12 + body.len()].copy_from_slice(&body);
+    Ok(block)
+}
+
+fn decode_header(block: &[u8]) -> Result<Header, String> {
+    if block.len() < 12 || &block[..8] != HEADER_MAGIC {
+        return Err("no replica header (creation did not finish)".into());
+    }
+    let len = u32::from_le_bytes(block[8..12].try_into().expect("4 bytes")) as usize;
+    let body = block
+        .get(12..12 + len)
+        .ok_or_else(|| "header length out of range".to_string())?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// The replicas held by one node.
+pub struct Replicas {
+    pool: Arc<Pool>,
+    by_volume: Mutex<HashMap<String, Arc<Replica>>>,
+}
+
+impl Replicas {
+    /// Finds the replicas in the pool. A replica whose creation never
+    /// finished (no header) is deleted: nobody was told it exists.
+    pub async fn load(pool: Arc<Pool>) -> Result<Arc<Replicas>, ReplicaError> {
+        let mut by_volume = HashMap::new();
+        for info in pool.list_volumes() {
+            let Some(volume_name) = info.name.strip_prefix(POOL_VOLUME_PREFIX) else {
+                continue;
+            };
+            let data = pool.volume(&info.name).expect("listed volume exists");
+            let header = match data.read(0, HEADER_BYTES as u32).await {
+                Ok(block) => decode_header(&block),
+                Err(err) => Err(err.to_string()),
+            };
+            match header {
+                Ok(header) => {
+                    let replica = Replica {
+                        volume_name: header.volume.clone(),
+                        replica_id: header.replica_id,
+                        members: header.members,
+                        data,
+                        state: RwLock::new(ReplicaState {
+                            promised_epoch: header.promised_epoch,
+                            config: Config::from(&header.config),
+                        }),
+                    };
+                    by_volume.insert(volume_name.to_string(), Arc::new(replica));
+                }
+                Err(err) => {
+                    tracing::warn!(volume = volume_name, %err, "removing an unfinished replica");
+                    pool.delete_volume(&info.name).await?;
+                }
+            }
+        }
+        Ok(Arc::new(Replicas {
+            pool,
+            by_volume: Mutex::new(by_volume),
+        }))
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn get(&self, volume: &str) -> Option<Arc<Replica>> {
+        self.by_volume
+            .lock()
+            .expect("replicas lock")
+            .get(volume)
+            .cloned()
+    }
+
+    /// Every replica, by volume name.
+    pub fn list(&self) -> Vec<Arc<Replica>> {
+        let mut list: Vec<Arc<Replica>> = self
+            .by_volume
+            .lock()
+            .expect("replicas lock")
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.volume_name.cmp(&b.volume_name));
+        list
+    }
+
+    /// Creates replica `replica_id` of a fresh volume whose members are
+    /// `members`: epoch 0, every member in sync (all are empty).
+    pub async fn create(
+        &self,
+        volume: &str,
+        size: u64,
+        replica_id: u32,
+        members: Vec<Member>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
+        crate::pool::validate_volume_name(volume)?;
+        let ids: BTreeSet<u32> = members.iter().map(|m| m.id).collect();
+        if ids.len() != members.len() || !ids.contains(&replica_id) {
+            return Err(ReplicaError::Invalid(format!(
+                "replica {replica_id} must be one of the members, each id once"
+            )));
+        }
+        if self.get(volume).is_some() {
+            return Err(ReplicaError::AlreadyExists(volume.to_string()));
+        }
+        let pool_name = format!("{POOL_VOLUME_PREFIX}{volume}");
+        let size = size.next_multiple_of(4096);
+        self.pool
+            .create_internal_volume(&pool_name, size + HEADER_BYTES)
+            .await?;
+        let data = self.pool.volume(&pool_name).expect("just created");
+        let state = ReplicaState::new(members.iter().map(|m| ReplicaId(m.id)).collect());
+        let replica = Arc::new(Replica {
+            volume_name: volume.to_string(),
+            replica_id,
+            members,
+            data,
+            state: RwLock::new(state.clone()),
+        });
+        if let Err(err) = replica.persist(&state).await {
+            let _ = self.pool.delete_volume(&pool_name).await;
+            return Err(err.into());
+        }
+        self.by_volume
+            .lock()
+            .expect("replicas lock")
+            .insert(volume.to_string(), replica.clone());
+        tracing::info!(volume, replica_id, size, "created replica");
+        Ok(replica)
+    }
+
+    pub async fn delete(&self, volume: &str) -> Result<(), ReplicaError> {
+        let removed = self.by_volume.lock().expect("replicas lock").remove(volume);
+        if removed.is_none() {
+            return Err(ReplicaError::NotFound(volume.to_string()));
+        }
+        self.pool
+            .delete_volume(&format!("{POOL_VOLUME_PREFIX}{volume}"))
+            .await?;
+        tracing::info!(volume, "deleted replica");
+        Ok(())
+    }
+
+    /// Grows the replica to `size` bytes of data.
+    pub async fn resize(&self, volume: &str, size: u64) -> Result<(), ReplicaError> {
+        if self.get(volume).is_none() {
+            return Err(ReplicaError::NotFound(volume.to_string()));
+        }
+        self.pool
+            .resize_volume(
+                &format!("{POOL_VOLUME_PREFIX}{volume}"),
+                size.next_multiple_of(4096) + HEADER_BYTES,
+            )
+            .await?;
+        Ok(())
+    }
+}

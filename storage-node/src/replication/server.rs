@@ -1,0 +1,133 @@
+//! The replication endpoint of a storage node: volume targets on other nodes
+//! reach this node's replicas here.
+//!
+//! A connection starts with `Hello` naming the volume; after that every
+//! request is answered by the replica, many at once, replies in completion
+//! order. A malformed frame closes that connection only.
+
+use std::sync::Arc;
+
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::replica::Replicas;
+use super::wire::{self, Op, Reply, Status};
+
+/// Requests one connection may have in progress; past it, reading waits.
+const MAX_IN_FLIGHT: usize = 512;
+
+pub async fn serve(
+    listener: TcpListener,
+    replicas: Arc<Replicas>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let replicas = replicas.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = connection(stream, replicas).await {
+                            tracing::warn!(%peer, %err, "replication connection closed");
+                        }
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "accepting a replication connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, replicas: Arc<Replicas>) -> Result<(), wire::FrameError> {
+    stream.set_nodelay(true)?;
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = BufReader::with_capacity(256 << 10, read_half);
+
+    let Some(hello) = wire::read_request(&mut reader).await? else {
+        return Ok(());
+    };
+    let volume = String::from_utf8_lossy(&hello.payload).into_owned();
+    let replica = match (hello.op, replicas.get(&volume)) {
+        (Op::Hello, Some(replica)) => replica,
+        (op, found) => {
+            let (status, message) = if op != Op::Hello {
+                (
+                    Status::Invalid,
+                    "the first request must be Hello".to_string(),
+                )
+            } else {
+                debug_assert!(found.is_none());
+                (
+                    Status::NotFound,
+                    format!("no replica of volume {volume:?} here"),
+                )
+            };
+            let mut out = Vec::new();
+            wire::encode_reply(
+                &Reply {
+                    status,
+                    id: hello.id,
+                    payload: message.into_bytes(),
+                },
+                &mut out,
+            );
+            wire::write_frames(&mut write_half, &out).await?;
+            return Ok(());
+        }
+    };
+    let mut out = Vec::new();
+    wire::encode_reply(&replica.handle(hello).await, &mut out);
+    wire::write_frames(&mut write_half, &out).await?;
+
+    // Replies go through one writer task that sends whatever is ready in one
+    // write, so a burst of small replies costs one system call.
+    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::with_capacity(64 << 10);
+        while let Some(reply) = reply_rx.recv().await {
+            out.clear();
+            wire::encode_reply(&reply, &mut out);
+            while out.len() < (1 << 20) {
+                match reply_rx.try_recv() {
+                    Ok(reply) => wire::encode_reply(&reply, &mut out),
+                    Err(_) => break,
+                }
+            }
+            if wire::write_frames(&mut write_half, &out).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = loop {
+        let request = match wire::read_request(&mut reader).await {
+            Ok(Some(request)) => request,
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
+        };
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let replica = replica.clone();
+        let reply_tx = reply_tx.clone();
+        tokio::spawn(async move {
+            let reply = replica.handle(request).await;
+            let _ = reply_tx.send(reply);
+            drop(permit);
+        });
+    };
+    drop(reply_tx);
+    // Requests still running finish and their replies are sent before the
+    // writer ends, unless the peer is gone.
+    let _ = writer.await;
+    result
+}

@@ -1,0 +1,1021 @@
+//! The volume target: serves a replicated volume (as a [`BlockTarget`], so the
+//! NBD frontend exports it) by sending every request to the replicas.
+//!
+//! * Opening fences every older target: epoch e+1 is granted and the new
+//!   config persisted on a majority of the members before any I/O
+//!   (`membership::plan_open`).
+//! * A write, trim, write-zeroes or flush goes to every in-sync replica at
+//!   once and is acknowledged when all have it. A replica that errs or does
+//!   not answer in time is first dropped from the in-sync set, persisted on a
+//!   majority under a new epoch (`membership::plan_shrink`); only then is the
+//!   request acknowledged. Without a majority, the request fails.
+//! * A read goes to one in-sync replica (the local one when there is one).
+//!   A block that fails its checksum there is read from another in-sync
+//!   replica, returned, and rewritten on the bad one.
+//! * A replica that answers "fenced" means a newer target owns the volume:
+//!   this target fails every request from then on.
+//!
+//! Configuration changes wait for the requests in flight (`gate`), so the
+//! target never fences its own requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+
+mod rebuild;
+pub use rebuild::RebuildProgress;
+
+use super::client::{LinkError, ReplicaClient};
+use super::membership::{self, Config, IoReply, ReplicaId, WriteOutcome};
+use super::range_lock::RangeLock;
+use super::replica::{ConfigRecord, Member, Replica, Replicas, StateRecord};
+use super::wire::{Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE};
+use crate::target::{BlockError, BlockResult, BlockTarget};
+
+/// How often the request path tries to reconnect a lost replica.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a target could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no replica of volume {0:?} could be reached")]
+    NoReplica(String),
+    #[error("cannot open volume {volume:?}: {reason}")]
+    Membership { volume: String, reason: String },
+    #[error("volume {0:?} is being opened by a newer target")]
+    Fenced(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    /// This node's name: a member on it is reached in-process.
+    pub node: String,
+    /// How long a replica may take to answer before it counts as failed.
+    pub timeout: Duration,
+    /// Bytes per second a rebuild may copy (0: unlimited).
+    pub rebuild_rate: u64,
+}
+
+/// How a target reaches one replica.
+enum Link {
+    Local(Arc<Replica>),
+    Remote(ReplicaClient),
+}
+
+impl Link {
+    async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, LinkError> {
+        match self {
+            Link::Local(replica) => Ok(replica.handle(request).await),
+            Link::Remote(client) => client.call(request, timeout).await,
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        match self {
+            Link::Local(_) => true,
+            Link::Remote(client) => client.is_alive(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct LinkSlot {
+    link: Option<Arc<Link>>,
+    last_attempt: Option<Instant>,
+}
+
+/// What one replica made of a request.
+#[derive(Debug, Clone)]
+enum Answer {
+    Done(Vec<u8>),
+    /// Refused with a status other than Ok.
+    Refused(Status, String),
+    /// Not reachable, or no answer in time.
+    Lost(LinkError),
+}
+
+/// A replica's state as `describe` shows it.
+#[derive(Debug, Clone)]
+pub struct ReplicaView {
+    pub member: Member,
+    pub in_sync: bool,
+    pub connected: bool,
+    /// Set while the replica is being caught up.
+    pub rebuild: Option<RebuildProgress>,
+}
+
+pub struct VolumeTarget {
+    volume: String,
+    options: TargetOptions,
+    local: Arc<Replicas>,
+    members: Vec<Member>,
+    links: Vec<Mutex<LinkSlot>>,
+    config: RwLock<Arc<Config>>,
+    /// Requests hold it shared; configuration changes exclusively.
+    gate: tokio::sync::RwLock<()>,
+    fenced: AtomicBool,
+    /// The highest epoch this target asked replicas to prepare.
+    max_prepared: AtomicU64,
+    on_epoch_change: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Set when the target is closed: background work stops.
+    closed: AtomicBool,
+    size: AtomicU64,
+    ranges: Arc<RangeLock>,
+    next_read: AtomicUsize,
+    repaired_blocks: AtomicU64,
+    /// Members being caught up, by member index: they take every write but
+    /// are not in sync yet.
+    rebuilding: Mutex<BTreeMap<usize, RebuildProgress>>,
+}
+
+impl VolumeTarget {
+    /// Opens `volume`, finding its members through a local replica or one of
+    /// `seeds` (replication addresses of nodes that hold a replica).
+    pub async fn open(
+        volume: &str,
+        seeds: &[String],
+        local: Arc<Replicas>,
+        options: TargetOptions,
+    ) -> Result<Arc<VolumeTarget>, OpenError> {
+        let state = match local.get(volume) {
+            Some(replica) => replica.state().await,
+            None => find_state(volume, seeds, options.timeout).await?,
+        };
+        let target = Arc::new(VolumeTarget {
+            volume: volume.to_string(),
+            links: state.members.iter().map(|_| Mutex::default()).collect(),
+            members: state.members.clone(),
+            config: RwLock::new(Arc::new(Config::from(&state.config))),
+            gate: tokio::sync::RwLock::new(()),
+            fenced: AtomicBool::new(false),
+            max_prepared: AtomicU64::new(0),
+            on_epoch_change: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            size: AtomicU64::new(state.size),
+            ranges: RangeLock::new(),
+            next_read: AtomicUsize::new(0),
+            repaired_blocks: AtomicU64::new(0),
+            rebuilding: Mutex::new(BTreeMap::new()),
+            options,
+            local,
+        });
+        target.fence_and_plan().await?;
+        target
+            .reconcile_in_sync()
+            .await
+            .map_err(|err| OpenError::Membership {
+                volume: volume.to_string(),
+                reason: err.to_string(),
+            })?;
+        rebuild::spawn_rebuilder(&target);
+        Ok(target)
+    }
+
+    /// Rounds 1 and 2 of opening, retried with a higher epoch when another
+    /// target got in between.
+    async fn fence_and_plan(&self) -> Result<(), OpenError> {
+        let membership_error = |reason: String| OpenError::Membership {
+            volume: self.volume.clone(),
+            reason,
+        };
+        let ids = self.member_ids();
+        let mut seen_promises = Vec::new();
+        for _attempt in 0..5 {
+            let all: Vec<usize> = (0..self.members.len()).collect();
+            let states = self.ask(&all, |_| Request::new(Op::GetState, 0, 0)).await;
+            for answer in states.values() {
+                if let Answer::Done(payload) = answer {
+                    if let Ok(state) = serde_json::from_slice::<StateRecord>(payload) {
+                        seen_promises.push(state.promised_epoch);
+                    }
+                }
+            }
+            let epoch = membership::next_epoch(seen_promises.iter().copied());
+            self.note_prepared(epoch);
+            let answers = self
+                .ask(&all, |_| Request::new(Op::Prepare, 0, epoch))
+                .await;
+            let mut prepared = Vec::new();
+            let mut fenced = false;
+            for (index, answer) in &answers {
+                match answer {
+                    Answer::Done(payload) => {
+                        let state: StateRecord = serde_json::from_slice(payload)
+                            .map_err(|e| membership_error(format!("bad state: {e}")))?;
+                        prepared.push((
+                            ReplicaId(self.members[*index].id),
+                            Config::from(&state.config),
+                        ));
+                    }
+                    Answer::Refused(Status::Fenced, message) => {
+                        fenced = true;
+                        if let Ok(state) = serde_json::from_slice::<StateRecord>(message.as_bytes())
+                        {
+                            seen_promises.push(state.promised_epoch);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let config = match membership::plan_open(&ids, epoch, &prepared) {
+                Ok(config) => config,
+                Err(membership::OpenError::NoMajority { .. }) if fenced => continue,
+                Err(err) => return Err(membership_error(err.to_string())),
+            };
+            match self.persist(&config).await {
+                Ok(()) => {
+                    tracing::info!(
+                        volume = %self.volume,
+                        epoch,
+                        in_sync = ?config.in_sync,
+                        "volume target opened"
+                    );
+                    self.install(config);
+                    return Ok(());
+                }
+                Err(PersistError::Fenced) => continue,
+                Err(PersistError::NoQuorum(reason)) => return Err(membership_error(reason)),
+            }
+        }
+        Err(OpenError::Fenced(self.volume.clone()))
+    }
+
+    fn member_ids(&self) -> Vec<ReplicaId> {
+        self.members.iter().map(|m| ReplicaId(m.id)).collect()
+    }
+
+    fn index_of(&self, id: ReplicaId) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.id == id.0)
+            .expect("config names members only")
+    }
+
+    /// Round 2 of a configuration change: `config` must be taken by a
+    /// majority and by every replica it names in sync.
+    async fn persist(&self, config: &Config) -> Result<(), PersistError> {
+        let payload = serde_json::to_vec(&ConfigRecord::from(config)).expect("config serializes");
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        let answers = self
+            .ask(&all, |_| {
+                let mut request = Request::new(Op::Persist, 0, config.epoch);
+                request.payload = payload.clone();
+                request
+            })
+            .await;
+        let mut accepted = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (index, answer) in &answers {
+            let node = &self.members[*index].node;
+            match answer {
+                Answer::Done(_) => {
+                    accepted.insert(ReplicaId(self.members[*index].id));
+                }
+                Answer::Refused(Status::Fenced, _) => return Err(PersistError::Fenced),
+                Answer::Refused(status, message) => {
+                    problems.push(format!("{node}: {status:?}: {message}"))
+                }
+                Answer::Lost(err) => problems.push(format!("{node}: {err}")),
+            }
+        }
+        if !membership::quorum_reached(&config.members, &accepted) {
+            return Err(PersistError::NoQuorum(format!(
+                "only {} of {} replicas took epoch {} ({})",
+                accepted.len(),
+                config.members.len(),
+                config.epoch,
+                problems.join("; ")
+            )));
+        }
+        if let Some(missing) = config.in_sync.iter().find(|id| !accepted.contains(id)) {
+            return Err(PersistError::NoQuorum(format!(
+                "in-sync replica {missing} did not take epoch {}",
+                config.epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends a request to each replica in `indexes` at once (connecting to
+    /// those not connected) and collects the answers.
+    async fn ask(
+        &self,
+        indexes: &[usize],
+        make: impl Fn(usize) -> Request,
+    ) -> BTreeMap<usize, Answer> {
+        let calls = indexes.iter().map(|&index| {
+            let request = make(index);
+            async move {
+                let answer = match self.connect(index, true).await {
+                    Ok(link) => match link.call(request, self.options.timeout).await {
+                        Ok(reply) if reply.status == Status::Ok => Answer::Done(reply.payload),
+                        Ok(reply) => Answer::Refused(
+                            reply.status,
+                            String::from_utf8_lossy(&reply.payload).into_owned(),
+                        ),
+                        Err(err) => {
+                            self.drop_link(index);
+                            Answer::Lost(err)
+                        }
+                    },
+                    Err(err) => Answer::Lost(err),
+                };
+                (index, answer)
+            }
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+
+    /// The link to member `index`, (re)connected if needed. Without `wait`
+    /// (the request path), a member whose connection failed less than
+    /// `RECONNECT_INTERVAL` ago counts as lost at once instead.
+    async fn connect(&self, index: usize, wait: bool) -> Result<Arc<Link>, LinkError> {
+        {
+            let mut slot = self.links[index].lock().expect("link lock");
+            if let Some(link) = &slot.link {
+                if link.is_alive() {
+                    return Ok(link.clone());
+                }
+                slot.link = None;
+            }
+            let tried_recently = slot
+                .last_attempt
+                .is_some_and(|at| at.elapsed() < RECONNECT_INTERVAL);
+            if !wait && tried_recently {
+                return Err(LinkError::Closed(format!(
+                    "replica on {} is not connected",
+                    self.members[index].node
+                )));
+            }
+            slot.last_attempt = Some(Instant::now());
+        }
+        let member = &self.members[index];
+        let link = if member.node == self.options.node {
+            match self.local.get(&self.volume) {
+                Some(replica) => Link::Local(replica),
+                None => {
+                    return Err(LinkError::Refused(format!(
+                        "no replica of {} on this node",
+                        self.volume
+                    )))
+                }
+            }
+        } else {
+            Link::Remote(
+                ReplicaClient::connect(&member.address, &self.volume, self.options.timeout).await?,
+            )
+        };
+        let link = Arc::new(link);
+        self.links[index].lock().expect("link lock").link = Some(link.clone());
+        Ok(link)
+    }
+
+    fn drop_link(&self, index: usize) {
+        self.links[index].lock().expect("link lock").link = None;
+    }
+
+    /// Makes `config` (persisted on a majority) the one requests use, and
+    /// tells whoever keeps a record of this target's epoch.
+    fn install(&self, config: Config) {
+        *self.config.write().expect("config lock") = Arc::new(config);
+        let listener = self.on_epoch_change.lock().expect("listener lock").clone();
+        if let Some(listener) = listener {
+            listener();
+        }
+    }
+
+    /// Calls `listener` after every configuration change from now on.
+    pub fn set_epoch_listener(&self, listener: Arc<dyn Fn() + Send + Sync>) {
+        *self.on_epoch_change.lock().expect("listener lock") = Some(listener);
+    }
+
+    /// The highest epoch this target asked for; no other target can have
+    /// opened the volume while every replica's promise is at most this.
+    pub fn max_prepared_epoch(&self) -> u64 {
+        self.max_prepared.load(Ordering::Acquire)
+    }
+
+    /// The replication addresses of the members.
+    pub fn member_addresses(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.address.clone()).collect()
+    }
+
+    fn current(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    fn fenced_error(&self) -> BlockError {
+        BlockError::Io(format!(
+            "volume {} was opened by a newer target; this one no longer serves it",
+            self.volume
+        ))
+    }
+
+    /// Sends a modifying request to every in-sync replica; returns once all
+    /// have it, after shrinking out those that failed.
+    async fn replicate(&self, make: impl Fn(u64) -> Request) -> BlockResult<()> {
+        loop {
+            if self.fenced.load(Ordering::Acquire) {
+                return Err(self.fenced_error());
+            }
+            let gate = self.gate.read().await;
+            let config = self.current();
+            let in_sync: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
+            let rebuilding = self.rebuilding_indexes();
+            let mut fan_out = in_sync.clone();
+            fan_out.extend(rebuilding.iter().filter(|i| !in_sync.contains(i)));
+            let mut answers = self.send_io(&fan_out, |_| make(config.epoch)).await;
+            drop(gate);
+            for index in rebuilding {
+                if in_sync.contains(&index) {
+                    continue;
+                }
+                if let Some(answer) = answers.remove(&index) {
+                    if !matches!(answer, Answer::Done(_)) {
+                        self.abort_rebuild(index, &format!("{answer:?}"));
+                    }
+                }
+            }
+            // A refusal at an epoch this target asked for itself (in a
+            // configuration change that did not reach a majority) is no
+            // fence: the target completes a change at a newer epoch and
+            // sends the request again.
+            let mut own_epoch_refusals = BTreeSet::new();
+            let mut replies: BTreeMap<ReplicaId, IoReply> = BTreeMap::new();
+            for (&index, answer) in &answers {
+                let id = ReplicaId(self.members[index].id);
+                match answer {
+                    Answer::Done(_) => {
+                        replies.insert(id, IoReply::Accepted);
+                    }
+                    Answer::Refused(Status::Fenced, payload) => match self.fence_kind(payload) {
+                        Fence::Own => {
+                            own_epoch_refusals.insert(id);
+                        }
+                        Fence::Foreign(promised_epoch) => {
+                            replies.insert(id, IoReply::Fenced { promised_epoch });
+                        }
+                    },
+                    Answer::Refused(Status::Behind, _) => {
+                        replies.insert(
+                            id,
+                            IoReply::Behind {
+                                promised_epoch: config.epoch.saturating_sub(1),
+                            },
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            match membership::decide_write(&config, &replies) {
+                WriteOutcome::Acknowledge => return Ok(()),
+                WriteOutcome::Fenced => {
+                    self.set_fenced();
+                    return Err(self.fenced_error());
+                }
+                WriteOutcome::Shrink { failed } => {
+                    // The same client error from every replica (no space,
+                    // out of range) is the request's fault, not theirs.
+                    if let Some(err) = common_client_error(answers.values()) {
+                        return Err(err);
+                    }
+                    let failed: BTreeSet<ReplicaId> =
+                        failed.difference(&own_epoch_refusals).copied().collect();
+                    for (index, answer) in &answers {
+                        if failed.contains(&ReplicaId(self.members[*index].id)) {
+                            tracing::warn!(
+                                volume = %self.volume,
+                                node = %self.members[*index].node,
+                                ?answer,
+                                "replica failed a request; dropping it from the in-sync set"
+                            );
+                        }
+                    }
+                    self.shrink(&failed).await?;
+                    if own_epoch_refusals.is_empty() {
+                        // Every replica still in sync took the request.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whose epoch a "fenced" refusal is about: one this target prepared
+    /// itself, or a newer target's.
+    fn fence_kind(&self, payload: &str) -> Fence {
+        match serde_json::from_str::<StateRecord>(payload) {
+            Ok(state) if state.promised_epoch <= self.max_prepared.load(Ordering::Acquire) => {
+                Fence::Own
+            }
+            Ok(state) => Fence::Foreign(state.promised_epoch),
+            Err(_) => Fence::Foreign(u64::MAX),
+        }
+    }
+
+    /// Records that this target sent Prepare(epoch).
+    fn note_prepared(&self, epoch: u64) {
+        self.max_prepared.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Like `ask`, for data requests: no connection attempt in the request
+    /// path (a lost replica fails at once).
+    async fn send_io(
+        &self,
+        indexes: &[usize],
+        make: impl Fn(usize) -> Request,
+    ) -> BTreeMap<usize, Answer> {
+        let calls = indexes.iter().map(|&index| {
+            let request = make(index);
+            async move {
+                let answer = match self.connect(index, false).await {
+                    Ok(link) => match link.call(request, self.options.timeout).await {
+                        Ok(reply) if reply.status == Status::Ok => Answer::Done(reply.payload),
+                        Ok(reply) => Answer::Refused(
+                            reply.status,
+                            String::from_utf8_lossy(&reply.payload).into_owned(),
+                        ),
+                        Err(err) => {
+                            self.drop_link(index);
+                            Answer::Lost(err)
+                        }
+                    },
+                    Err(err) => Answer::Lost(err),
+                };
+                (index, answer)
+            }
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+
+    fn set_fenced(&self) {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(volume = %self.volume, "fenced by a newer target; failing all I/O");
+        }
+    }
+
+    /// Drops `failed` from the in-sync set: both rounds at a new epoch.
+    async fn shrink(&self, failed: &BTreeSet<ReplicaId>) -> BlockResult<()> {
+        let _exclusive = self.gate.write().await;
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(self.fenced_error());
+        }
+        let current = self.current();
+        let mut failed: BTreeSet<ReplicaId> =
+            failed.intersection(&current.in_sync).copied().collect();
+        // A change that failed earlier left promises of a newer epoch on
+        // some replicas; they refuse the current epoch until a change at a
+        // newer one completes.
+        let epoch_behind_promises = self.max_prepared.load(Ordering::Acquire) > current.epoch;
+        if failed.is_empty() && !epoch_behind_promises {
+            // Another request's change already dropped them.
+            return Ok(());
+        }
+        loop {
+            let mut next = membership::plan_shrink(&current, &failed)
+                .map_err(|err| BlockError::Io(format!("volume {}: {err}", self.volume)))?;
+            next.epoch = next
+                .epoch
+                .max(self.max_prepared.load(Ordering::Acquire) + 1);
+            self.note_prepared(next.epoch);
+            let all: Vec<usize> = (0..self.members.len()).collect();
+            let answers = self
+                .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
+                .await;
+            let mut prepared = BTreeSet::new();
+            for (index, answer) in &answers {
+                match answer {
+                    Answer::Done(_) => {
+                        prepared.insert(ReplicaId(self.members[*index].id));
+                    }
+                    Answer::Refused(Status::Fenced, _) => {
+                        self.set_fenced();
+                        return Err(self.fenced_error());
+                    }
+                    _ => {}
+                }
+            }
+            if !membership::quorum_reached(&next.members, &prepared) {
+                return Err(BlockError::Io(format!(
+                    "volume {}: only {} of {} replicas reachable, a majority is needed",
+                    self.volume,
+                    prepared.len(),
+                    next.members.len()
+                )));
+            }
+            // An in-sync replica that cannot take the new epoch is failed too.
+            let unprepared: Vec<ReplicaId> = next
+                .in_sync
+                .iter()
+                .filter(|id| !prepared.contains(id))
+                .copied()
+                .collect();
+            if !unprepared.is_empty() {
+                failed.extend(unprepared);
+                continue;
+            }
+            match self.persist(&next).await {
+                Ok(()) => {
+                    tracing::warn!(
+                        volume = %self.volume,
+                        epoch = next.epoch,
+                        in_sync = ?next.in_sync,
+                        "in-sync set shrunk"
+                    );
+                    self.install(next);
+                    return Ok(());
+                }
+                Err(PersistError::Fenced) => {
+                    self.set_fenced();
+                    return Err(self.fenced_error());
+                }
+                Err(PersistError::NoQuorum(reason)) => {
+                    return Err(BlockError::Io(format!("volume {}: {reason}", self.volume)))
+                }
+            }
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
+        crate::nbd::proto::check_range(offset, len, self.size())
+    }
+
+    /// The in-sync replicas in the order reads try them: the local one
+    /// first, the others in turn.
+    fn read_order(&self, config: &Config) -> Vec<usize> {
+        let mut order: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
+        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        if !order.is_empty() {
+            let len = order.len();
+            order.rotate_left(start % len);
+        }
+        if let Some(local) = order
+            .iter()
+            .position(|&i| self.members[i].node == self.options.node)
+        {
+            let index = order.remove(local);
+            order.insert(0, index);
+        }
+        order
+    }
+
+    async fn read_impl(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+        self.check_range(offset, len as u64)?;
+        let mut bad_copies = Vec::new();
+        let mut failed = BTreeSet::new();
+        loop {
+            if self.fenced.load(Ordering::Acquire) {
+                return Err(self.fenced_error());
+            }
+            let gate = self.gate.read().await;
+            let config = self.current();
+            let candidates: Vec<usize> = self
+                .read_order(&config)
+                .into_iter()
+                .filter(|i| !bad_copies.contains(i))
+                .collect();
+            let Some(&index) = candidates.first() else {
+                drop(gate);
+                if !failed.is_empty() {
+                    self.shrink(&failed).await?;
+                }
+                return Err(BlockError::Io(format!(
+                    "volume {}: no in-sync replica has a good copy of [{offset}, +{len})",
+                    self.volume
+                )));
+            };
+            let answer = self
+                .send_io(&[index], |_| {
+                    let mut request = Request::new(Op::Read, 0, config.epoch);
+                    request.offset = offset;
+                    request.length = len as u64;
+                    request
+                })
+                .await
+                .remove(&index)
+                .expect("one answer");
+            drop(gate);
+            match answer {
+                Answer::Done(data) => {
+                    if !failed.is_empty() {
+                        self.shrink(&failed).await?;
+                    }
+                    if !bad_copies.is_empty() {
+                        self.repair(&bad_copies, offset, &data).await;
+                    }
+                    return Ok(data);
+                }
+                Answer::Refused(Status::Checksum, message) => {
+                    tracing::warn!(
+                        volume = %self.volume,
+                        node = %self.members[index].node,
+                        %message,
+                        "checksum failure on a replica; reading another copy"
+                    );
+                    bad_copies.push(index);
+                }
+                Answer::Refused(Status::Fenced, payload) => match self.fence_kind(&payload) {
+                    Fence::Own => {
+                        // Complete a change at a newer epoch, then read again.
+                        self.shrink(&std::mem::take(&mut failed)).await?;
+                    }
+                    Fence::Foreign(_) => {
+                        self.set_fenced();
+                        return Err(self.fenced_error());
+                    }
+                },
+                Answer::Refused(Status::OutOfRange, message) => {
+                    return Err(BlockError::Io(message))
+                }
+                other => {
+                    tracing::warn!(
+                        volume = %self.volume,
+                        node = %self.members[index].node,
+                        answer = ?other,
+                        "read failed on a replica; trying another"
+                    );
+                    failed.insert(ReplicaId(self.members[index].id));
+                    bad_copies.push(index);
+                }
+            }
+        }
+    }
+
+    /// Rewrites the blocks of `[offset, +data.len())` on replicas whose copy
+    /// failed its checksum. The range is locked so no client write to it is
+    /// overtaken; the data is read again under the lock for the same reason.
+    async fn repair(&self, bad_copies: &[usize], offset: u64, _first_read: &[u8]) {
+        let len = _first_read.len() as u64;
+        // Whole blocks, so the rewrite does not read the bad block to merge.
+        let start = offset - offset % 4096;
+        let end = (offset + len).next_multiple_of(4096).min(self.size());
+        let _range = self.ranges.lock(start, end).await;
+        let _gate = self.gate.read().await;
+        let config = self.current();
+        let good: Vec<usize> = self
+            .read_order(&config)
+            .into_iter()
+            .filter(|i| !bad_copies.contains(i))
+            .collect();
+        let Some(&source) = good.first() else { return };
+        let read = self
+            .send_io(&[source], |_| {
+                let mut request = Request::new(Op::Read, 0, config.epoch);
+                request.offset = start;
+                request.length = end - start;
+                request
+            })
+            .await
+            .remove(&source);
+        let Some(Answer::Done(data)) = read else {
+            return;
+        };
+        let rewrites = self
+            .send_io(bad_copies, |_| {
+                let mut request = Request::new(Op::Write, 0, config.epoch);
+                request.offset = start;
+                request.flags = FLAG_FUA;
+                request.payload = data.clone();
+                request
+            })
+            .await;
+        for (index, answer) in rewrites {
+            match answer {
+                Answer::Done(_) => {
+                    self.repaired_blocks
+                        .fetch_add((end - start) / 4096, Ordering::Relaxed);
+                    tracing::info!(
+                        volume = %self.volume,
+                        node = %self.members[index].node,
+                        offset = start,
+                        len = end - start,
+                        "repaired a corrupt copy from a good replica"
+                    );
+                }
+                other => tracing::warn!(
+                    volume = %self.volume,
+                    node = %self.members[index].node,
+                    answer = ?other,
+                    "could not repair a corrupt copy"
+                ),
+            }
+        }
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// Takes the size of the smallest in-sync replica, after the replicas
+    /// were grown.
+    pub async fn refresh_size(&self) {
+        let config = self.current();
+        let in_sync: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
+        let sizes: Vec<u64> = self
+            .ask(&in_sync, |_| Request::new(Op::GetState, 0, 0))
+            .await
+            .into_values()
+            .filter_map(|answer| match answer {
+                Answer::Done(payload) => serde_json::from_slice::<StateRecord>(&payload).ok(),
+                _ => None,
+            })
+            .map(|state| state.size)
+            .collect();
+        if sizes.len() == in_sync.len() {
+            if let Some(&size) = sizes.iter().min() {
+                self.size.store(size, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.current().epoch
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Stops background work (rebuilds); clients still connected keep the
+    /// target until they go.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Blocks rewritten on a replica after a checksum failure.
+    pub fn repaired_blocks(&self) -> u64 {
+        self.repaired_blocks.load(Ordering::Relaxed)
+    }
+
+    pub fn replicas(&self) -> Vec<ReplicaView> {
+        let config = self.current();
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(index, member)| ReplicaView {
+                member: member.clone(),
+                in_sync: config.in_sync.contains(&ReplicaId(member.id)),
+                connected: self.links[index]
+                    .lock()
+                    .expect("link lock")
+                    .link
+                    .as_ref()
+                    .is_some_and(|link| link.is_alive()),
+                rebuild: self
+                    .rebuilding
+                    .lock()
+                    .expect("rebuild lock")
+                    .get(&index)
+                    .cloned(),
+            })
+            .collect()
+    }
+}
+
+enum Fence {
+    Own,
+    Foreign(u64),
+}
+
+enum PersistError {
+    Fenced,
+    NoQuorum(String),
+}
+
+/// The error to give the client when every replica refused the request the
+/// same way for a reason that is the request's, not the replica's.
+fn common_client_error<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<BlockError> {
+    let mut common = None;
+    for answer in answers {
+        let status = match answer {
+            Answer::Refused(status @ (Status::NoSpace | Status::OutOfRange), _) => *status,
+            _ => return None,
+        };
+        if common.is_some_and(|c| c != status) {
+            return None;
+        }
+        common = Some(status);
+    }
+    common.map(|status| match status {
+        Status::NoSpace => BlockError::NoSpace,
+        _ => BlockError::Io("request past the end of a replica".into()),
+    })
+}
+
+/// The highest epoch any reachable replica of `volume` has promised (0 when
+/// none answers).
+pub async fn highest_promise(
+    volume: &str,
+    seeds: &[String],
+    local: &Replicas,
+    timeout: Duration,
+) -> u64 {
+    let mut highest = 0;
+    if let Some(replica) = local.get(volume) {
+        highest = replica.state().await.promised_epoch;
+    }
+    let asks = seeds.iter().map(|seed| async move {
+        let client = ReplicaClient::connect(seed, volume, timeout).await.ok()?;
+        let reply = client
+            .call(Request::new(Op::GetState, 0, 0), timeout)
+            .await
+            .ok()?;
+        serde_json::from_slice::<StateRecord>(&reply.payload)
+            .ok()
+            .map(|s| s.promised_epoch)
+    });
+    for promise in join_all(asks).await.into_iter().flatten() {
+        highest = highest.max(promise);
+    }
+    highest
+}
+
+/// Asks the seeds, in turn, for a replica's state of `volume`.
+async fn find_state(
+    volume: &str,
+    seeds: &[String],
+    timeout: Duration,
+) -> Result<StateRecord, OpenError> {
+    for seed in seeds {
+        let Ok(client) = ReplicaClient::connect(seed, volume, timeout).await else {
+            continue;
+        };
+        if let Ok(reply) = client.call(Request::new(Op::GetState, 0, 0), timeout).await {
+            if let Ok(state) = serde_json::from_slice::<StateRecord>(&reply.payload) {
+                return Ok(state);
+            }
+        }
+    }
+    Err(OpenError::NoReplica(volume.to_string()))
+}
+
+impl BlockTarget for VolumeTarget {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn block_size(&self) -> u32 {
+        4096
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+        self.read_impl(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        self.check_range(offset, data.len() as u64)?;
+        let _range = self.ranges.lock(offset, offset + data.len() as u64).await;
+        self.replicate(|epoch| {
+            let mut request = Request::new(Op::Write, 0, epoch);
+            request.offset = offset;
+            request.flags = if fua { FLAG_FUA } else { 0 };
+            request.payload = data.to_vec();
+            request
+        })
+        .await
+    }
+
+    async fn flush(&self) -> BlockResult<()> {
+        self.replicate(|epoch| Request::new(Op::Flush, 0, epoch))
+            .await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        let _range = self.ranges.lock(offset, offset + len).await;
+        self.replicate(|epoch| {
+            let mut request = Request::new(Op::Trim, 0, epoch);
+            request.offset = offset;
+            request.length = len;
+            request
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        allocate: bool,
+    ) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        let _range = self.ranges.lock(offset, offset + len).await;
+        self.replicate(|epoch| {
+            let mut request = Request::new(Op::WriteZeroes, 0, epoch);
+            request.offset = offset;
+            request.length = len;
+            request.flags =
+                (if fua { FLAG_FUA } else { 0 }) | (if allocate { FLAG_NO_HOLE } else { 0 });
+            request
+        })
+        .await
+    }
+}

@@ -1,0 +1,428 @@
+//! Catching replicas up while the volume serves I/O.
+//!
+//! Replicas are compared extent by extent through digests of the block CRCs
+//! each pool keeps in memory (`Op::Digest`), so finding what differs reads no
+//! data; only differing extents are copied. That one mechanism serves:
+//!
+//! * a replica that comes back after missing writes (delta rebuild: only the
+//!   extents written while it was away, plus any it lost unflushed, differ);
+//! * a new, empty replica (full rebuild; extents never written compare equal
+//!   to its empty ones, so a thin volume copies only what it holds);
+//! * opening a volume whose in-sync replicas may disagree about writes the
+//!   previous target never acknowledged (it died with them in flight): before
+//!   the new target serves anything, they are made identical.
+//!
+//! A rebuilding replica takes every write from the moment it joins, so an
+//! extent copied once stays current; each copy holds the extent's range lock,
+//! so no write to it interleaves. When all differing extents are copied and
+//! flushed, the replica is added to the in-sync set by a configuration change
+//! (both rounds, new epoch), like a shrink in reverse.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Answer, VolumeTarget};
+use crate::replication::membership::{self, Config, ReplicaId};
+use crate::replication::replica::{extent_count, ConfigRecord, StateRecord, EXTENT_BYTES};
+use crate::replication::wire::{Op, Request, Status};
+use crate::target::BlockResult;
+
+/// Extents whose digests one request asks for.
+const DIGEST_BATCH: u64 = 4096;
+/// How often the target looks for replicas to catch up.
+const REBUILD_POLL: Duration = Duration::from_secs(1);
+
+/// How far a replica's rebuild has come.
+#[derive(Debug, Clone)]
+pub struct RebuildProgress {
+    /// Extents found different from the source (0 until compared).
+    pub extents_total: u64,
+    pub extents_copied: u64,
+    pub bytes_copied: u64,
+    pub started: Instant,
+}
+
+/// Watches the target's members and rebuilds, one at a time, those that are
+/// reachable but not in sync. Ends when the target is closed or fenced.
+pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
+    let weak = Arc::downgrade(target);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(REBUILD_POLL).await;
+            let Some(target) = weak.upgrade() else { return };
+            if target.is_fenced() || target.is_closed() {
+                return;
+            }
+            let config = target.current();
+            if target
+                .max_prepared
+                .load(std::sync::atomic::Ordering::Acquire)
+                > config.epoch
+            {
+                // A change failed (no majority then): finish one now, so an
+                // idle volume is not left behind its replicas' promises.
+                let _ = target.shrink(&BTreeSet::new()).await;
+                continue;
+            }
+            for index in 0..target.members.len() {
+                let id = ReplicaId(target.members[index].id);
+                if config.in_sync.contains(&id) {
+                    continue;
+                }
+                if let Err(err) = target.rebuild(index).await {
+                    target.abort_rebuild(index, &err);
+                }
+            }
+        }
+    });
+}
+
+impl VolumeTarget {
+    pub(super) fn rebuilding_indexes(&self) -> Vec<usize> {
+        self.rebuilding
+            .lock()
+            .expect("rebuild lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn still_rebuilding(&self, index: usize) -> bool {
+        self.rebuilding
+            .lock()
+            .expect("rebuild lock")
+            .contains_key(&index)
+    }
+
+    pub(super) fn abort_rebuild(&self, index: usize, reason: &str) {
+        if self
+            .rebuilding
+            .lock()
+            .expect("rebuild lock")
+            .remove(&index)
+            .is_some()
+        {
+            tracing::warn!(
+                volume = %self.volume,
+                node = %self.members[index].node,
+                reason,
+                "rebuild stopped"
+            );
+        }
+    }
+
+    fn update_progress(&self, index: usize, update: impl FnOnce(&mut RebuildProgress)) {
+        if let Some(progress) = self
+            .rebuilding
+            .lock()
+            .expect("rebuild lock")
+            .get_mut(&index)
+        {
+            update(progress);
+        }
+    }
+
+    /// Catches member `index` up and adds it to the in-sync set. Returns
+    /// quietly when the replica is still unreachable.
+    async fn rebuild(&self, index: usize) -> Result<(), String> {
+        if self.connect(index, true).await.is_err() {
+            return Ok(());
+        }
+        self.join_as_rebuilding(index).await?;
+        let started = Instant::now();
+        let source = self.rebuild_source()?;
+        let diffs = {
+            let _gate = self.gate.read().await;
+            let epoch = self.current().epoch;
+            self.differing_extents(source, index, epoch).await?
+        };
+        tracing::info!(
+            volume = %self.volume,
+            node = %self.members[index].node,
+            extents = diffs.len(),
+            of = extent_count(self.size_now()),
+            "rebuilding a replica"
+        );
+        self.update_progress(index, |p| p.extents_total = diffs.len() as u64);
+        let mut copied_bytes = 0u64;
+        for extent in diffs {
+            if !self.still_rebuilding(index) {
+                return Err("aborted".into());
+            }
+            if self.is_fenced() || self.is_closed() {
+                return Err("target closed".into());
+            }
+            let source = self.rebuild_source()?;
+            copied_bytes += self.copy_extent(source, index, extent).await?;
+            self.update_progress(index, |p| {
+                p.extents_copied += 1;
+                p.bytes_copied = copied_bytes;
+            });
+            self.throttle(started, copied_bytes).await;
+        }
+        {
+            let _gate = self.gate.read().await;
+            let epoch = self.current().epoch;
+            self.expect_done(index, Request::new(Op::Flush, 0, epoch))
+                .await?;
+        }
+        self.grow(index).await?;
+        tracing::info!(
+            volume = %self.volume,
+            node = %self.members[index].node,
+            bytes = copied_bytes,
+            elapsed = ?started.elapsed(),
+            "replica rebuilt and back in sync"
+        );
+        Ok(())
+    }
+
+    fn size_now(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps as long as needed to keep the copy under the rebuild rate.
+    async fn throttle(&self, started: Instant, copied_bytes: u64) {
+        let rate = self.options.rebuild_rate;
+        if rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(copied_bytes as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn rebuild_source(&self) -> Result<usize, String> {
+        self.read_order(&self.current())
+            .first()
+            .copied()
+            .ok_or_else(|| "no in-sync replica to copy from".to_string())
+    }
+
+    /// Makes the replica take this target's epoch and config, and every
+    /// write from now on. Holds the gate, so no write in flight misses it.
+    async fn join_as_rebuilding(&self, index: usize) -> Result<(), String> {
+        let _exclusive = self.gate.write().await;
+        let config = self.current();
+        let answer = self
+            .send_one(index, Request::new(Op::Prepare, 0, config.epoch))
+            .await;
+        match answer {
+            Answer::Done(_) => {}
+            // Granted already (it answered our own prepare of this epoch).
+            Answer::Refused(Status::Fenced, payload) => {
+                let promised = serde_json::from_slice::<StateRecord>(payload.as_bytes())
+                    .map(|s| s.promised_epoch)
+                    .unwrap_or(u64::MAX);
+                if promised > config.epoch {
+                    return match self.fence_kind(&payload) {
+                        super::Fence::Own => Err("promised an epoch of a failed change".into()),
+                        super::Fence::Foreign(_) => {
+                            self.set_fenced();
+                            Err("a newer target owns the volume".into())
+                        }
+                    };
+                }
+            }
+            other => return Err(format!("prepare: {other:?}")),
+        }
+        let mut persist = Request::new(Op::Persist, 0, config.epoch);
+        persist.payload =
+            serde_json::to_vec(&ConfigRecord::from(&*config)).expect("config serializes");
+        match self.send_one(index, persist).await {
+            Answer::Done(_) => {}
+            other => return Err(format!("persist: {other:?}")),
+        }
+        self.rebuilding.lock().expect("rebuild lock").insert(
+            index,
+            RebuildProgress {
+                extents_total: 0,
+                extents_copied: 0,
+                bytes_copied: 0,
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds the caught-up replica to the in-sync set at a new epoch.
+    async fn grow(&self, index: usize) -> Result<(), String> {
+        let _exclusive = self.gate.write().await;
+        if !self.still_rebuilding(index) {
+            return Err("aborted".into());
+        }
+        let current = self.current();
+        let mut in_sync = current.in_sync.clone();
+        in_sync.insert(ReplicaId(self.members[index].id));
+        let next = Config {
+            epoch: current.epoch + 1,
+            members: current.members.clone(),
+            in_sync,
+        };
+        let next = Config {
+            epoch: next
+                .epoch
+                .max(self.max_prepared.load(std::sync::atomic::Ordering::Acquire) + 1),
+            ..next
+        };
+        self.note_prepared(next.epoch);
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        let answers = self
+            .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
+            .await;
+        let mut prepared = BTreeSet::new();
+        for (i, answer) in &answers {
+            match answer {
+                Answer::Done(_) => {
+                    prepared.insert(ReplicaId(self.members[*i].id));
+                }
+                Answer::Refused(Status::Fenced, _) => {
+                    self.set_fenced();
+                    return Err("a newer target owns the volume".into());
+                }
+                _ => {}
+            }
+        }
+        if !membership::quorum_reached(&next.members, &prepared)
+            || !next.in_sync.iter().all(|id| prepared.contains(id))
+        {
+            return Err("not every in-sync replica took the new epoch".into());
+        }
+        match self.persist(&next).await {
+            Ok(()) => {
+                self.install(next);
+                self.rebuilding.lock().expect("rebuild lock").remove(&index);
+                Ok(())
+            }
+            Err(super::PersistError::Fenced) => {
+                self.set_fenced();
+                Err("a newer target owns the volume".into())
+            }
+            Err(super::PersistError::NoQuorum(reason)) => Err(reason),
+        }
+    }
+
+    async fn send_one(&self, index: usize, request: Request) -> Answer {
+        self.ask(&[index], |_| request.clone())
+            .await
+            .remove(&index)
+            .expect("one answer")
+    }
+
+    async fn expect_done(&self, index: usize, request: Request) -> Result<Vec<u8>, String> {
+        match self.send_one(index, request).await {
+            Answer::Done(payload) => Ok(payload),
+            other => Err(format!(
+                "replica on {}: {other:?}",
+                self.members[index].node
+            )),
+        }
+    }
+
+    /// The extents where `dest` differs from `source`, by digest.
+    async fn differing_extents(
+        &self,
+        source: usize,
+        dest: usize,
+        epoch: u64,
+    ) -> Result<Vec<u64>, String> {
+        let extents = extent_count(self.size_now());
+        let mut diffs = Vec::new();
+        let mut first = 0;
+        while first < extents {
+            let count = DIGEST_BATCH.min(extents - first);
+            let ask = |index: usize| {
+                let mut request = Request::new(Op::Digest, 0, epoch);
+                request.offset = first;
+                request.length = count;
+                self.expect_done(index, request)
+            };
+            let (a, b) = tokio::join!(ask(source), ask(dest));
+            let (a, b) = (a?, b?);
+            if a.len() != b.len() || a.len() as u64 != count * 8 {
+                return Err("replicas report different sizes".into());
+            }
+            for (i, (x, y)) in a.chunks(8).zip(b.chunks(8)).enumerate() {
+                if x != y {
+                    diffs.push(first + i as u64);
+                }
+            }
+            first += count;
+        }
+        Ok(diffs)
+    }
+
+    /// Copies one extent from `source` to `dest` under its range lock;
+    /// returns the bytes copied.
+    async fn copy_extent(&self, source: usize, dest: usize, extent: u64) -> Result<u64, String> {
+        let size = self.size_now();
+        let start = extent * EXTENT_BYTES;
+        let len = EXTENT_BYTES.min(size.saturating_sub(start));
+        if len == 0 {
+            return Ok(0);
+        }
+        let _range = self.ranges.lock(start, start + len).await;
+        let _gate = self.gate.read().await;
+        let epoch = self.current().epoch;
+        let mut read = Request::new(Op::Read, 0, epoch);
+        read.offset = start;
+        read.length = len;
+        let data = self.expect_done(source, read).await?;
+        let mut write = Request::new(Op::Write, 0, epoch);
+        write.offset = start;
+        write.payload = data;
+        self.expect_done(dest, write).await?;
+        Ok(len)
+    }
+
+    /// Makes the in-sync replicas identical before the target serves I/O: a
+    /// previous target may have died with writes on some of them only. Such
+    /// writes were never acknowledged, so either version is correct, but all
+    /// replicas must return the same one. A replica that cannot be brought
+    /// in line is dropped from the in-sync set.
+    pub(super) async fn reconcile_in_sync(&self) -> BlockResult<()> {
+        let config = self.current();
+        let order = self.read_order(&config);
+        let Some((&source, others)) = order.split_first() else {
+            return Ok(());
+        };
+        let mut failed = BTreeSet::new();
+        for &dest in others {
+            let result: Result<u64, String> = async {
+                let diffs = self.differing_extents(source, dest, config.epoch).await?;
+                let mut copied = 0;
+                for &extent in &diffs {
+                    copied += self.copy_extent(source, dest, extent).await?;
+                }
+                Ok(copied)
+            }
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(bytes) => tracing::info!(
+                    volume = %self.volume,
+                    node = %self.members[dest].node,
+                    bytes,
+                    "aligned a replica with unacknowledged writes of the previous target"
+                ),
+                Err(err) => {
+                    tracing::warn!(
+                        volume = %self.volume,
+                        node = %self.members[dest].node,
+                        %err,
+                        "could not align a replica; dropping it from the in-sync set"
+                    );
+                    failed.insert(ReplicaId(self.members[dest].id));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            self.shrink(&failed).await
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The replication protocol's framing: what a volume target and a replica say
+//! to each other over TCP.
+//!
+//! Every frame is a fixed header, protected by its own CRC32, then an optional
+//! payload followed by the payload's CRC32. Requests carry an id chosen by the
+//! target; replies carry the same id and may come back in any order, so many
+//! requests are in flight on one connection (pipelining). A frame that fails
+//! its CRC or names an unknown operation ends the connection: the peer cannot
+//! know where the next frame starts, and the target treats the replica as
+//! failed, which is safe.
+//!
+//! Request header (48 bytes, little endian):
+//! `magic u32 | op u8 | flags u8 | reserved u16 | id u64 | epoch u64 |
+//!  offset u64 | length u64 | payload_len u32 | header_crc u32`
+//!
+//! Reply header (24 bytes):
+//! `magic u32 | status u8 | reserved [u8; 3] | id u64 | payload_len u32 |
+//!  header_crc u32`
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const REQUEST_MAGIC: u32 = 0x5354_5251; // "STRQ"
+pub const REPLY_MAGIC: u32 = 0x5354_5250; // "STRP"
+pub const REQUEST_HEADER_LEN: usize = 48;
+pub const REPLY_HEADER_LEN: usize = 24;
+/// The largest payload either side accepts: a 32 MiB write, or the digests of
+/// a large range. Anything bigger is a broken or hostile peer.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Request flag: the write must be durable before it is acknowledged.
+pub const FLAG_FUA: u8 = 1;
+/// Request flag (write zeroes): keep the range allocated.
+pub const FLAG_NO_HOLE: u8 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// First request on a connection: the payload names the volume.
+    Hello = 1,
+    /// The replica's membership state (no epoch check).
+    GetState = 2,
+    /// Round 1 of a configuration change at `epoch`.
+    Prepare = 3,
+    /// Round 2: the payload is the config to persist.
+    Persist = 4,
+    Read = 5,
+    Write = 6,
+    Flush = 7,
+    Trim = 8,
+    WriteZeroes = 9,
+    /// Digests of `length` extents from extent number `offset`.
+    Digest = 10,
+}
+
+impl Op {
+    pub fn from_u8(raw: u8) -> Option<Op> {
+        Some(match raw {
+            1 => Op::Hello,
+            2 => Op::GetState,
+            3 => Op::Prepare,
+            4 => Op::Persist,
+            5 => Op::Read,
+            6 => Op::Write,
+            7 => Op::Flush,
+            8 => Op::Trim,
+            9 => Op::WriteZeroes,
+            10 => Op::Digest,
+            _ => return None,
+        })
+    }
+}
+
+/// The outcome of a request, as the replica reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    /// The request's epoch is older than the replica's promise: the sender
+    /// has been replaced by a newer target.
+    Fenced = 1,
+    /// The request's epoch is newer than the replica's promise: the replica
+    /// missed a configuration change.
+    Behind = 2,
+    Io = 3,
+    /// A block failed its checksum: another replica may have a good copy.
+    Checksum = 4,
+    NoSpace = 5,
+    OutOfRange = 6,
+    Invalid = 7,
+    NotFound = 8,
+}
+
+impl Status {
+    pub fn from_u8(raw: u8) -> Option<Status> {
+        Some(match raw {
+            0 => Status::Ok,
+            1 => Status::Fenced,
+            2 => Status::Behind,
+            3 => Status::Io,
+            4 => Status::Checksum,
+            5 => Status::NoSpace,
+            6 => Status::OutOfRange,
+            7 => Status::Invalid,
+            8 => Status::NotFound,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub op: Op,
+    pub flags: u8,
+    pub id: u64,
+    pub epoch: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Request {
+    pub fn new(op: Op, id: u64, epoch: u64) -> Request {
+        Request {
+            op,
+            flags: 0,
+            id,
+            epoch,
+            offset: 0,
+            length: 0,
+            payload: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: Status,
+    pub id: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Why a frame could not be read. Every one of them ends the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad magic {0:#x}")]
+    Magic(u32),
+    #[error("header checksum mismatch")]
+    HeaderChecksum,
+    #[error("payload checksum mismatch")]
+    PayloadChecksum,
+    #[error("payload of {0} bytes is over the limit")]
+    TooLarge(u32),
+    #[error("unknown operation {0}")]
+    UnknownOp(u8),
+    #[error("unknown status {0}")]
+    UnknownStatus(u8),
+}
+
+fn seal(header: &mut [u8]) {
+    let body = header.len() - 4;
+    let crc = crc32fast::hash(&header[..body]);
+    header[body..].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn check_seal(header: &[u8]) -> Result<(), FrameError> {
+    let body = header.len() - 4;
+    let stored = u32::from_le_bytes(header[body..].try_into().expect("4 bytes"));
+    if crc32fast::hash(&header[..body]) == stored {
+        Ok(())
+    } else {
+        Err(FrameError::HeaderChecksum)
+    }
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Appends the request to `out` (header, payload, payload CRC).
+pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    header[0..4].copy_from_slice(&REQUEST_MAGIC.to_le_bytes());
+    header[4] = request.op as u8;
+    header[5] = request.flags;
+    header[8..16].copy_from_slice(&request.id.to_le_bytes());
+    header[16..24].copy_from_slice(&request.epoch.to_le_bytes());
+    header[24..32].copy_from_slice(&request.offset.to_le_bytes());
+    header[32..40].copy_from_slice(&request.length.to_le_bytes());
+    header[40..44].copy_from_slice(&(request.payload.len() as u32).to_le_bytes());
+    seal(&mut header);
+    out.extend_from_slice(&header);
+    append_payload(&request.payload, out);
+}
+
+/// Appends the reply to `out`.
+pub fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
+    let mut header = [0u8; REPLY_HEADER_LEN];
+    header[0..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
+    header[4] = reply.status as u8;
+    header[8..16].copy_from_slice(&reply.id.to_le_bytes());
+    header[16..20].copy_from_slice(&(reply.payload.len() as u32).to_le_bytes());
+    seal(&mut header);
+    out.extend_from_slice(&header);
+    append_payload(&reply.payload, out);
+}
+
+fn append_payload(payload: &[u8], out: &mut Vec<u8>) {
+    if !payload.is_empty() {
+        out.extend_from_slice(payload);
+        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    }
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: u32,
+) -> Result<Vec<u8>, FrameError> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    reader.read_exact(&mut payload).await?;
+    let stored = reader.read_u32_le().await?;
+    if crc32fast::hash(&payload) != stored {
+        return Err(FrameError::PayloadChecksum);
+    }
+    Ok(payload)
+}
+
+/// Reads one request; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<Request>, FrameError> {
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    if !read_header(reader, &mut header).await? {
+        return Ok(None);
+    }
+    let magic = u32_at(&header, 0);
+    if magic != REQUEST_MAGIC {
+        return Err(FrameError::Magic(magic));
+    }
+    check_seal(&header)?;
+    let op = Op::from_u8(header[4]).ok_or(FrameError::UnknownOp(header[4]))?;
+    let payload = read_payload(reader, u32_at(&header, 40)).await?;
+    Ok(Some(Request {
+        op,
+        flags: header[5],
+        id: u64_at(&header, 8),
+        epoch: u64_at(&header, 16),
+        offset: u64_at(&header, 24),
+        length: u64_at(&header, 32),
+        payload,
+    }))
+}
+
+/// Reads one reply; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Reply>, FrameError> {
+    let mut header = [0u8; REPLY_HEADER_LEN];
+    if !read_header(reader, &mut header).await? {
+        return Ok(None);
+    }
+    let magic = u32_at(&header, 0);
+    if magic != REPLY_MAGIC {
+        return Err(FrameError::Magic(magic));
+    }
+    check_seal(&header)?;
+    let status = Status::from_u8(header[4]).ok_or(FrameError::UnknownStatus(header[4]))?;
+    let payload = read_payload(reader, u32_at(&header, 16)).await?;
+    Ok(Some(Reply {
+        status,
+        id: u64_at(&header, 8),
+        payload,
+    }))
+}
+
+/// Fills `header`; false when the stream ended before its first byte.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: &mut [u8],
+) -> Result<bool, FrameError> {
+    let first = reader.read(&mut header[..]).await?;
+    if first == 0 {
+        return Ok(false);
+    }
+    reader.read_exact(&mut header[first..]).await?;
+    Ok(true)
+}
+
+/// Writes already-encoded frames and flushes.
+pub async fn write_frames<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_request() -> Request {
+        Request {
+            op: Op::Write,
+            flags: FLAG_FUA,
+            id: 7,
+            epoch: 3,
+            offset: 4096,
+            length: 5,
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn request_and_reply_round_trip() {
+        let mut bytes = Vec::new();
+        encode_request(&sample_request(), &mut bytes);
+        let flush = Request::new(Op::Flush, 8, 3);
+        encode_request(&flush, &mut bytes);
+        let mut reader = &bytes[..];
+        assert_eq!(
+            read_request(&mut reader).await.unwrap(),
+            Some(sample_request())
+        );
+        assert_eq!(read_request(&mut reader).await.unwrap(), Some(flush));
+        assert_eq!(read_request(&mut reader).await.unwrap(), None);
+
+        let reply = Reply {
+            status: Status::Checksum,
+            id: 7,
+            payload: vec![1, 2, 3],
+        };
+        let mut bytes = Vec::new();
+        encode_reply(&reply, &mut bytes);
+        let mut reader = &bytes[..];
+        assert_eq!(read_reply(&mut reader).await.unwrap(), Some(reply));
+    }
+
+    #[tokio::test]
+    async fn every_flipped_bit_is_caught() {
+        let mut bytes = Vec::new();
+        encode_request(&sample_request(), &mut bytes);
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let mut reader = &damaged[..];
+            // Either an error, or (a flipped payload length) a short read.
+            assert!(
+                read_request(&mut reader).await.is_err(),
+                "bit {bit} flipped went unnoticed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_and_unknown_frames_are_refused() {
+        let mut header = [0u8; REQUEST_HEADER_LEN];
+        header[0..4].copy_from_slice(&REQUEST_MAGIC.to_le_bytes());
+        header[4] = Op::Write as u8;
+        header[40..44].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        seal(&mut header);
+        let mut reader = &header[..];
+        assert!(matches!(
+            read_request(&mut reader).await,
+            Err(FrameError::TooLarge(_))
+        ));
+
+        header[4] = 200;
+        header[40..44].copy_from_slice(&0u32.to_le_bytes());
+        seal(&mut header);
+        let mut reader = &header[..];
+        assert!(matches!(
+            read_request(&mut reader).await,
+            Err(FrameError::UnknownOp(200))
+        ));
+
+        let mut reader = &b"GET / HTTP/1.1\r\nHost: strata.example\r\nAccept: */*\r\n\r\n"[..];
+        assert!(matches!(
+            read_request(&mut reader).await,
+            Err(FrameError::Magic(_))
+        ));
+    }
+}

@@ -1,0 +1,375 @@
+//! Replicated volumes with real storage node processes on loopback: replica
+//! loss and delta rebuild under fio, fencing of an older target, target
+//! failover with a ledger of acknowledged writes, loss of the majority, and
+//! self-healing reads of a corrupt copy.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use common::cluster::TestCluster;
+use common::nbd_client::NbdClient;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+/// Replicas that do not answer within a second are dropped: tests go fast.
+const FAST_TIMEOUT: &[&str] = &["--replica-timeout-ms", "1000"];
+
+fn nbd_addr(uri: &str) -> (SocketAddr, String) {
+    let rest = uri.strip_prefix("nbd://").unwrap();
+    let (addr, name) = rest.split_once('/').unwrap();
+    (addr.parse().unwrap(), name.to_string())
+}
+
+fn connect(uri: &str) -> NbdClient {
+    let (addr, name) = nbd_addr(uri);
+    NbdClient::connect(addr, &name).unwrap()
+}
+
+fn crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// Every replica holds the same bytes, and the same block checksums.
+async fn assert_replicas_identical(cluster: &TestCluster, volume: &str) {
+    let report = cluster.report(volume).await;
+    let indexes: Vec<usize> = report
+        .replicas
+        .iter()
+        .map(|r| cluster.index_of(&r.node.name))
+        .collect();
+    let first_digests = cluster.digests(indexes[0], volume).await;
+    let first_bytes = crc(&cluster.replica_bytes(indexes[0], volume).await);
+    for &index in &indexes[1..] {
+        assert!(
+            cluster.digests(index, volume).await == first_digests,
+            "block checksums of {} differ from {}",
+            cluster.nodes[index].name,
+            cluster.nodes[indexes[0]].name
+        );
+        assert_eq!(
+            crc(&cluster.replica_bytes(index, volume).await),
+            first_bytes,
+            "data of {} differs from {}",
+            cluster.nodes[index].name,
+            cluster.nodes[indexes[0]].name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
+    let mut cluster = TestCluster::start(3, "512MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("fio", 64 * MIB, 3).await;
+    assert_eq!(report.replicas.len(), 3);
+    let uri = cluster.export("fio", 0).await;
+
+    let fio = std::thread::spawn(move || {
+        std::process::Command::new("fio")
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=32M",
+                "--loops=3",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--fsync=64",
+                "--output-format=json",
+            ])
+            .process_group(0)
+            .output()
+            .expect("fio (see .ci/install-test-deps)")
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.nodes[2].kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.nodes[2].spawn();
+    let out = tokio::task::spawn_blocking(move || fio.join().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["jobs"][0]["error"], 0, "{stdout}");
+
+    // The killed replica was dropped, then caught up and taken back.
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("in-sync set shrunk"), "{log}");
+    let report = cluster
+        .wait_in_sync("fio", 3, Duration::from_secs(60))
+        .await;
+    assert!(report.missing.is_empty());
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("replica rebuilt and back in sync"), "{log}");
+    assert_replicas_identical(&cluster, "fio").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_target_fences_the_older_one() {
+    let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("shared", 16 * MIB, 3).await;
+    let old_uri = cluster.export("shared", 0).await;
+    let mut old = connect(&old_uri);
+    old.write(0, &[0x11; 4096], true).unwrap();
+
+    // A second target on another node: the first one's clients are now fenced.
+    let new_uri = cluster.export("shared", 1).await;
+    assert_ne!(new_uri, old_uri);
+    let mut new = connect(&new_uri);
+    new.write(4096, &[0x22; 4096], true).unwrap();
+
+    let err = old
+        .write(0, &[0x33; 4096], true)
+        .expect_err("the fenced target must not take writes");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        old.read(0, 4096).is_err(),
+        "a fenced target must not serve reads"
+    );
+
+    assert!(new.read(0, 4096).unwrap() == vec![0x11; 4096]);
+    assert!(new.read(4096, 4096).unwrap() == vec![0x22; 4096]);
+    let report = cluster.report("shared").await;
+    let (node, target) = report.active_target().unwrap();
+    assert_eq!(node.name, "node-2");
+    assert!(target.epoch >= 2);
+}
+
+/// Records of 4 KiB at consecutive offsets, each naming its number.
+fn record(n: u64) -> Vec<u8> {
+    let mut block = random_bytes(4096, n);
+    block[..8].copy_from_slice(&n.to_le_bytes());
+    block
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_target_failover_20_times() {
+    const ROUNDS: usize = 20;
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("ledger", 32 * MIB, 3).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut acknowledged: Vec<u64> = Vec::new();
+    let mut next_record = 0u64;
+    let mut target = 0usize;
+    for round in 0..ROUNDS {
+        let uri = cluster.export("ledger", target).await;
+        // Failures come one at a time: the node killed last round is caught
+        // up before the next one dies.
+        cluster
+            .wait_in_sync("ledger", 3, Duration::from_secs(60))
+            .await;
+        // Every acknowledged record so far is there, from the new target.
+        let mut client = connect(&uri);
+        for &n in &acknowledged {
+            let got = client.read(n * 4096 % (32 * MIB), 4096).unwrap();
+            assert!(
+                got == record(n),
+                "round {round}: acknowledged record {n} is missing after failover"
+            );
+        }
+        // Writers record each acknowledgement while the target node is
+        // killed at a random instant.
+        let kill_after = Duration::from_millis(rng.random_range(20..300));
+        let first = next_record;
+        let writer = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut n = first;
+            loop {
+                let fua = n % 2 == 0;
+                let offset = n * 4096 % (32 * MIB);
+                if client.write(offset, &record(n), fua).is_err() {
+                    break;
+                }
+                if !fua && client.flush().is_err() {
+                    break;
+                }
+                acked.push(n);
+                n += 1;
+            }
+            (acked, n)
+        });
+        tokio::time::sleep(kill_after).await;
+        cluster.nodes[target].kill9();
+        let (acked, next) = tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap();
+        // Records overwrite older ones at the same offset once the ring wraps.
+        let written: std::collections::BTreeSet<u64> = acked.iter().map(|n| n % 8192).collect();
+        acknowledged.retain(|n| !written.contains(&(n % 8192)));
+        acknowledged.extend(acked);
+        next_record = next;
+        cluster.nodes[target].spawn();
+        target = (target + 1) % 3;
+    }
+    let uri = cluster.export("ledger", target).await;
+    let mut client = connect(&uri);
+    for &n in &acknowledged {
+        assert!(
+            client.read(n * 4096 % (32 * MIB), 4096).unwrap() == record(n),
+            "acknowledged record {n} is missing at the end"
+        );
+    }
+    assert!(
+        acknowledged.len() > ROUNDS,
+        "the writers made too little progress"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_continues_on_a_majority_and_fails_without_one() {
+    let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("quorum", 16 * MIB, 3).await;
+    let uri = cluster.export("quorum", 0).await;
+    let mut client = connect(&uri);
+    client.write(0, &[1; 4096], true).unwrap();
+
+    // Freeze node-3 (it stops answering, as behind a partition): the target
+    // drops it and goes on with two of three.
+    let pid = |i: usize| cluster.nodes[i].pid().unwrap() as i32;
+    unsafe { libc::kill(pid(2), libc::SIGSTOP) };
+    client.write(4096, &[2; 4096], true).unwrap();
+    assert_eq!(cluster.report("quorum").await.in_sync().len(), 2);
+
+    // Freeze node-2 too: one of three is no majority; writes fail, never
+    // acknowledged on a minority.
+    unsafe { libc::kill(pid(1), libc::SIGSTOP) };
+    let err = client.write(8192, &[3; 4096], true).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    // Heal: both answer again; the volume recovers without manual steps.
+    unsafe {
+        libc::kill(pid(1), libc::SIGCONT);
+        libc::kill(pid(2), libc::SIGCONT);
+    }
+    let mut recovered = false;
+    for _ in 0..50 {
+        if client.write(8192, &[4; 4096], true).is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        recovered,
+        "writes did not recover after the partition healed"
+    );
+    assert!(client.read(0, 4096).unwrap() == vec![1; 4096]);
+    assert!(client.read(4096, 4096).unwrap() == vec![2; 4096]);
+    assert!(client.read(8192, 4096).unwrap() == vec![4; 4096]);
+    cluster
+        .wait_in_sync("quorum", 3, Duration::from_secs(60))
+        .await;
+    assert_replicas_identical(&cluster, "quorum").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_copy_is_read_from_another_replica_and_repaired() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("heal", 16 * MIB, 3).await;
+    let uri = cluster.export("heal", 0).await;
+    let data = random_bytes(3 * 4096, 77);
+    let mut client = connect(&uri);
+    client.write(1 << 20, &data, true).unwrap();
+    client.disconnect();
+
+    // Flip a bit in the middle block of node-1's copy while it is stopped.
+    cluster.nodes[0].stop();
+    let pool = cluster.nodes[0].pool_path();
+    let at = find_in_file(&pool, &data[4096..8192], 4096).expect("block in pool file");
+    let mut bytes = std::fs::read(&pool).unwrap();
+    bytes[at as usize + 100] ^= 0x01;
+    std::fs::write(&pool, bytes).unwrap();
+    cluster.nodes[0].spawn();
+
+    // The target on node-1 reads its local copy first: the bad block is
+    // read from another replica and returned intact.
+    let uri = cluster.export("heal", 0).await;
+    let mut client = connect(&uri);
+    assert!(client.read(1 << 20, 3 * 4096).unwrap() == data);
+    let failures = cluster.nodes[0]
+        .metric("strata_checksum_failures_total{volume=\"replica:heal\"}")
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "checksum failure not counted");
+    let report = cluster.report("heal").await;
+    assert!(report.active_target().unwrap().1.repaired_blocks >= 1);
+    // The local copy was rewritten: it reads back good on its own.
+    let local = cluster.replica_bytes(0, "heal").await;
+    assert!(local[1 << 20..(1 << 20) + 3 * 4096] == data[..]);
+    assert_eq!(report.in_sync().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_replica_never_serves_stale_data() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("stale", 16 * MIB, 3).await;
+    let uri = cluster.export("stale", 0).await;
+    let mut client = connect(&uri);
+    client.write(0, &[0xaa; 4096], true).unwrap();
+
+    // node-2 misses the next write, then comes back.
+    cluster.nodes[1].kill9();
+    client.write(0, &[0xbb; 4096], true).unwrap();
+    cluster.nodes[1].spawn();
+
+    // Whatever replica the reads go to (they rotate), none is stale, before
+    // or after the rebuild; and a target opened on the returning node reads
+    // the new data too.
+    for _ in 0..20 {
+        assert!(client.read(0, 4096).unwrap() == vec![0xbb; 4096]);
+    }
+    cluster
+        .wait_in_sync("stale", 3, Duration::from_secs(60))
+        .await;
+    let uri = cluster.export("stale", 1).await;
+    let mut client = connect(&uri);
+    for _ in 0..20 {
+        assert!(client.read(0, 4096).unwrap() == vec![0xbb; 4096]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_uses_distinct_nodes_and_refuses_too_few() {
+    let cluster = TestCluster::start(2, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("pair", 16 * MIB, 2).await;
+    let nodes: std::collections::BTreeSet<String> = report
+        .replicas
+        .iter()
+        .map(|r| r.node.name.clone())
+        .collect();
+    assert_eq!(nodes.len(), 2);
+    let err = strata_node::cluster::volumes::create(
+        &cluster.file(),
+        "triple",
+        16 * MIB,
+        &strata_node::cluster::volumes::Placement {
+            replicas: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not enough space: 3 replicas of 16 MiB need as many nodes"),
+        "{err}"
+    );
+    // Nothing was left behind by the refused create.
+    assert!(
+        strata_node::cluster::volumes::get(&cluster.file(), "triple")
+            .await
+            .is_err()
+    );
+}
