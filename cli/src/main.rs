@@ -39,6 +39,16 @@ enum Command {
 enum NodeCommand {
     /// List the storage nodes with their state and capacity.
     Ls,
+    /// Stop a node of the local cluster; `strata up` keeps it down until
+    /// `strata node start`.
+    Stop {
+        name: String,
+        /// SIGKILL, as in a crash, instead of a clean stop.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start a node stopped with `strata node stop`.
+    Start { name: String },
     /// Run a storage node in the foreground (what `strata up` starts).
     Serve(Box<strata_node::daemon::NodeArgs>),
 }
@@ -73,6 +83,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Ls) => {
             let cluster = cluster::ClusterFile::load(&cli.dir)?;
             node::list(&cluster).await
+        }
+        Command::Node(NodeCommand::Stop { name, kill }) => {
+            let cluster = cluster::ClusterFile::load(&cli.dir)?;
+            node::stop(&cli.dir, &cluster, &name, kill).await
+        }
+        Command::Node(NodeCommand::Start { name }) => {
+            let cluster = cluster::ClusterFile::load(&cli.dir)?;
+            node::start(&cli.dir, &cluster, &name).await
         }
         Command::Node(NodeCommand::Serve(_)) => unreachable!("handled in main"),
     }

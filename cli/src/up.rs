@@ -111,6 +111,8 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         })
         .collect();
     for node in &mut nodes {
+        // A fresh `strata up` runs every node, stopped on purpose before or not.
+        let _ = std::fs::remove_file(stop_marker(&dir, &node.entry.name));
         start(node, &dir, &args)?;
     }
     save(&dir, &nodes)?;
@@ -251,6 +253,16 @@ fn supervise(nodes: &mut [RunningNode], dir: &Path, args: &UpArgs) -> anyhow::Re
                 changed = true;
             }
         }
+        let held = stop_marker(dir, &node.entry.name).exists();
+        if held {
+            // Stopped on purpose (`strata node stop`): stays down until
+            // `strata node start` removes the marker.
+            node.restart_at = None;
+            continue;
+        }
+        if node.child.is_none() && node.restart_at.is_none() {
+            node.restart_at = Some(Instant::now());
+        }
         if node.child.is_none() && node.restart_at.is_some_and(|t| Instant::now() >= t) {
             start(node, dir, args)?;
             eprintln!(
@@ -262,6 +274,13 @@ fn supervise(nodes: &mut [RunningNode], dir: &Path, args: &UpArgs) -> anyhow::Re
         }
     }
     Ok(changed)
+}
+
+/// While this file exists in a node's directory, `strata up` does not
+/// restart the node (`strata node stop` creates it, `strata node start`
+/// removes it).
+pub fn stop_marker(dir: &Path, node: &str) -> std::path::PathBuf {
+    dir.join(node).join("stopped")
 }
 
 /// SIGTERM to every node, then SIGKILL to any still running after the timeout.

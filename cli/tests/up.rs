@@ -308,3 +308,72 @@ fn nodes_do_not_outlive_a_killed_strata_up() {
             .all(|p| unsafe { libc::kill(*p as i32, 0) } != 0)
     });
 }
+
+#[test]
+fn replicated_volume_survives_a_node_stopped_on_purpose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let up = Up::start(
+        &dir,
+        &[
+            "--nodes",
+            "3",
+            "--pool-size",
+            "128MiB",
+            "--replica-timeout-ms",
+            "1000",
+        ],
+    );
+    let created = ok(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "db",
+            "--size",
+            "32MiB",
+            "--replicas",
+            "3",
+        ],
+    );
+    assert!(created.contains("with 3 replicas on"), "{created}");
+    assert!(fails(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "big",
+            "--size",
+            "1MiB",
+            "--replicas",
+            "4"
+        ]
+    )
+    .contains("not enough space: 4 replicas"));
+    let uri = ok(&dir, &["volume", "export", "db", "--node", "node-1"])
+        .trim()
+        .to_string();
+    qemu_io(&uri, &["write -P 0x42 0 1M"]);
+
+    // A crash that `strata up` does not repair: node-3 stays down.
+    let stopped = ok(&dir, &["node", "stop", "node-3", "--kill"]);
+    assert!(stopped.contains("killed node-3"), "{stopped}");
+    qemu_io(&uri, &["write -P 0x43 1M 1M"]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let nodes = ok(&dir, &["node", "ls"]);
+    let node3 = nodes.lines().find(|l| l.starts_with("node-3")).unwrap();
+    assert!(node3.contains("down"), "{nodes}");
+    let described = ok(&dir, &["volume", "describe", "db"]);
+    assert!(described.contains("2/3 in sync (degraded)"), "{described}");
+    assert!(described.contains("unreachable"), "{described}");
+
+    // Started again, it is caught up and back in sync.
+    assert!(ok(&dir, &["node", "start", "node-3"]).contains("started node-3"));
+    wait_for(|| ok(&dir, &["volume", "describe", "db"]).contains("3/3 in sync"));
+    let described = ok(&dir, &["volume", "describe", "db"]);
+    assert!(described.contains("on node-1"), "{described}");
+    qemu_io(&uri, &["read -P 0x42 0 1M", "read -P 0x43 1M 1M"]);
+    let ls = ok(&dir, &["volume", "ls"]);
+    assert!(ls.contains("3/3 in sync"), "{ls}");
+    drop(up.interrupt());
+}

@@ -65,9 +65,14 @@ pub struct NodeArgs {
     /// target drops it from the in-sync set, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub replica_timeout_ms: u64,
-    /// Bytes per second a rebuild may copy to a replica, e.g. 200MiB (0: no limit).
+    /// Bytes per second a rebuild may copy to a replica, or a scrub read,
+    /// e.g. 200MiB (0: no limit).
     #[arg(long, default_value = "256MiB")]
     pub rebuild_rate: ByteSize,
+    /// Seconds between scrub passes over each volume this node serves
+    /// (0: no scrub).
+    #[arg(long, default_value_t = 86400)]
+    pub scrub_interval_secs: u64,
     /// Address of /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub http_listen: SocketAddr,
@@ -224,6 +229,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         node: args.name.clone(),
         timeout: Duration::from_millis(args.replica_timeout_ms.max(1)),
         rebuild_rate: args.rebuild_rate.as_u64(),
+        scrub_interval: Duration::from_secs(args.scrub_interval_secs),
     };
     // Serving volumes again after a restart; in the background, because
     // the replicas' nodes may be starting too.

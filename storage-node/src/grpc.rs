@@ -96,6 +96,7 @@ impl ControlService {
                 })
                 .collect(),
             repaired_blocks: target.repaired_blocks(),
+            scrub_passes: target.scrub_passes(),
         }
     }
 

@@ -373,3 +373,50 @@ async fn placement_uses_distinct_nodes_and_refuses_too_few() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_and_repairs_a_corruption_no_read_touched() {
+    let mut args = FAST_TIMEOUT.to_vec();
+    args.extend(["--scrub-interval-secs", "1"]);
+    let mut cluster = TestCluster::start(3, "256MiB", &args);
+    cluster.create_volume("scrub", 8 * MIB, 3).await;
+    let uri = cluster.export("scrub", 0).await;
+    let data = random_bytes(2 * 4096, 99);
+    let mut client = connect(&uri);
+    client.write(3 << 20, &data, true).unwrap();
+    client.disconnect();
+
+    // Damage node-3's copy, which no client reads (the target reads its
+    // local copy on node-1).
+    cluster.nodes[2].stop();
+    let pool = cluster.nodes[2].pool_path();
+    let at = find_in_file(&pool, &data[4096..], 4096).expect("block in pool file");
+    let mut bytes = std::fs::read(&pool).unwrap();
+    bytes[at as usize + 7] ^= 0x80;
+    std::fs::write(&pool, bytes).unwrap();
+    cluster.nodes[2].spawn();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = cluster.report("scrub").await;
+        let target = &report.active_target().unwrap().1;
+        if target.repaired_blocks >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scrub did not repair the block: {}",
+            cluster.nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        cluster.nodes[2]
+            .metric("strata_checksum_failures_total{volume=\"replica:scrub\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    // node-3's copy reads back good on its own now.
+    let copy = cluster.replica_bytes(2, "scrub").await;
+    assert!(copy[3 << 20..(3 << 20) + 2 * 4096] == data[..]);
+}

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 
 mod rebuild;
+mod scrub;
 pub use rebuild::RebuildProgress;
 
 use super::client::{LinkError, ReplicaClient};
@@ -55,8 +56,10 @@ pub struct TargetOptions {
     pub node: String,
     /// How long a replica may take to answer before it counts as failed.
     pub timeout: Duration,
-    /// Bytes per second a rebuild may copy (0: unlimited).
+    /// Bytes per second a rebuild may copy, or a scrub read (0: unlimited).
     pub rebuild_rate: u64,
+    /// Time between scrub passes (zero: no scrub).
+    pub scrub_interval: Duration,
 }
 
 /// How a target reaches one replica.
@@ -126,6 +129,7 @@ pub struct VolumeTarget {
     ranges: Arc<RangeLock>,
     next_read: AtomicUsize,
     repaired_blocks: AtomicU64,
+    scrub_passes: AtomicU64,
     /// Members being caught up, by member index: they take every write but
     /// are not in sync yet.
     rebuilding: Mutex<BTreeMap<usize, RebuildProgress>>,
@@ -158,6 +162,7 @@ impl VolumeTarget {
             ranges: RangeLock::new(),
             next_read: AtomicUsize::new(0),
             repaired_blocks: AtomicU64::new(0),
+            scrub_passes: AtomicU64::new(0),
             rebuilding: Mutex::new(BTreeMap::new()),
             options,
             local,
@@ -171,6 +176,7 @@ impl VolumeTarget {
                 reason: err.to_string(),
             })?;
         rebuild::spawn_rebuilder(&target);
+        scrub::spawn_scrubber(&target);
         Ok(target)
     }
 
@@ -704,7 +710,7 @@ impl VolumeTarget {
                         self.shrink(&failed).await?;
                     }
                     if !bad_copies.is_empty() {
-                        self.repair(&bad_copies, offset, &data).await;
+                        self.repair(&bad_copies, offset, data.len() as u64).await;
                     }
                     return Ok(data);
                 }
@@ -747,8 +753,7 @@ impl VolumeTarget {
     /// Rewrites the blocks of `[offset, +data.len())` on replicas whose copy
     /// failed its checksum. The range is locked so no client write to it is
     /// overtaken; the data is read again under the lock for the same reason.
-    async fn repair(&self, bad_copies: &[usize], offset: u64, _first_read: &[u8]) {
-        let len = _first_read.len() as u64;
+    async fn repair(&self, bad_copies: &[usize], offset: u64, len: u64) {
         // Whole blocks, so the rewrite does not read the bad block to merge.
         let start = offset - offset % 4096;
         let end = (offset + len).next_multiple_of(4096).min(self.size());
@@ -852,6 +857,11 @@ impl VolumeTarget {
     /// Blocks rewritten on a replica after a checksum failure.
     pub fn repaired_blocks(&self) -> u64 {
         self.repaired_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Scrub passes completed over the whole volume.
+    pub fn scrub_passes(&self) -> u64 {
+        self.scrub_passes.load(Ordering::Relaxed)
     }
 
     pub fn replicas(&self) -> Vec<ReplicaView> {

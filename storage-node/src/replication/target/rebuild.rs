@@ -179,12 +179,12 @@ impl VolumeTarget {
         Ok(())
     }
 
-    fn size_now(&self) -> u64 {
+    pub(super) fn size_now(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// Sleeps as long as needed to keep the copy under the rebuild rate.
-    async fn throttle(&self, started: Instant, copied_bytes: u64) {
+    /// Sleeps as long as needed to keep a rebuild or scrub under its rate.
+    pub(super) async fn throttle(&self, started: Instant, copied_bytes: u64) {
         let rate = self.options.rebuild_rate;
         if rate == 0 {
             return;
