@@ -54,6 +54,10 @@ enum NodeCommand {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`strata volume ls | head -1`), as Unix
+    // tools do, instead of panicking in println!.
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     if let Command::Node(NodeCommand::Serve(args)) = cli.command {
         // The node builds its own multi-threaded runtime.

@@ -43,6 +43,9 @@ pub struct UpArgs {
     /// the in-sync set, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub replica_timeout_ms: u64,
+    /// Bytes per second a rebuild may copy to a replica, e.g. 100MiB (0: no limit).
+    #[arg(long, default_value = "256MiB")]
+    pub rebuild_rate: ByteSize,
 }
 
 struct RunningNode {
@@ -176,6 +179,7 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .args(["--http-listen", &e.http.to_string()])
         .args(e.replication.map(|a| format!("--replication-listen={a}")))
         .args(["--replica-timeout-ms", &args.replica_timeout_ms.to_string()])
+        .args(["--rebuild-rate", &args.rebuild_rate.as_u64().to_string()])
         .args(args.preallocate.then_some("--preallocate"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -30,6 +30,12 @@ pub struct Metrics {
     pub pool_used_bytes: Gauge,
     pub pool_provisioned_bytes: Gauge,
     pub volumes: Gauge,
+    pub target_in_sync_replicas: Family<VolumeLabels, Gauge>,
+    pub target_epoch: Family<VolumeLabels, Gauge>,
+    pub rebuild_copied_bytes: Family<VolumeLabels, Counter>,
+    pub rebuild_remaining_extents: Family<VolumeLabels, Gauge>,
+    pub repaired_blocks: Family<VolumeLabels, Counter>,
+    pub scrub_passes: Family<VolumeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -96,6 +102,42 @@ impl Metrics {
             pool_provisioned_bytes.clone(),
         );
         registry.register("volumes", "Volumes in the pool", volumes.clone());
+        let target_in_sync_replicas = Family::<VolumeLabels, Gauge>::default();
+        let target_epoch = Family::<VolumeLabels, Gauge>::default();
+        let rebuild_copied_bytes = Family::<VolumeLabels, Counter>::default();
+        let rebuild_remaining_extents = Family::<VolumeLabels, Gauge>::default();
+        let repaired_blocks = Family::<VolumeLabels, Counter>::default();
+        let scrub_passes = Family::<VolumeLabels, Counter>::default();
+        registry.register(
+            "target_in_sync_replicas",
+            "Replicas in the in-sync set of a volume served here",
+            target_in_sync_replicas.clone(),
+        );
+        registry.register(
+            "target_epoch",
+            "Epoch of the volume target served here",
+            target_epoch.clone(),
+        );
+        registry.register(
+            "rebuild_copied_bytes",
+            "Bytes copied to replicas being rebuilt",
+            rebuild_copied_bytes.clone(),
+        );
+        registry.register(
+            "rebuild_remaining_extents",
+            "Extents (1 MiB) a running rebuild has still to copy",
+            rebuild_remaining_extents.clone(),
+        );
+        registry.register(
+            "repaired_blocks",
+            "Blocks rewritten on a replica after a checksum failure (reads and scrub)",
+            repaired_blocks.clone(),
+        );
+        registry.register(
+            "scrub_passes",
+            "Scrub passes completed over a volume",
+            scrub_passes.clone(),
+        );
         Metrics {
             registry,
             io_ops,
@@ -107,6 +149,12 @@ impl Metrics {
             pool_used_bytes,
             pool_provisioned_bytes,
             volumes,
+            target_in_sync_replicas,
+            target_epoch,
+            rebuild_copied_bytes,
+            rebuild_remaining_extents,
+            repaired_blocks,
+            scrub_passes,
         }
     }
 

@@ -6,9 +6,9 @@
 //! The node keeps a record of its targets (volume, highest epoch, member
 //! addresses) in a small internal pool volume, so a node that restarts after
 //! a crash serves its volumes again, as a restarted Pod would. It reopens a
-//! target only if no replica has promised an epoch above the recorded one:
-//! had another node opened the volume meanwhile, the restarted node leaves
-//! it alone.
+//! target only where no replica has promised an epoch above the recorded one
+//! (a condition each replica checks as it grants the new epoch): had another
+//! node opened the volume meanwhile, the restarted node leaves it alone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -110,6 +110,10 @@ impl NodeRegistry {
         let len = (body.len() + 4).next_multiple_of(4096) as u64;
         anyhow::ensure!(len <= RECORDS_BYTES, "too many targets to record");
         if self.pool.volume_info(RECORDS_VOLUME).is_none() {
+            if records.is_empty() {
+                // Nothing to remember, and no old records to clear.
+                return Ok(());
+            }
             self.pool
                 .create_internal_volume(RECORDS_VOLUME, RECORDS_BYTES)
                 .await?;
@@ -151,31 +155,24 @@ impl NodeRegistry {
             }
         };
         for record in records {
-            let promise =
-                target::highest_promise(&record.volume, &record.seeds, &replicas, options.timeout)
-                    .await;
-            if promise > record.epoch {
-                tracing::info!(
-                    volume = %record.volume,
-                    recorded = record.epoch,
-                    promise,
-                    "not reopening the target: another one opened the volume since"
-                );
-                continue;
-            }
             // The other nodes may be starting too: try for a while.
             for attempt in 1..=REOPEN_ATTEMPTS {
-                match VolumeTarget::open(
+                match VolumeTarget::reopen(
                     &record.volume,
                     &record.seeds,
                     replicas.clone(),
                     options.clone(),
+                    record.epoch,
                 )
                 .await
                 {
                     Ok(target) => {
                         tracing::info!(volume = %record.volume, "reopened the target this node served");
                         self.add_target(target).await;
+                        break;
+                    }
+                    Err(err @ target::OpenError::Fenced(_)) => {
+                        tracing::info!(volume = %record.volume, %err, "not reopening the target");
                         break;
                     }
                     Err(err) if attempt == REOPEN_ATTEMPTS => {

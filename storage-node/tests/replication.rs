@@ -114,6 +114,21 @@ async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
     assert!(report.missing.is_empty());
     let log = cluster.nodes[0].log();
     assert!(log.contains("replica rebuilt and back in sync"), "{log}");
+    let target = &cluster.nodes[0];
+    assert_eq!(
+        target.metric("strata_target_in_sync_replicas{volume=\"fio\"}"),
+        Some(3.0)
+    );
+    assert!(
+        target
+            .metric("strata_rebuild_copied_bytes_total{volume=\"fio\"}")
+            .unwrap_or(0.0)
+            > 0.0
+    );
+    assert_eq!(
+        target.metric("strata_rebuild_remaining_extents{volume=\"fio\"}"),
+        Some(0.0)
+    );
     assert_replicas_identical(&cluster, "fio").await;
 }
 

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 use super::membership::{self, Config, IoReply, PrepareReply, ReplicaId, ReplicaState};
-use super::wire::{Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE};
+use super::wire::{
+    Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
+};
 use crate::pool::{Pool, PoolError, Volume};
 use crate::target::{BlockError, BlockTarget};
 
@@ -186,6 +188,11 @@ impl Replica {
             Op::GetState => Ok(json(&self.state().await)),
             Op::Prepare => {
                 let mut state = self.state.write().await;
+                if request.flags & FLAG_ONLY_IF_PROMISE_AT_MOST != 0
+                    && state.promised_epoch > request.length
+                {
+                    return Err((Status::Fenced, json(&self.record(&state))));
+                }
                 let mut next = state.clone();
                 match membership::replica_prepare(&mut next, request.epoch) {
                     PrepareReply::Prepared { .. } => {

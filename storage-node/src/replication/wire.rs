@@ -33,6 +33,10 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const FLAG_FUA: u8 = 1;
 /// Request flag (write zeroes): keep the range allocated.
 pub const FLAG_NO_HOLE: u8 = 2;
+/// Request flag (prepare): grant the epoch only if the replica has promised
+/// no epoch above `length`. A node reopening the target it served before a
+/// restart uses it, so it never takes a volume over from a newer target.
+pub const FLAG_ONLY_IF_PROMISE_AT_MOST: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

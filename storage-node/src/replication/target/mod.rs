@@ -33,7 +33,9 @@ use super::client::{LinkError, ReplicaClient};
 use super::membership::{self, Config, IoReply, ReplicaId, WriteOutcome};
 use super::range_lock::RangeLock;
 use super::replica::{ConfigRecord, Member, Replica, Replicas, StateRecord};
-use super::wire::{Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE};
+use super::wire::{
+    Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
+};
 use crate::target::{BlockError, BlockResult, BlockTarget};
 
 /// How often the request path tries to reconnect a lost replica.
@@ -144,6 +146,29 @@ impl VolumeTarget {
         local: Arc<Replicas>,
         options: TargetOptions,
     ) -> Result<Arc<VolumeTarget>, OpenError> {
+        Self::open_with(volume, seeds, local, options, None).await
+    }
+
+    /// Opens `volume` only if no replica has promised an epoch above
+    /// `epoch`: the target this node served before it restarted comes back,
+    /// unless another target has opened the volume since.
+    pub async fn reopen(
+        volume: &str,
+        seeds: &[String],
+        local: Arc<Replicas>,
+        options: TargetOptions,
+        epoch: u64,
+    ) -> Result<Arc<VolumeTarget>, OpenError> {
+        Self::open_with(volume, seeds, local, options, Some(epoch)).await
+    }
+
+    async fn open_with(
+        volume: &str,
+        seeds: &[String],
+        local: Arc<Replicas>,
+        options: TargetOptions,
+        promise_at_most: Option<u64>,
+    ) -> Result<Arc<VolumeTarget>, OpenError> {
         let state = match local.get(volume) {
             Some(replica) => replica.state().await,
             None => find_state(volume, seeds, options.timeout).await?,
@@ -167,7 +192,7 @@ impl VolumeTarget {
             options,
             local,
         });
-        target.fence_and_plan().await?;
+        target.fence_and_plan(promise_at_most).await?;
         target
             .reconcile_in_sync()
             .await
@@ -182,7 +207,7 @@ impl VolumeTarget {
 
     /// Rounds 1 and 2 of opening, retried with a higher epoch when another
     /// target got in between.
-    async fn fence_and_plan(&self) -> Result<(), OpenError> {
+    async fn fence_and_plan(&self, promise_at_most: Option<u64>) -> Result<(), OpenError> {
         let membership_error = |reason: String| OpenError::Membership {
             volume: self.volume.clone(),
             reason,
@@ -202,7 +227,14 @@ impl VolumeTarget {
             let epoch = membership::next_epoch(seen_promises.iter().copied());
             self.note_prepared(epoch);
             let answers = self
-                .ask(&all, |_| Request::new(Op::Prepare, 0, epoch))
+                .ask(&all, |_| {
+                    let mut request = Request::new(Op::Prepare, 0, epoch);
+                    if let Some(at_most) = promise_at_most {
+                        request.flags = FLAG_ONLY_IF_PROMISE_AT_MOST;
+                        request.length = at_most;
+                    }
+                    request
+                })
                 .await;
             let mut prepared = Vec::new();
             let mut fenced = false;
@@ -225,6 +257,10 @@ impl VolumeTarget {
                     }
                     _ => {}
                 }
+            }
+            if fenced && promise_at_most.is_some() {
+                // Another target opened the volume since: leave it to that one.
+                return Err(OpenError::Fenced(self.volume.clone()));
             }
             let config = match membership::plan_open(&ids, epoch, &prepared) {
                 Ok(config) => config,
@@ -386,6 +422,16 @@ impl VolumeTarget {
     /// Makes `config` (persisted on a majority) the one requests use, and
     /// tells whoever keeps a record of this target's epoch.
     fn install(&self, config: Config) {
+        let metrics = self.local.pool().metrics();
+        let labels = self.labels();
+        metrics
+            .target_in_sync_replicas
+            .get_or_create(&labels)
+            .set(config.in_sync.len() as i64);
+        metrics
+            .target_epoch
+            .get_or_create(&labels)
+            .set(config.epoch as i64);
         *self.config.write().expect("config lock") = Arc::new(config);
         let listener = self.on_epoch_change.lock().expect("listener lock").clone();
         if let Some(listener) = listener {
@@ -407,6 +453,12 @@ impl VolumeTarget {
     /// The replication addresses of the members.
     pub fn member_addresses(&self) -> Vec<String> {
         self.members.iter().map(|m| m.address.clone()).collect()
+    }
+
+    fn labels(&self) -> crate::metrics::VolumeLabels {
+        crate::metrics::VolumeLabels {
+            volume: self.volume.clone(),
+        }
     }
 
     fn current(&self) -> Arc<Config> {
@@ -790,8 +842,14 @@ impl VolumeTarget {
         for (index, answer) in rewrites {
             match answer {
                 Answer::Done(_) => {
-                    self.repaired_blocks
-                        .fetch_add((end - start) / 4096, Ordering::Relaxed);
+                    let blocks = (end - start) / 4096;
+                    self.repaired_blocks.fetch_add(blocks, Ordering::Relaxed);
+                    self.local
+                        .pool()
+                        .metrics()
+                        .repaired_blocks
+                        .get_or_create(&self.labels())
+                        .inc_by(blocks);
                     tracing::info!(
                         volume = %self.volume,
                         node = %self.members[index].node,
@@ -917,34 +975,6 @@ fn common_client_error<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<
         Status::NoSpace => BlockError::NoSpace,
         _ => BlockError::Io("request past the end of a replica".into()),
     })
-}
-
-/// The highest epoch any reachable replica of `volume` has promised (0 when
-/// none answers).
-pub async fn highest_promise(
-    volume: &str,
-    seeds: &[String],
-    local: &Replicas,
-    timeout: Duration,
-) -> u64 {
-    let mut highest = 0;
-    if let Some(replica) = local.get(volume) {
-        highest = replica.state().await.promised_epoch;
-    }
-    let asks = seeds.iter().map(|seed| async move {
-        let client = ReplicaClient::connect(seed, volume, timeout).await.ok()?;
-        let reply = client
-            .call(Request::new(Op::GetState, 0, 0), timeout)
-            .await
-            .ok()?;
-        serde_json::from_slice::<StateRecord>(&reply.payload)
-            .ok()
-            .map(|s| s.promised_epoch)
-    });
-    for promise in join_all(asks).await.into_iter().flatten() {
-        highest = highest.max(promise);
-    }
-    highest
 }
 
 /// Asks the seeds, in turn, for a replica's state of `volume`.

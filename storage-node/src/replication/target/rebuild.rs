@@ -18,7 +18,7 @@
 //! flushed, the replica is added to the in-sync set by a configuration change
 //! (both rounds, new epoch), like a shrink in reverse.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,8 @@ use crate::target::BlockResult;
 const DIGEST_BATCH: u64 = 4096;
 /// How often the target looks for replicas to catch up.
 const REBUILD_POLL: Duration = Duration::from_secs(1);
+/// The longest wait between attempts to rebuild a replica that failed.
+const REBUILD_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// How far a replica's rebuild has come.
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub struct RebuildProgress {
 pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
     let weak = Arc::downgrade(target);
     tokio::spawn(async move {
+        // After a failed rebuild, the member waits longer each time (up to
+        // REBUILD_BACKOFF_MAX), so a replica that cannot take the copy (a full
+        // pool, say) does not fill the log.
+        let mut backoff: BTreeMap<usize, (Instant, Duration)> = BTreeMap::new();
         loop {
             tokio::time::sleep(REBUILD_POLL).await;
             let Some(target) = weak.upgrade() else { return };
@@ -69,10 +75,21 @@ pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
             for index in 0..target.members.len() {
                 let id = ReplicaId(target.members[index].id);
                 if config.in_sync.contains(&id) {
+                    backoff.remove(&index);
+                    continue;
+                }
+                if backoff
+                    .get(&index)
+                    .is_some_and(|(at, _)| Instant::now() < *at)
+                {
                     continue;
                 }
                 if let Err(err) = target.rebuild(index).await {
                     target.abort_rebuild(index, &err);
+                    let wait = backoff.get(&index).map_or(REBUILD_POLL, |(_, wait)| {
+                        (*wait * 2).min(REBUILD_BACKOFF_MAX)
+                    });
+                    backoff.insert(index, (Instant::now() + wait, wait));
                 }
             }
         }
@@ -104,6 +121,12 @@ impl VolumeTarget {
             .remove(&index)
             .is_some()
         {
+            self.local
+                .pool()
+                .metrics()
+                .rebuild_remaining_extents
+                .get_or_create(&self.labels())
+                .set(0);
             tracing::warn!(
                 volume = %self.volume,
                 node = %self.members[index].node,
@@ -146,6 +169,12 @@ impl VolumeTarget {
             "rebuilding a replica"
         );
         self.update_progress(index, |p| p.extents_total = diffs.len() as u64);
+        self.local
+            .pool()
+            .metrics()
+            .rebuild_remaining_extents
+            .get_or_create(&self.labels())
+            .set(diffs.len() as i64);
         let mut copied_bytes = 0u64;
         for extent in diffs {
             if !self.still_rebuilding(index) {
@@ -155,11 +184,21 @@ impl VolumeTarget {
                 return Err("target closed".into());
             }
             let source = self.rebuild_source()?;
-            copied_bytes += self.copy_extent(source, index, extent).await?;
+            let copied = self.copy_extent(source, index, extent).await?;
+            copied_bytes += copied;
             self.update_progress(index, |p| {
                 p.extents_copied += 1;
                 p.bytes_copied = copied_bytes;
             });
+            let metrics = self.local.pool().metrics();
+            metrics
+                .rebuild_copied_bytes
+                .get_or_create(&self.labels())
+                .inc_by(copied);
+            metrics
+                .rebuild_remaining_extents
+                .get_or_create(&self.labels())
+                .dec();
             self.throttle(started, copied_bytes).await;
         }
         {

@@ -88,6 +88,12 @@ impl VolumeTarget {
         }
         self.scrub_passes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.local
+            .pool()
+            .metrics()
+            .scrub_passes
+            .get_or_create(&self.labels())
+            .inc();
         tracing::info!(
             volume = %self.volume,
             extents,
