@@ -2,7 +2,9 @@
 //! no protoc on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/storage.proto"];
+    // csi.proto imports descriptor, timestamp and wrappers from
+    // google/protobuf, which protox ships.
+    let protos = ["proto/storage.proto", "proto/csi.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -4,3 +4,8 @@
 pub mod storage {
     tonic::include_proto!("strata.storage.v1");
 }
+
+/// The Container Storage Interface (spec v1.8.0), served by strata-csi.
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}
