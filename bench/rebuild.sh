@@ -91,8 +91,14 @@ done
 strata volume create rb --size "$VOL_SIZE" --replicas 3 --node node-1 >&2
 URI=$(strata volume export rb --node node-1)
 
+# fio's nbd engine prints "fio: connected to NBD server" on stdout, so the
+# JSON goes through a file.
 fio_json() {
-    fio --ioengine=nbd --uri="$URI" --size="$VOL_BYTES" --output-format=json "$@"
+    local out
+    out=$(mktemp "$TMP/fio.XXXXXX.json")
+    fio --ioengine=nbd --uri="$URI" --size="$VOL_BYTES" --output-format=json \
+        --output="$out" "$@" >/dev/null
+    cat "$out"
 }
 
 log "filling the volume (sequential 1 MiB writes, QD8)"
