@@ -1,5 +1,7 @@
 //! Helpers for the system tests: they drive the `strata` binary as a user would.
 
+pub mod manifests;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

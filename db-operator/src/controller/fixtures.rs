@@ -5,19 +5,23 @@
 //! every answer in order, it keeps the objects in memory and answers GET, LIST,
 //! POST, PATCH (server-side apply, merge, JSON patch; status subresource) and DELETE
 //! like the API server would, recording each request so a test can check what the
-//! controller asked for and in which order.
+//! controller asked for and in which order. Like the real one, it refuses (403)
+//! what the operator's ClusterRole in `deploy/operator/rbac.yaml` does not allow,
+//! and [`ApiServerVerifier::take_requests`] fails the test on such a request.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
 use tower_test::mock::{self, Handle};
 
 use super::instances::{InstanceApi, InstanceTarget};
+use super::rbac;
 use super::Context;
 use crate::instance_api::{
     DemoteReport, InstanceReport, PrimaryAddress, ReplicationSettings, Role,
@@ -53,6 +57,18 @@ struct Store {
 pub struct ApiServerVerifier {
     store: Arc<Mutex<Store>>,
     log: Arc<Mutex<Vec<Recorded>>>,
+    /// Requests the operator's RBAC does not allow, as `verb group/resource`.
+    forbidden: Arc<Mutex<Vec<String>>>,
+}
+
+/// The rules of the operator's ClusterRole, read once from deploy/.
+fn operator_rules() -> &'static [PolicyRule] {
+    static RULES: OnceLock<Vec<PolicyRule>> = OnceLock::new();
+    RULES.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/operator/rbac.yaml");
+        let yaml = std::fs::read_to_string(path).expect("deploy/operator/rbac.yaml");
+        rbac::cluster_role_rules(&yaml, "strata-operator").expect("the operator's ClusterRole")
+    })
 }
 
 impl ApiServerVerifier {
@@ -63,6 +79,7 @@ impl ApiServerVerifier {
         let verifier = Self {
             store: Arc::default(),
             log: Arc::default(),
+            forbidden: Arc::default(),
         };
         verifier.serve(handle);
         (client, verifier)
@@ -71,6 +88,7 @@ impl ApiServerVerifier {
     fn serve(&self, mut handle: Handle<Request<Body>, Response<Body>>) {
         let store = self.store.clone();
         let log = self.log.clone();
+        let forbidden = self.forbidden.clone();
         tokio::spawn(async move {
             while let Some((request, respond)) = handle.next_request().await {
                 let (parts, body) = request.into_parts();
@@ -96,13 +114,42 @@ impl ApiServerVerifier {
                     content_type: content_type.clone(),
                     body: body.clone(),
                 });
-                let (status, answer) = store.lock().unwrap().answer(
-                    &parts.method,
-                    &route,
-                    &query,
-                    &content_type,
-                    body,
+                let verb = rbac::verb_of(
+                    parts.method.as_str(),
+                    route.name.is_some(),
+                    query.split('&').any(|kv| kv == "watch=true"),
                 );
+                let resource = match &route.subresource {
+                    Some(sub) => format!("{}/{sub}", route.plural),
+                    None => route.plural.clone(),
+                };
+                // A server-side apply that creates the object is authorized as
+                // a create too, as the API server does.
+                let apply_creates = parts.method == http::Method::PATCH
+                    && content_type == "application/apply-patch+yaml"
+                    && !store.lock().unwrap().holds(&route);
+                let allowed = rbac::allows(operator_rules(), &route.group, &resource, verb)
+                    && (!apply_creates
+                        || rbac::allows(operator_rules(), &route.group, &resource, "create"));
+                let (status, answer) = if allowed {
+                    store
+                        .lock()
+                        .unwrap()
+                        .answer(&parts.method, &route, &query, &content_type, body)
+                } else {
+                    let verb = if apply_creates {
+                        "create (apply)"
+                    } else {
+                        verb
+                    };
+                    let denied = format!("{verb} {}/{resource}", route.group);
+                    forbidden.lock().unwrap().push(denied.clone());
+                    status_error(
+                        StatusCode::FORBIDDEN,
+                        "Forbidden",
+                        format!("deploy/operator/rbac.yaml does not allow {denied}"),
+                    )
+                };
                 let response = Response::builder()
                     .status(status)
                     .header(http::header::CONTENT_TYPE, "application/json")
@@ -148,8 +195,14 @@ impl ApiServerVerifier {
             .collect()
     }
 
-    /// Every request so far, and forget them.
+    /// Every request so far, and forget them. Fails the test if any was one
+    /// the operator's RBAC would refuse.
     pub fn take_requests(&self) -> Vec<Recorded> {
+        let forbidden = self.forbidden.lock().unwrap().clone();
+        assert!(
+            forbidden.is_empty(),
+            "the controller made requests deploy/operator/rbac.yaml does not allow: {forbidden:?}"
+        );
         std::mem::take(&mut *self.log.lock().unwrap())
     }
 
@@ -173,7 +226,22 @@ impl ApiServerVerifier {
     }
 }
 
+impl Drop for ApiServerVerifier {
+    /// A test that never looks at the requests still fails on a forbidden one.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let forbidden = self.forbidden.lock().unwrap();
+            assert!(
+                forbidden.is_empty(),
+                "the controller made requests deploy/operator/rbac.yaml does not allow: {forbidden:?}"
+            );
+        }
+    }
+}
+
 struct Route {
+    /// The API group, `""` for the core group.
+    group: String,
     namespace: Option<String>,
     plural: String,
     name: Option<String>,
@@ -184,10 +252,10 @@ impl Route {
     fn parse(path: &str) -> Self {
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         // /api/v1/... or /apis/GROUP/VERSION/...
-        let rest = if segments[0] == "api" {
-            &segments[2..]
+        let (group, rest) = if segments[0] == "api" {
+            (String::new(), &segments[2..])
         } else {
-            &segments[3..]
+            (segments[1].to_string(), &segments[3..])
         };
         let (namespace, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
             (Some(rest[1].to_string()), &rest[2..])
@@ -195,6 +263,7 @@ impl Route {
             (None, rest)
         };
         Route {
+            group,
             namespace,
             plural: rest[0].to_string(),
             name: rest.get(1).map(|s| s.to_string()),
@@ -243,6 +312,16 @@ fn matches_selector(object: &Value, query: &str) -> bool {
 }
 
 impl Store {
+    /// Whether the object a request names exists.
+    fn holds(&self, route: &Route) -> bool {
+        let Some(name) = &route.name else {
+            return false;
+        };
+        let ns = route.namespace.clone().unwrap_or_default();
+        self.objects
+            .contains_key(&(route.plural.clone(), ns, name.clone()))
+    }
+
     fn stamp(&mut self, object: &mut Value) {
         self.next_version += 1;
         object["metadata"]["resourceVersion"] = json!(self.next_version.to_string());

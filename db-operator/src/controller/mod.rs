@@ -6,6 +6,7 @@ pub mod error;
 #[cfg(test)]
 mod fixtures;
 pub mod instances;
+pub mod rbac;
 pub mod reconcile;
 pub mod resources;
 

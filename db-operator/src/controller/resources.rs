@@ -195,11 +195,15 @@ pub fn pvc(pgc: &PostgresCluster, instance: &str) -> PersistentVolumeClaim {
     }
 }
 
+/// Where the default PostgreSQL images are, tagged by major version (built
+/// from deploy/docker/strata-postgres.Dockerfile).
+pub const POSTGRES_IMAGE_REPOSITORY: &str = "ghcr.io/strata-storage/postgres";
+
 pub fn image(pgc: &PostgresCluster) -> String {
     pgc.spec
         .image_name
         .clone()
-        .unwrap_or_else(|| format!("ghcr.io/strata/postgres:{}", pgc.spec.postgres_version))
+        .unwrap_or_else(|| format!("{POSTGRES_IMAGE_REPOSITORY}:{}", pgc.spec.postgres_version))
 }
 
 fn secret_env(name: &str, secret: String) -> EnvVar {
