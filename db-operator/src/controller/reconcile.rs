@@ -1,7 +1,7 @@
 //! One reconcile of a `PostgresCluster`: validate, create what is missing, watch the
 //! primary, fail over, scale, and record what was seen in the status.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use crate::decisions::{
     caught_up, choose_promotion, choose_removals, instance_order, resolve_primary,
 };
 use crate::instance_api::{InstanceReport, PrimaryAddress, ReplicationSettings, Role};
-use crate::validation::validate;
+use crate::validation::{parse_quantity, validate};
 
 /// How often a healthy cluster is looked at: the failover delay is measured
 /// between these looks, so it bounds how late a failover can start.
@@ -159,7 +159,8 @@ struct Observed {
     pods: Vec<Pod>,
     /// Every instance that has a PVC or a Pod, in instance order.
     members: Vec<String>,
-    pvcs: BTreeSet<String>,
+    /// Each instance's PVC and the bytes it requests (None: unreadable).
+    pvcs: BTreeMap<String, Option<u64>>,
     reports: Vec<InstanceReport>,
 }
 
@@ -195,18 +196,19 @@ async fn observe(ctx: &Context, pgc: &PostgresCluster, ns: &str) -> Result<Obser
         .list(&lp)
         .await?
         .items;
-    let pvcs: BTreeSet<String> = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
+    let pvcs: BTreeMap<String, Option<u64>> =
+        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
+            .list(&lp)
+            .await?
+            .items
+            .iter()
+            .map(|pvc| (pvc.name_any(), requested_bytes(pvc)))
+            .collect();
     let mut members: Vec<String> = pods
         .iter()
         .filter(|p| p.labels().contains_key(INSTANCE_LABEL))
         .map(|p| p.name_any())
-        .chain(pvcs.iter().cloned())
+        .chain(pvcs.keys().cloned())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -225,6 +227,83 @@ async fn observe(ctx: &Context, pgc: &PostgresCluster, ns: &str) -> Result<Obser
         }
     }
     Ok(observed)
+}
+
+/// The storage a PVC asks for, in bytes.
+fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
+    let requests = pvc.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?;
+    parse_quantity(&requests.get("storage")?.0).ok()
+}
+
+/// Grows every instance's PVC to `storage.size`; the CSI driver then grows the
+/// Strata volume and the filesystem, and PostgreSQL sees the space without a
+/// restart. A volume cannot shrink: a smaller size changes nothing and says so
+/// in the `StorageSize` condition and a Warning Event.
+async fn grow_volumes(
+    ctx: &Context,
+    pgc: &PostgresCluster,
+    ns: &str,
+    observed: &Observed,
+    status: &mut PostgresClusterStatus,
+) -> Result<(), Error> {
+    let size = &pgc.spec.storage.size;
+    let Ok(wanted) = parse_quantity(size) else {
+        return Ok(()); // validate() refused it already
+    };
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let mut larger = Vec::new();
+    for (name, requested) in &observed.pvcs {
+        match *requested {
+            Some(bytes) if bytes < wanted => {
+                let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}});
+                pvcs.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                publish(
+                    ctx,
+                    pgc,
+                    EventType::Normal,
+                    "VolumeExpanding",
+                    "Expanding",
+                    format!("growing the volume of {name} to {size}"),
+                )
+                .await?;
+            }
+            Some(bytes) if bytes > wanted => larger.push(name.clone()),
+            _ => {}
+        }
+    }
+    if larger.is_empty() {
+        set_condition(
+            status,
+            "StorageSize",
+            true,
+            "Applied",
+            &format!("every volume asks for {size}"),
+        );
+    } else {
+        let message = format!(
+            "storage.size {size} is smaller than the volumes of {}; a volume cannot shrink, \
+             so they keep their size",
+            larger.join(", ")
+        );
+        if status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != "StorageSize" || c.message != message)
+        {
+            publish(
+                ctx,
+                pgc,
+                EventType::Warning,
+                "StorageShrinkRefused",
+                "Expanding",
+                message.clone(),
+            )
+            .await?;
+        }
+        set_condition(status, "StorageSize", false, "ShrinkRefused", &message);
+    }
+    Ok(())
 }
 
 async fn create_instance(
@@ -319,6 +398,7 @@ async fn apply(pgc: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
     ensure_secrets(ctx, pgc, &ns).await?;
     let observed = observe(ctx, pgc, &ns).await?;
     let desired = pgc.spec.instances as usize;
+    grow_volumes(ctx, pgc, &ns, &observed, &mut status).await?;
 
     if observed.members.is_empty() {
         // A new cluster: the first instance runs initdb; every name it will have
@@ -491,7 +571,7 @@ async fn apply(pgc: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
             } else {
                 Role::Replica
             };
-            let has_pvc = observed.pvcs.contains(instance);
+            let has_pvc = observed.pvcs.contains_key(instance);
             create_instance(ctx, pgc, &ns, instance, role, &peers, has_pvc).await?;
             publish(
                 ctx,
@@ -1081,10 +1161,10 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::reconcile;
-    use crate::controller::fixtures::{test_context, ApiServerVerifier, FakeInstances};
+    use crate::controller::fixtures::{test_context, ApiServerVerifier, FakeInstances, Recorded};
     use crate::controller::resources::{self, INSTANCE_LABEL};
     use crate::controller::FINALIZER;
-    use crate::crd::{PostgresCluster, PostgresClusterSpec, PostgresClusterStatus};
+    use crate::crd::{Condition, PostgresCluster, PostgresClusterSpec, PostgresClusterStatus};
     use crate::instance_api::{InstanceReport, ReplicationSettings, Role};
 
     fn cluster(instances: u32) -> PostgresCluster {
@@ -1838,6 +1918,100 @@ mod tests {
             valid.message.contains("spec.postgresql.parameters.port"),
             "{}",
             valid.message
+        );
+    }
+
+    /// A healthy 3-instance cluster whose volumes were made at 1Gi, now asking
+    /// for `size`; what one reconcile does.
+    async fn resized(size: &str) -> (ApiServerVerifier, Vec<Recorded>, PostgresClusterStatus) {
+        let (ctx, api, fake) = test_context();
+        let mut pgc = with_primary(cluster(3), "db-1");
+        for name in ["db-1", "db-2", "db-3"] {
+            seed_instance(
+                &api,
+                &pgc,
+                name,
+                if name == "db-1" {
+                    Role::Primary
+                } else {
+                    Role::Replica
+                },
+            );
+        }
+        pgc.spec.storage.size = size.into();
+        api.seed("postgresclusters", &pgc);
+        all_replication(
+            &fake,
+            vec![
+                report("db-1", Role::Primary, 1, "0/9000000"),
+                report("db-2", Role::Replica, 1, "0/9000000"),
+                report("db-3", Role::Replica, 1, "0/9000000"),
+            ],
+            3,
+        );
+        reconcile(Arc::new(pgc), ctx).await.unwrap();
+        let requests = api.take_requests();
+        let status = stored(&api).status.unwrap();
+        (api, requests, status)
+    }
+
+    fn storage_condition(status: &PostgresClusterStatus) -> &Condition {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "StorageSize")
+            .expect("the StorageSize condition")
+    }
+
+    #[tokio::test]
+    async fn a_larger_storage_size_grows_every_volume() {
+        let (api, requests, status) = resized("2Gi").await;
+        assert_eq!(
+            ApiServerVerifier::mutations(&requests)
+                .into_iter()
+                .filter(|m| m.contains("persistentvolumeclaims"))
+                .collect::<Vec<_>>(),
+            s(&[
+                "PATCH persistentvolumeclaims/db-1",
+                "PATCH persistentvolumeclaims/db-2",
+                "PATCH persistentvolumeclaims/db-3",
+            ])
+        );
+        for name in ["db-1", "db-2", "db-3"] {
+            let pvc = api.get("persistentvolumeclaims", "ns", name).unwrap();
+            assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "2Gi");
+        }
+        assert_eq!(
+            ApiServerVerifier::event_reasons(&requests),
+            s(&["VolumeExpanding", "VolumeExpanding", "VolumeExpanding"])
+        );
+        assert_eq!(storage_condition(&status).status, "True");
+        assert!(api.get("pods", "ns", "db-1").is_some(), "no restart");
+    }
+
+    #[tokio::test]
+    async fn a_smaller_storage_size_changes_no_volume_and_says_why() {
+        let (api, requests, status) = resized("512Mi").await;
+        assert!(
+            !ApiServerVerifier::mutations(&requests)
+                .iter()
+                .any(|m| m.contains("persistentvolumeclaims")),
+            "a volume cannot shrink"
+        );
+        for name in ["db-1", "db-2", "db-3"] {
+            let pvc = api.get("persistentvolumeclaims", "ns", name).unwrap();
+            assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "1Gi");
+        }
+        assert_eq!(
+            ApiServerVerifier::event_reasons(&requests),
+            s(&["StorageShrinkRefused"])
+        );
+        let condition = storage_condition(&status);
+        assert_eq!(condition.status, "False");
+        assert!(
+            condition.message.contains("db-1, db-2, db-3") && condition.message.contains("512Mi"),
+            "{}",
+            condition.message
         );
     }
 
