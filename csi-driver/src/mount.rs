@@ -66,17 +66,39 @@ pub fn is_mount_point(path: &Path) -> std::io::Result<bool> {
     Ok(mounted_at(path)?.is_some())
 }
 
-/// The filesystem on a device, None when blkid finds nothing (a blank device).
-pub async fn probe_fs(device: &Path) -> Result<Option<String>, CommandError> {
-    let args = ["-p", "-s", "TYPE", "-o", "value", &device.to_string_lossy()];
+/// What blkid finds at the start of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Contents {
+    /// Nothing blkid knows: the only state in which a device may be formatted.
+    Blank,
+    Filesystem(String),
+    /// A partition table and no filesystem: someone's data, never formatted over.
+    PartitionTable(String),
+}
+
+/// Probes a device (or an image file) with `blkid -p`, as Kubernetes'
+/// mount-utils does before it formats: a filesystem or a partition table
+/// means the device is not blank.
+pub async fn probe(device: &Path) -> Result<Contents, CommandError> {
+    let device = device.to_string_lossy();
+    let args = ["-p", "-s", "TYPE", "-s", "PTTYPE", "-o", "export", &device];
     let out = command::output("blkid", &args).await?;
     match out.status.code() {
         Some(0) => {
-            let fs = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            Ok(if fs.is_empty() { None } else { Some(fs) })
+            let text = String::from_utf8_lossy(&out.stdout);
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+                    .map(str::to_string)
+            };
+            Ok(match (field("TYPE"), field("PTTYPE")) {
+                (Some(fs), _) => Contents::Filesystem(fs),
+                (None, Some(table)) => Contents::PartitionTable(table),
+                (None, None) => Contents::Blank,
+            })
         }
         // blkid's "nothing found".
-        Some(2) => Ok(None),
+        Some(2) => Ok(Contents::Blank),
         _ => Err(command::failed("blkid", &args, &out)),
     }
 }
@@ -207,6 +229,42 @@ pub fn usage(path: &Path) -> std::io::Result<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An image file with `bytes` at its start.
+    fn image(dir: &Path, name: &str, start: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        let mut data = vec![0u8; 4 << 20];
+        data[..start.len()].copy_from_slice(start);
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn only_a_device_with_nothing_on_it_is_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let blank = image(dir.path(), "blank", &[]);
+        assert_eq!(probe(&blank).await.unwrap(), Contents::Blank);
+
+        // An MBR with one Linux partition and no filesystem.
+        let mut mbr = vec![0u8; 512];
+        mbr[446 + 4] = 0x83;
+        mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        mbr[446 + 12..446 + 16].copy_from_slice(&4096u32.to_le_bytes());
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        let partitioned = image(dir.path(), "partitioned", &mbr);
+        assert_eq!(
+            probe(&partitioned).await.unwrap(),
+            Contents::PartitionTable("dos".into())
+        );
+
+        let ext4 = image(dir.path(), "ext4", &[]);
+        format(&ext4, "ext4").await.unwrap();
+        assert_eq!(
+            probe(&ext4).await.unwrap(),
+            Contents::Filesystem("ext4".into())
+        );
+    }
 
     #[test]
     fn mountinfo_lines_give_mount_point_type_and_source() {

@@ -161,9 +161,15 @@ impl NodeService {
             return Ok(());
         }
         let device = staged.attachment.device();
-        let fs_type = match mount::probe_fs(device).await? {
-            Some(existing) => existing,
-            None => {
+        let fs_type = match mount::probe(device).await? {
+            mount::Contents::Filesystem(existing) => existing,
+            mount::Contents::PartitionTable(table) => {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {id} holds a {table} partition table and no filesystem; \
+                     it is not formatted over (use it as a raw block volume, or wipe it)"
+                )));
+            }
+            mount::Contents::Blank => {
                 tracing::info!(volume = id, device = %device.display(), fs_type, "formatting a blank volume");
                 mount::format(device, fs_type).await?;
                 fs_type.clone()
