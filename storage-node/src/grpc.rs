@@ -145,8 +145,12 @@ fn replica_status(err: ReplicaError) -> Status {
 pub fn status_from(err: PoolError) -> Status {
     match err {
         PoolError::Invalid(msg) => Status::invalid_argument(msg),
-        PoolError::NotFound(_) => Status::not_found(err.to_string()),
-        PoolError::AlreadyExists(_) => Status::already_exists(err.to_string()),
+        PoolError::NotFound(_) | PoolError::SnapshotNotFound(_) => {
+            Status::not_found(err.to_string())
+        }
+        PoolError::AlreadyExists(_) | PoolError::SnapshotExists(_) => {
+            Status::already_exists(err.to_string())
+        }
         PoolError::NoSpace(_) => Status::resource_exhausted(err.to_string()),
         PoolError::Io(_) | PoolError::Corrupt(_) => Status::internal(err.to_string()),
     }
