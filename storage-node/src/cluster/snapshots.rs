@@ -96,9 +96,11 @@ pub async fn get(cluster: &ClusterFile, name: &str) -> Result<SnapshotReport, Vo
 }
 
 /// Takes snapshot `name` of `volume` on every in-sync replica, through the
-/// volume's target (opened where it is not open). Taking a snapshot that
-/// exists already of the same volume returns it (retries are safe); of
-/// another volume, it is refused. A failed attempt leaves no copies behind.
+/// volume's target (opened for the while where it is not open; the caller
+/// keeps others from opening or closing the volume's target meanwhile).
+/// Taking a snapshot that exists already of the same volume returns it
+/// (retries are safe); of another volume, it is refused. A failed attempt
+/// leaves no copies behind.
 pub async fn create(
     cluster: &ClusterFile,
     volume: &str,
@@ -116,9 +118,11 @@ pub async fn create(
         });
     }
     let report = volumes::get(cluster, volume).await?;
-    let node = match report.active_target() {
-        Some((node, _)) => node.clone(),
-        None => volumes::open_target(cluster, volume, None).await?.0,
+    // A volume nobody serves gets a target for the snapshot only, closed
+    // again after: the volume must not look attached to a node.
+    let (node, opened) = match report.active_target() {
+        Some((node, _)) => (node.clone(), false),
+        None => (volumes::open_target(cluster, volume, None).await?.0, true),
     };
     let taken = client::connect(&node)
         .await
@@ -128,6 +132,9 @@ pub async fn create(
             name: name.to_string(),
         })
         .await;
+    if opened {
+        volumes::close_target_on(&node, volume).await;
+    }
     if let Err(status) = taken {
         remove_copies(cluster, name).await;
         return Err(match status.code() {

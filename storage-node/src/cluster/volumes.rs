@@ -453,7 +453,7 @@ pub async fn open_target(
     Ok((node, target))
 }
 
-async fn close_target_on(node: &NodeEntry, name: &str) {
+pub(super) async fn close_target_on(node: &NodeEntry, name: &str) {
     if let Ok(mut c) = client::connect(node).await {
         let _ = c
             .close_target(CloseTargetRequest {
