@@ -457,9 +457,13 @@ impl Pool {
         Ok(info)
     }
 
-    /// Deletes a volume and returns its space to the pool.
+    /// Deletes a volume and returns its space to the pool (the blocks no
+    /// snapshot or clone shares).
     pub async fn delete_volume(&self, name: &str) -> Result<(), PoolError> {
-        {
+        // Held from the removal on, so no journal commit in between hands the
+        // blocks out again while the durable checkpoint still has the volume.
+        let mut commit = self.commit.lock().await;
+        let frees = {
             let mut state = self.state.lock().expect("state lock");
             let id = state
                 .volumes
@@ -468,13 +472,11 @@ impl Pool {
                 .map(|(id, _)| *id)
                 .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
             let volume = state.volumes.remove(&id).expect("volume present");
-            // Frees become real once the checkpoint without this volume is durable.
-            state
-                .pending_frees
-                .extend(volume.map.iter().map(|(_, e)| e.pba));
             state.pending_records.retain(|r| r.volume_id != id);
-        }
-        self.checkpoint().await?;
+            volume.map.iter().map(|(_, e)| e.pba).collect()
+        };
+        // Frees become real once the checkpoint without this volume is durable.
+        self.checkpoint_locked(&mut commit, frees).await?;
         tracing::info!(volume = name, "deleted volume");
         Ok(())
     }

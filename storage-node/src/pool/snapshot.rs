@@ -112,24 +112,27 @@ impl Pool {
     /// Deletes a snapshot; blocks no other map names return to the free space.
     /// Volumes cloned from it keep their data.
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), PoolError> {
-        {
-            let state = self.state.lock().expect("state lock");
+        // As for volumes: no commit may free the blocks before the
+        // checkpoint without the snapshot is durable.
+        let mut commit = self.commit.lock().await;
+        let frees = {
+            let mut state = self.state.lock().expect("state lock");
             let id = state
                 .snapshots
                 .iter()
                 .find(|(_, s)| s.name == name)
                 .map(|(id, _)| *id)
                 .ok_or_else(|| PoolError::SnapshotNotFound(name.to_string()))?;
-            drop(state);
-            self.forget_snapshot(id);
-        }
-        self.checkpoint().await?;
+            let snapshot = state.snapshots.remove(&id).expect("snapshot present");
+            snapshot.map.iter().map(|(_, e)| e.pba).collect()
+        };
+        self.checkpoint_locked(&mut commit, frees).await?;
         tracing::info!(snapshot = name, "deleted snapshot");
         Ok(())
     }
 
-    /// Removes a snapshot from memory; its references go once the next
-    /// checkpoint (without it) is durable.
+    /// Removes a snapshot whose creation failed from memory; its references
+    /// go with the next commit.
     fn forget_snapshot(&self, id: u64) {
         let mut state = self.state.lock().expect("state lock");
         if let Some(snapshot) = state.snapshots.remove(&id) {
