@@ -8,12 +8,14 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::cluster::TestCluster;
 use common::nbd_client::NbdClient;
 use common::*;
 use strata_node::cluster::snapshots;
 use strata_node::cluster::volumes::{self, VolumeError};
+use strata_node::replication::wire::{Op, Request, Status};
 
 fn connect(uri: &str) -> NbdClient {
     let rest = uri.strip_prefix("nbd://").unwrap();
@@ -49,9 +51,9 @@ async fn a_snapshot_taken_under_writes_is_the_same_on_every_replica_and_clones_f
             n
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let snapshot = snapshots::create(&file, "db", "db-snap").await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let writes = tokio::task::spawn_blocking(move || writer.join().unwrap())
         .await
@@ -155,6 +157,13 @@ async fn snapshot_copies_survive_a_node_restart_and_a_stale_target_cannot_take_o
         "{err:?}"
     );
     assert!(snapshots::get(&file, "v-2").await.is_err());
+    // At the replica itself: a Snapshot request of an older epoch is fenced.
+    let (replica, epoch, _) = cluster.replica(0, "v").await;
+    let mut stale = Request::new(Op::Snapshot, 1, epoch - 1);
+    stale.payload = b"v-3".to_vec();
+    let reply = replica.call(stale, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(reply.status, Status::Fenced);
+    assert!(snapshots::get(&file, "v-3").await.is_err());
     let clone = volumes::create_from_snapshot(&file, "v-clone", &snapshot, None)
         .await
         .unwrap();
