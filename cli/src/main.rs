@@ -2,6 +2,7 @@
 
 use strata_node::cluster;
 mod node;
+mod snapshot;
 mod up;
 mod volume;
 
@@ -33,6 +34,9 @@ enum Command {
     /// Storage nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 #[derive(Subcommand)]
@@ -97,5 +101,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node::start(&cli.dir, &cluster, &name).await
         }
         Command::Node(NodeCommand::Serve(_)) => unreachable!("handled in main"),
+        Command::Snapshot(command) => {
+            let cluster = cluster::ClusterFile::load(&cli.dir)?;
+            snapshot::run(&cluster, command).await
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use bytesize::ByteSize;
 
+use strata_node::cluster::snapshots;
 use strata_node::cluster::volumes::{self, Placement, VolumeReport};
 use strata_node::cluster::ClusterFile;
 
@@ -11,15 +12,21 @@ pub enum VolumeCommand {
     /// Create a thin-provisioned volume with replicas on distinct nodes.
     Create {
         name: String,
-        /// Size, e.g. 1GiB or 512MiB.
+        /// Size, e.g. 1GiB or 512MiB (with --from-snapshot: the snapshot's
+        /// size unless larger).
+        #[arg(long, required_unless_present = "from_snapshot")]
+        size: Option<ByteSize>,
+        /// Number of replicas, each on a different node (spread over zones;
+        /// default 1).
         #[arg(long)]
-        size: ByteSize,
-        /// Number of replicas, each on a different node (spread over zones).
-        #[arg(long, default_value_t = 1)]
-        replicas: usize,
+        replicas: Option<usize>,
         /// Put the first replica on this node.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_snapshot")]
         node: Option<String>,
+        /// Start from this snapshot's data: one replica on each node that
+        /// holds a copy of it, sharing its blocks (no data is copied).
+        #[arg(long)]
+        from_snapshot: Option<String>,
     },
     /// List volumes with their replicas and target.
     Ls,
@@ -50,16 +57,34 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
             size,
             replicas,
             node,
+            from_snapshot,
         } => {
-            let placement = Placement {
-                replicas,
-                zones: Vec::new(),
-                preferred_node: node,
+            let size = size.map(|s| s.as_u64());
+            let volume = match from_snapshot {
+                Some(snapshot) => {
+                    let snapshot = snapshots::get(cluster, &snapshot).await?;
+                    if let Some(n) = replicas.filter(|n| *n != snapshot.copies.len()) {
+                        anyhow::bail!(
+                            "a volume from snapshot {} gets a replica on each of the {} nodes holding it, not {n}",
+                            snapshot.name,
+                            snapshot.copies.len()
+                        );
+                    }
+                    volumes::create_from_snapshot(cluster, &name, &snapshot, size).await?
+                }
+                None => {
+                    let placement = Placement {
+                        replicas: replicas.unwrap_or(1),
+                        zones: Vec::new(),
+                        preferred_node: node,
+                    };
+                    if let Some(node) = &placement.preferred_node {
+                        cluster.node(node)?;
+                    }
+                    let size = size.expect("clap requires --size without --from-snapshot");
+                    volumes::create(cluster, &name, size, &placement).await?
+                }
             };
-            if let Some(node) = &placement.preferred_node {
-                cluster.node(node)?;
-            }
-            let volume = volumes::create(cluster, &name, size.as_u64(), &placement).await?;
             let nodes: Vec<&str> = volume
                 .replicas
                 .iter()

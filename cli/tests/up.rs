@@ -377,3 +377,75 @@ fn replicated_volume_survives_a_node_stopped_on_purpose() {
     assert!(ls.contains("3/3 in sync"), "{ls}");
     drop(up.interrupt());
 }
+
+#[test]
+fn snapshots_are_taken_listed_restored_and_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let up = Up::start(&dir, &["--nodes", "2", "--pool-size", "128MiB"]);
+    ok(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "db",
+            "--size",
+            "16MiB",
+            "--replicas",
+            "2",
+        ],
+    );
+    let uri = ok(&dir, &["volume", "export", "db"]).trim().to_string();
+    qemu_io(&uri, &["write -P 0x42 0 1M"]);
+    let created = ok(&dir, &["snapshot", "create", "db", "monday"]);
+    assert!(
+        created.contains("created snapshot monday of volume db on node-"),
+        "{created}"
+    );
+    qemu_io(&uri, &["write -P 0x43 0 1M"]);
+    let ls = ok(&dir, &["snapshot", "ls"]);
+    let line = ls.lines().find(|l| l.starts_with("monday")).unwrap();
+    assert!(line.contains("db") && line.contains("16 MiB"), "{ls}");
+    assert!(
+        line.contains("node-1") && line.contains("node-2"),
+        "a copy on each replica's node: {ls}"
+    );
+
+    let restored = ok(
+        &dir,
+        &["volume", "create", "db2", "--from-snapshot", "monday"],
+    );
+    assert!(restored.contains("with 2 replicas"), "{restored}");
+    let uri2 = ok(&dir, &["volume", "export", "db2"]).trim().to_string();
+    qemu_io(&uri2, &["read -P 0x42 0 1M"]);
+    qemu_io(&uri, &["read -P 0x43 0 1M"]);
+
+    ok(&dir, &["volume", "create", "other", "--size", "1MiB"]);
+    assert!(fails(&dir, &["snapshot", "create", "other", "monday"]).contains("already exists"));
+    assert!(fails(
+        &dir,
+        &["volume", "create", "db3", "--from-snapshot", "nope"]
+    )
+    .contains("snapshot \"nope\" not found"));
+    assert!(fails(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "db3",
+            "--from-snapshot",
+            "monday",
+            "--replicas",
+            "1"
+        ]
+    )
+    .contains("2 nodes holding it"));
+
+    // The volume goes, its snapshot stays; the snapshot goes, the restored volume stays.
+    ok(&dir, &["volume", "rm", "db"]);
+    assert!(ok(&dir, &["snapshot", "ls"]).contains("monday"));
+    assert!(ok(&dir, &["snapshot", "rm", "monday"]).contains("deleted snapshot monday"));
+    assert!(fails(&dir, &["snapshot", "rm", "monday"]).contains("not found"));
+    qemu_io(&uri2, &["read -P 0x42 0 1M"]);
+    drop(up.interrupt());
+}

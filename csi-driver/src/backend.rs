@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use strata_node::cluster::snapshots::{self, SnapshotReport};
 use strata_node::cluster::volumes::{self, Placement, VolumeError, VolumeReport};
 use strata_node::cluster::{client, ClusterFile, NodeEntry};
 use strata_node::replication::replica::HEADER_BYTES;
@@ -57,6 +58,29 @@ pub struct CreateVolume {
     pub zones: ZoneChoice,
 }
 
+/// A snapshot of a replicated volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSnapshot {
+    pub name: String,
+    pub source_volume: String,
+    /// The volume's size when the snapshot was taken: the smallest volume
+    /// that can be created from it.
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    /// Nodes holding a copy (a volume from it gets at most this many replicas).
+    pub copies: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateFromSnapshot {
+    pub name: String,
+    pub snapshot: String,
+    pub size_bytes: u64,
+    /// At most this many replicas, on nodes holding a copy.
+    pub replicas: u32,
+    pub zones: ZoneChoice,
+}
+
 #[tonic::async_trait]
 pub trait VolumeBackend: Send + Sync + 'static {
     async fn list(&self) -> BackendResult<Vec<BackendVolume>>;
@@ -75,6 +99,18 @@ pub trait VolumeBackend: Send + Sync + 'static {
     /// Room for volumes of `replicas` copies whose first copy is in `zone`
     /// (any zone when None).
     async fn capacity(&self, zone: Option<&str>, replicas: usize) -> BackendResult<Capacity>;
+    async fn list_snapshots(&self) -> BackendResult<Vec<BackendSnapshot>>;
+    /// Takes snapshot `name` of `volume`; returns the existing one when it
+    /// was taken of the same volume already (SnapshotExists for another).
+    async fn create_snapshot(&self, volume: &str, name: &str) -> BackendResult<BackendSnapshot>;
+    /// SnapshotNotFound when there is no such snapshot.
+    async fn delete_snapshot(&self, name: &str) -> BackendResult<()>;
+    /// A volume holding the snapshot's data, its replicas on nodes that hold
+    /// a copy of it (sharing its blocks).
+    async fn create_from_snapshot(
+        &self,
+        request: &CreateFromSnapshot,
+    ) -> BackendResult<BackendVolume>;
 }
 
 /// Where the storage nodes are found.
@@ -248,6 +284,16 @@ fn backend_volume(cluster: &ClusterFile, report: &VolumeReport) -> BackendVolume
     }
 }
 
+fn backend_snapshot(report: &SnapshotReport) -> BackendSnapshot {
+    BackendSnapshot {
+        name: report.name.clone(),
+        source_volume: report.volume.clone(),
+        size_bytes: report.size_bytes,
+        created_unix: report.created_unix,
+        copies: report.copies.len(),
+    }
+}
+
 /// The node for the first replica: the one with the most room in the first
 /// zone of `zones.order` that has room; None lets placement choose freely.
 fn preferred_node(
@@ -414,6 +460,59 @@ impl VolumeBackend for ClusterBackend {
             .map(|(node, info)| (node.zone.clone(), replica_room(info)))
             .collect();
         Ok(capacity_of(&rooms, zone, replicas))
+    }
+
+    async fn list_snapshots(&self) -> BackendResult<Vec<BackendSnapshot>> {
+        let cluster = self.cluster().await?;
+        Ok(snapshots::list(&cluster)
+            .await?
+            .iter()
+            .map(backend_snapshot)
+            .collect())
+    }
+
+    async fn create_snapshot(&self, volume: &str, name: &str) -> BackendResult<BackendSnapshot> {
+        let cluster = self.cluster().await?;
+        Ok(backend_snapshot(
+            &snapshots::create(&cluster, volume, name).await?,
+        ))
+    }
+
+    async fn delete_snapshot(&self, name: &str) -> BackendResult<()> {
+        let cluster = self.cluster().await?;
+        snapshots::delete(&cluster, name).await
+    }
+
+    async fn create_from_snapshot(
+        &self,
+        request: &CreateFromSnapshot,
+    ) -> BackendResult<BackendVolume> {
+        let cluster = self.cluster().await?;
+        let mut snapshot = snapshots::get(&cluster, &request.snapshot).await?;
+        // Copies in the preferred zones first; only those zones when restricted.
+        let rank = |zone: &str| request.zones.order.iter().position(|z| z == zone);
+        snapshot
+            .copies
+            .retain(|c| !request.zones.restricted || rank(&c.node.zone).is_some());
+        snapshot
+            .copies
+            .sort_by_key(|c| rank(&c.node.zone).unwrap_or(usize::MAX));
+        snapshot.copies.truncate(request.replicas.max(1) as usize);
+        if snapshot.copies.is_empty() {
+            return Err(VolumeError::NoRoom(format!(
+                "snapshot {} has no copy in zones {}; a volume from it is placed where its copies are",
+                request.snapshot,
+                request.zones.order.join(", ")
+            )));
+        }
+        let report = volumes::create_from_snapshot(
+            &cluster,
+            &request.name,
+            &snapshot,
+            Some(request.size_bytes),
+        )
+        .await?;
+        Ok(backend_volume(&cluster, &report))
     }
 }
 

@@ -1,8 +1,12 @@
 //! The CSI Controller service: volumes on the storage nodes (through a
 //! [`VolumeBackend`]), their publication to CSI nodes, capacity and
 //! expansion. A volume is published to one CSI node at a time: its target
-//! runs on the storage node of that name. Snapshots and clones are refused
-//! with UNIMPLEMENTED until the storage node has copy-on-write snapshots.
+//! runs on the storage node of that name. Snapshots, and volumes from
+//! snapshots or other volumes, are in [`snapshots`].
+
+mod snapshots;
+
+use snapshots::content_source;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use strata_node::cluster::volumes::VolumeError;
 
-use crate::backend::{BackendVolume, CreateVolume, VolumeBackend};
+use crate::backend::{BackendVolume, CreateFromSnapshot, CreateVolume, VolumeBackend};
 use crate::error::{CsiError, CsiResult};
 use crate::inflight::InFlight;
 use crate::topology::{zone_choice, zone_of, zone_topology};
@@ -220,11 +224,44 @@ fn check_volume_name(name: &str) -> CsiResult<()> {
         .map_err(|e| CsiError::invalid(format!("volume name: {e}")))
 }
 
-fn snapshots_unsupported() -> Status {
-    CsiError::Unimplemented(
-        "snapshots are not supported yet: the storage node has no copy-on-write snapshots".into(),
-    )
-    .into()
+/// Refuses a negative page size or a token this plugin did not hand out.
+fn check_page_request(max_entries: i32, starting_token: &str, call: &str) -> CsiResult<()> {
+    if max_entries < 0 {
+        return Err(CsiError::invalid("max_entries must not be negative"));
+    }
+    if !starting_token.is_empty() && !starting_token.starts_with(LIST_TOKEN_PREFIX) {
+        return Err(CsiError::Aborted(format!(
+            "starting_token {starting_token:?} was not returned by {call}; start again without it"
+        )));
+    }
+    Ok(())
+}
+
+/// One page of `items` (sorted by `key`, checked by [`check_page_request`])
+/// after `starting_token`, and the token of the next page (empty at the end).
+/// Tokens name the last key returned, so entries created or deleted between
+/// pages neither repeat nor shift the others.
+fn page<'a, T>(
+    items: &'a [T],
+    key: impl Fn(&T) -> &str,
+    starting_token: &str,
+    max_entries: i32,
+) -> (&'a [T], String) {
+    let rest = match starting_token.strip_prefix(LIST_TOKEN_PREFIX) {
+        Some(after) => &items[items.partition_point(|item| key(item) <= after)..],
+        None => items,
+    };
+    let limit = if max_entries == 0 {
+        rest.len()
+    } else {
+        max_entries as usize
+    };
+    let page = &rest[..limit.min(rest.len())];
+    let next_token = match page.last() {
+        Some(last) if page.len() < rest.len() => format!("{LIST_TOKEN_PREFIX}{}", key(last)),
+        _ => String::new(),
+    };
+    (page, next_token)
 }
 
 impl ControllerService {
@@ -239,12 +276,7 @@ impl ControllerService {
         let name = require(&req.name, "name")?;
         check_volume_name(name)?;
         check_capabilities(&req.volume_capabilities)?;
-        if req.volume_content_source.is_some() {
-            return Err(CsiError::invalid(
-                "volume_content_source is not supported yet: volumes from snapshots or clones \
-                 need copy-on-write snapshots in the storage node",
-            ));
-        }
+        let source = content_source(req.volume_content_source.as_ref())?;
         let params = parse_parameters(&req.parameters)?;
         let size = size_for(req.capacity_range.as_ref())?;
         let zones = zone_choice(req.accessibility_requirements.as_ref())?;
@@ -255,19 +287,47 @@ impl ControllerService {
 
         let _busy = self.inflight.begin(name, "CreateVolume")?;
         let existing = self.backend.get(name).await?;
-        let volume = match existing {
-            Some(volume) => volume,
-            None => match self
-                .backend
-                .create(&CreateVolume {
-                    name: name.to_string(),
-                    size_bytes: size,
-                    replicas: params.replicas,
-                    zones: zones.clone(),
-                })
-                .await
-            {
-                Ok(volume) => return Ok(csi_volume(&volume, context)),
+        let created = match (&existing, &source) {
+            (Some(_), _) => None,
+            (None, None) => Some(
+                self.backend
+                    .create(&CreateVolume {
+                        name: name.to_string(),
+                        size_bytes: size,
+                        replicas: params.replicas,
+                        zones: zones.clone(),
+                    })
+                    .await,
+            ),
+            (None, Some(source)) => {
+                let from = self
+                    .snapshot_to_clone(name, source, req.capacity_range.as_ref())
+                    .await?;
+                let created = self
+                    .backend
+                    .create_from_snapshot(&CreateFromSnapshot {
+                        name: name.to_string(),
+                        snapshot: from.snapshot.clone(),
+                        size_bytes: from.size_bytes,
+                        replicas: params.replicas,
+                        zones: zones.clone(),
+                    })
+                    .await;
+                if from.temporary {
+                    self.drop_temporary_snapshot(&from.snapshot).await;
+                }
+                Some(created)
+            }
+        };
+        let with_source = |mut volume: Volume| {
+            volume.content_source = req.volume_content_source.clone();
+            volume
+        };
+        let volume = match (existing, created) {
+            (Some(volume), _) => volume,
+            (None, None) => unreachable!("created when absent"),
+            (None, Some(created)) => match created {
+                Ok(volume) => return Ok(with_source(csi_volume(&volume, context))),
                 // Created meanwhile by an earlier call that the CO gave up on.
                 Err(VolumeError::AlreadyExists { .. }) => self
                     .backend
@@ -283,7 +343,9 @@ impl ControllerService {
                 volume.size_bytes
             )));
         }
-        if volume.replicas != params.replicas as usize {
+        // A volume from a snapshot has as many replicas as the snapshot has
+        // copies, at most the asked number.
+        if volume.replicas != params.replicas as usize && source.is_none() {
             return Err(CsiError::AlreadyExists(format!(
                 "volume {name} already exists with {} replicas, not {}",
                 volume.replicas, params.replicas
@@ -295,7 +357,7 @@ impl ControllerService {
                 volume.zones.join(", ")
             )));
         }
-        Ok(csi_volume(&volume, context))
+        Ok(with_source(csi_volume(&volume, context)))
     }
 
     async fn delete(&self, req: DeleteVolumeRequest) -> CsiResult<()> {
@@ -397,33 +459,9 @@ impl ControllerService {
     }
 
     async fn list(&self, req: ListVolumesRequest) -> CsiResult<ListVolumesResponse> {
-        if req.max_entries < 0 {
-            return Err(CsiError::invalid("max_entries must not be negative"));
-        }
-        let after = match req.starting_token.as_str() {
-            "" => None,
-            token => Some(token.strip_prefix(LIST_TOKEN_PREFIX).ok_or_else(|| {
-                CsiError::Aborted(format!(
-                    "starting_token {token:?} was not returned by ListVolumes; start again without it"
-                ))
-            })?),
-        };
+        check_page_request(req.max_entries, &req.starting_token, "ListVolumes")?;
         let volumes = self.backend.list().await?;
-        let rest: Vec<&BackendVolume> = volumes
-            .iter()
-            .filter(|v| after.is_none_or(|a| v.name.as_str() > a))
-            .collect();
-        let limit = if req.max_entries == 0 {
-            rest.len()
-        } else {
-            req.max_entries as usize
-        };
-        let page = &rest[..limit.min(rest.len())];
-        let next_token = if page.len() < rest.len() {
-            format!("{LIST_TOKEN_PREFIX}{}", page.last().expect("a page").name)
-        } else {
-            String::new()
-        };
+        let (page, next_token) = page(&volumes, |v| &v.name, &req.starting_token, req.max_entries);
         Ok(ListVolumesResponse {
             entries: page
                 .iter()
@@ -600,6 +638,9 @@ impl Controller for ControllerService {
                 RpcType::GetVolume,
                 RpcType::ListVolumesPublishedNodes,
                 RpcType::VolumeCondition,
+                RpcType::CreateDeleteSnapshot,
+                RpcType::ListSnapshots,
+                RpcType::CloneVolume,
             ]
             .into_iter()
             .map(capability)
@@ -609,23 +650,30 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _request: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(snapshots_unsupported())
+        let snapshot = self.create_snapshot_of(request.into_inner()).await?;
+        tracing::info!(snapshot = %snapshot.snapshot_id, volume = %snapshot.source_volume_id, "snapshot ready");
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _request: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(snapshots_unsupported())
+        self.delete_snapshot_by_id(request.into_inner()).await?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _request: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(snapshots_unsupported())
+        Ok(Response::new(
+            self.list_snapshot_page(request.into_inner()).await?,
+        ))
     }
 
     async fn controller_expand_volume(

@@ -64,8 +64,12 @@ impl From<VolumeError> for CsiError {
     fn from(err: VolumeError) -> CsiError {
         let message = err.to_string();
         match err {
-            VolumeError::NotFound(_) => CsiError::NotFound(message),
-            VolumeError::AlreadyExists { .. } => CsiError::AlreadyExists(message),
+            VolumeError::NotFound(_) | VolumeError::SnapshotNotFound(_) => {
+                CsiError::NotFound(message)
+            }
+            VolumeError::AlreadyExists { .. } | VolumeError::SnapshotExists { .. } => {
+                CsiError::AlreadyExists(message)
+            }
             VolumeError::Invalid(_) => CsiError::InvalidArgument(message),
             VolumeError::NoRoom(_) => CsiError::ResourceExhausted(message),
             VolumeError::Unavailable(_) => CsiError::Unavailable(message),

@@ -105,21 +105,12 @@ async fn identity_names_the_driver_and_its_capabilities() {
         Rpc::GetCapacity,
         Rpc::ExpandVolume,
         Rpc::GetVolume,
+        Rpc::CreateDeleteSnapshot,
+        Rpc::ListSnapshots,
+        Rpc::CloneVolume,
     ] {
         assert!(rpcs.contains(&(rpc as i32)), "{rpc:?} missing");
     }
-    assert!(!rpcs.contains(&(Rpc::CreateDeleteSnapshot as i32)));
-    let message = expect_code(
-        controller
-            .create_snapshot(CreateSnapshotRequest {
-                source_volume_id: "v".into(),
-                name: "s".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::Unimplemented,
-    );
-    assert!(message.contains("snapshot"), "{message}");
 }
 
 #[tokio::test]
@@ -158,16 +149,12 @@ async fn create_volume_follows_the_spec() {
     let mut unknown = create("v1", 8 * MIB, 0);
     unknown.parameters = HashMap::from([("replica".into(), "1".into())]);
     expect_code(c.create_volume(unknown).await, Code::InvalidArgument);
-    // A content source needs snapshots in the storage node.
-    let mut from_snapshot = create("v1", 8 * MIB, 0);
-    from_snapshot.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(volume_content_source::Type::Snapshot(
-            volume_content_source::SnapshotSource {
-                snapshot_id: "snap".into(),
-            },
-        )),
-    });
-    expect_code(c.create_volume(from_snapshot).await, Code::InvalidArgument);
+    // A content source that does not exist.
+    expect_code(
+        c.create_volume(from_snapshot("v1", "snap", 8 * MIB, 0))
+            .await,
+        Code::NotFound,
+    );
 
     // Capacity range: honoured, or OUT_OF_RANGE when no size fits.
     expect_code(
@@ -1033,4 +1020,237 @@ async fn storage_nodes_are_found_by_their_grpc_addresses() {
         Code::Unavailable,
     );
     assert!(message.contains(&nothing.to_string()), "{message}");
+}
+
+fn from_snapshot(name: &str, snapshot: &str, required: i64, limit: i64) -> CreateVolumeRequest {
+    let mut request = create(name, required, limit);
+    request.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    });
+    request
+}
+
+fn snapshot_request(volume: &str, name: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: volume.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+async fn snapshot_ids(
+    c: &mut ControllerClient<Channel>,
+    request: ListSnapshotsRequest,
+) -> Vec<String> {
+    c.list_snapshots(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshots_and_volumes_from_them_follow_the_spec() {
+    let (_cluster, _work, csi) = controller();
+    let mut c = csi.controller().await;
+    c.create_volume(create("v", 8 * MIB, 0)).await.unwrap();
+    c.create_volume(create("w", 4 * MIB, 0)).await.unwrap();
+
+    // CreateSnapshot: required fields, names, parameters, a missing source.
+    for (volume, name) in [("", "s1"), ("v", ""), ("v", "a/b")] {
+        expect_code(
+            c.create_snapshot(snapshot_request(volume, name)).await,
+            Code::InvalidArgument,
+        );
+    }
+    let mut with_param = snapshot_request("v", "s1");
+    with_param.parameters = HashMap::from([("speed".into(), "fast".into())]);
+    expect_code(c.create_snapshot(with_param).await, Code::InvalidArgument);
+    expect_code(
+        c.create_snapshot(snapshot_request("nope", "s1")).await,
+        Code::NotFound,
+    );
+
+    // Ready at once, the source's size, idempotent by name and source.
+    let mut request = snapshot_request("v", "s1");
+    request.parameters = HashMap::from([(
+        "csi.storage.k8s.io/volumesnapshot/name".into(),
+        "snap".into(),
+    )]);
+    let s1 = c
+        .create_snapshot(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(s1.ready_to_use);
+    assert_eq!(
+        (s1.snapshot_id.as_str(), s1.source_volume_id.as_str()),
+        ("s1", "v")
+    );
+    assert_eq!(s1.size_bytes, 8 * MIB);
+    assert!(s1.creation_time.unwrap().seconds > 1_600_000_000);
+    let again = c
+        .create_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot;
+    assert_eq!(again, Some(s1.clone()));
+    expect_code(
+        c.create_snapshot(snapshot_request("w", "s1")).await,
+        Code::AlreadyExists,
+    );
+
+    // ListSnapshots: pages, filters, bad tokens.
+    for (volume, name) in [("v", "s2"), ("v", "s3"), ("w", "sw")] {
+        c.create_snapshot(snapshot_request(volume, name))
+            .await
+            .unwrap();
+    }
+    let all = snapshot_ids(&mut c, ListSnapshotsRequest::default()).await;
+    assert_eq!(all, ["s1", "s2", "s3", "sw"]);
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_snapshots(ListSnapshotsRequest {
+                max_entries: 3,
+                starting_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 3);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.snapshot.unwrap().snapshot_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen, all, "every snapshot once");
+    let by_id = |id: &str| ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    assert_eq!(snapshot_ids(&mut c, by_id("s2")).await, ["s2"]);
+    assert!(snapshot_ids(&mut c, by_id("nope")).await.is_empty());
+    let of_w = ListSnapshotsRequest {
+        source_volume_id: "w".into(),
+        ..Default::default()
+    };
+    assert_eq!(snapshot_ids(&mut c, of_w).await, ["sw"]);
+    expect_code(
+        c.list_snapshots(ListSnapshotsRequest {
+            starting_token: "bogus".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::Aborted,
+    );
+    expect_code(
+        c.list_snapshots(ListSnapshotsRequest {
+            max_entries: -1,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+
+    // Volumes from a snapshot: its size unless more is asked, never less.
+    let restored = c
+        .create_volume(from_snapshot("r1", "s1", 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 8 * MIB);
+    assert!(matches!(
+        restored.content_source.as_ref().and_then(|s| s.r#type.as_ref()),
+        Some(volume_content_source::Type::Snapshot(s)) if s.snapshot_id == "s1"
+    ));
+    // Idempotent.
+    let again = c
+        .create_volume(from_snapshot("r1", "s1", 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner().volume.unwrap().capacity_bytes, 8 * MIB);
+    let bigger = c
+        .create_volume(from_snapshot("r2", "s1", 16 * MIB, 0))
+        .await
+        .unwrap();
+    assert_eq!(bigger.into_inner().volume.unwrap().capacity_bytes, 16 * MIB);
+    expect_code(
+        c.create_volume(from_snapshot("r3", "s1", 0, 4 * MIB)).await,
+        Code::OutOfRange,
+    );
+
+    // A clone of a volume leaves no snapshot behind.
+    let mut clone = create("c1", 0, 0);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: "w".into(),
+            },
+        )),
+    });
+    let cloned = c.create_volume(clone.clone()).await.unwrap().into_inner();
+    assert_eq!(cloned.volume.unwrap().capacity_bytes, 4 * MIB);
+    assert_eq!(
+        snapshot_ids(&mut c, ListSnapshotsRequest::default()).await,
+        all
+    );
+    if let Some(volume_content_source::Type::Volume(v)) = clone
+        .volume_content_source
+        .as_mut()
+        .and_then(|s| s.r#type.as_mut())
+    {
+        v.volume_id = "nope".into();
+    }
+    clone.name = "c2".into();
+    expect_code(c.create_volume(clone).await, Code::NotFound);
+
+    // DeleteSnapshot: required id, idempotent; volumes from it stay.
+    expect_code(
+        c.delete_snapshot(DeleteSnapshotRequest::default()).await,
+        Code::InvalidArgument,
+    );
+    for _ in 0..2 {
+        c.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: "s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(snapshot_ids(&mut c, by_id("s1")).await.is_empty());
+    let r1 = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "r1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r1.into_inner().volume.unwrap().capacity_bytes, 8 * MIB);
+    // The source volume can go while its snapshots stay.
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: "w".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(snapshot_ids(&mut c, by_id("sw")).await, ["sw"]);
 }

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 use strata_csi::DRIVER_NAME;
 
@@ -47,6 +48,20 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value) -> T 
     object
 }
 
+/// snapshot.storage.k8s.io/v1 VolumeSnapshotClass: a custom resource of
+/// the snapshot add-on, so not in k8s-openapi; its fields as the CRD has them.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeSnapshotClass {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    driver: String,
+    deletion_policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parameters: Option<BTreeMap<String, String>>,
+}
+
 #[derive(Default)]
 struct Rendered {
     objects: Vec<Value>,
@@ -61,6 +76,7 @@ struct Rendered {
     cluster_role_bindings: Vec<ClusterRoleBinding>,
     roles: Vec<Role>,
     role_bindings: Vec<RoleBinding>,
+    snapshot_classes: Vec<VolumeSnapshotClass>,
 }
 
 fn render(kubectl: &Path, overlay: &Path) -> Rendered {
@@ -91,6 +107,7 @@ fn render(kubectl: &Path, overlay: &Path) -> Rendered {
             "ClusterRoleBinding" => r.cluster_role_bindings.push(typed(object)),
             "Role" => r.roles.push(typed(object)),
             "RoleBinding" => r.role_bindings.push(typed(object)),
+            "VolumeSnapshotClass" => r.snapshot_classes.push(typed(object)),
             "Namespace" => {
                 typed::<Namespace>(object);
             }
@@ -282,6 +299,7 @@ fn check_controller(pod: &PodSpec, r: &Rendered) {
         "csi-provisioner",
         "csi-attacher",
         "csi-resizer",
+        "csi-snapshotter",
         "livenessprobe",
     ] {
         assert!(
@@ -289,9 +307,7 @@ fn check_controller(pod: &PodSpec, r: &Rendered) {
             "controller lacks {sidecar}"
         );
     }
-    // No snapshots yet: no snapshotter, no VolumeSnapshotClass.
-    assert!(!images.iter().any(|i| i.contains("snapshotter")));
-    assert!(!r.objects.iter().any(|o| o["kind"] == "VolumeSnapshotClass"));
+    check_snapshot_classes(r);
     let provisioner = pod
         .containers
         .iter()
@@ -322,6 +338,30 @@ fn check_controller(pod: &PodSpec, r: &Rendered) {
         service_port.target_port,
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("grpc".into()))
     );
+}
+
+/// One VolumeSnapshotClass for this driver, cluster-scoped, with parameters
+/// the controller accepts (none of its own).
+fn check_snapshot_classes(r: &Rendered) {
+    assert_eq!(r.snapshot_classes.len(), 1);
+    let class = &r.snapshot_classes[0];
+    assert_eq!(class.api_version, "snapshot.storage.k8s.io/v1");
+    assert_eq!(class.driver, DRIVER_NAME);
+    assert!(
+        ["Delete", "Retain"].contains(&class.deletion_policy.as_str()),
+        "{}",
+        class.deletion_policy
+    );
+    assert_eq!(
+        class.metadata.namespace, None,
+        "VolumeSnapshotClass is cluster-scoped"
+    );
+    for key in class.parameters.iter().flatten().map(|(k, _)| k) {
+        assert!(
+            key.starts_with("csi.storage.k8s.io/"),
+            "strata-csi refuses snapshot parameter {key}"
+        );
+    }
 }
 
 fn check_node_plugin(pod: &PodSpec) {
@@ -479,6 +519,33 @@ const SIDECAR_CALLS: &[(&str, &str, &[&str])] = &[
     // external-resizer
     ("", "pods", &["get", "list", "watch"]),
     ("", "persistentvolumeclaims/status", &["patch"]),
+    // external-provisioner, restoring a VolumeSnapshot into a PVC
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshots",
+        &["get", "list"],
+    ),
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshotcontents",
+        &["get", "list"],
+    ),
+    // external-snapshotter (csi-snapshotter)
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshotclasses",
+        &["get", "list", "watch"],
+    ),
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshotcontents",
+        &["get", "list", "watch", "update", "patch"],
+    ),
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshotcontents/status",
+        &["update", "patch"],
+    ),
 ];
 const LEADER_ELECTION: (&str, &str, &[&str]) = (
     "coordination.k8s.io",

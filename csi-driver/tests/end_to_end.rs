@@ -2,7 +2,8 @@
 //! CreateVolume → ControllerPublish → NodeStage (real nbdfuse, loop device,
 //! mkfs.ext4, mount) → NodePublish → a file written → unpublish/unstage →
 //! staged again by a second node plugin → the file is there → expanded →
-//! the filesystem grew; a three-replica volume whose target moves to
+//! the filesystem grew → snapshot → more written → a volume from the
+//! snapshot, staged on the other node, has the old content; a three-replica volume whose target moves to
 //! another node when the storage node under it goes down; and a restart
 //! test: the plugin is SIGKILLed between calls and every retried call
 //! succeeds without attaching anything twice.
@@ -102,6 +103,16 @@ async fn bytes_total(n: &mut NodeClient<Channel>, id: &str, path: &Path) -> i64 
     assert!(bytes.used > 0 && bytes.available > 0 && bytes.used + bytes.available <= bytes.total);
     assert!(inodes.total > 0 && inodes.used > 0);
     bytes.total
+}
+
+/// Writes the filesystem holding `path` out to its device.
+fn sync_filesystem(path: &Path) {
+    let status = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 fn kernel_nbd() -> bool {
@@ -285,6 +296,93 @@ async fn a_volume_is_staged_written_moved_to_another_node_and_grown() {
         size_after > size_before + 50 * MIB,
         "{size_before} -> {size_after}"
     );
+
+    // Snapshot the mounted filesystem (synced first, as a CO's quiesce
+    // hook would), write more, and restore the snapshot into a new volume.
+    sync_filesystem(&target2);
+    let snapshot = c
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: id.clone(),
+            name: "snapshot-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snapshot.ready_to_use);
+    assert_eq!(snapshot.size_bytes, 128 * MIB);
+    std::fs::write(target2.join("hello.txt"), b"changed after the snapshot\n").unwrap();
+    std::fs::write(target2.join("later.txt"), b"new after the snapshot\n").unwrap();
+    sync_filesystem(&target2);
+    let restored = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-restored".into(),
+            volume_capabilities: vec![mount_capability("ext4")],
+            volume_content_source: Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Snapshot(
+                    volume_content_source::SnapshotSource {
+                        snapshot_id: snapshot.snapshot_id.clone(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 128 * MIB);
+    let restored_id = restored.volume_id;
+    let context = publish_to(&mut c, &restored_id, "node-a").await;
+    let staging3 = root.join("node-a/staging-restored");
+    let target3 = root.join("node-a/pods/p4/mount");
+    std::fs::create_dir_all(&staging3).unwrap();
+    std::fs::create_dir_all(target3.parent().unwrap()).unwrap();
+    n1.node_stage_volume(stage_request(&restored_id, &staging3, &context))
+        .await
+        .unwrap();
+    n1.node_publish_volume(publish_request(&restored_id, &staging3, &target3, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target3.join("hello.txt")).unwrap(),
+        b"written on node-a\n",
+        "the restored volume has the content at the snapshot"
+    );
+    assert!(!target3.join("later.txt").exists());
+    assert_eq!(
+        std::fs::read(target2.join("hello.txt")).unwrap(),
+        b"changed after the snapshot\n",
+        "the source keeps its newer content"
+    );
+    n1.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: restored_id.clone(),
+        target_path: target3.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    n1.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: restored_id.clone(),
+        staging_target_path: staging3.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    unpublish_from(&mut c, &restored_id, "node-a").await;
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: restored_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snapshot.snapshot_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     if !kernel_nbd() {
         // Online growth under nbdfuse needs a fresh attach: said, not faked.

@@ -5,20 +5,22 @@ use std::sync::Arc;
 
 use strata_proto::storage::storage_node_server::StorageNode;
 use strata_proto::storage::{
-    CloseTargetRequest, CloseTargetResponse, CreateReplicaRequest, CreateVolumeRequest,
-    DeleteReplicaRequest, DeleteReplicaResponse, DeleteVolumeRequest, DeleteVolumeResponse,
+    CloseTargetRequest, CloseTargetResponse, CreateReplicaRequest, CreateSnapshotRequest,
+    CreateSnapshotResponse, CreateVolumeRequest, DeleteReplicaRequest, DeleteReplicaResponse,
+    DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVolumeRequest, DeleteVolumeResponse,
     GetNodeInfoRequest, GetVolumeRequest, ListReplicasRequest, ListReplicasResponse,
-    ListTargetsRequest, ListTargetsResponse, ListVolumesRequest, ListVolumesResponse, NodeInfo,
-    OpenTargetRequest, Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest, Target,
-    TargetReplica, Volume,
+    ListSnapshotsRequest, ListSnapshotsResponse, ListTargetsRequest, ListTargetsResponse,
+    ListVolumesRequest, ListVolumesResponse, NodeInfo, OpenTargetRequest, Replica, ReplicaMember,
+    ResizeReplicaRequest, ResizeVolumeRequest, Snapshot, Target, TargetReplica, Volume,
 };
 use tonic::{Request, Response, Status};
 
-use crate::pool::{is_internal_volume_name, Pool, PoolError, VolumeInfo};
+use crate::pool::{is_internal_volume_name, validate_volume_name, Pool, PoolError, VolumeInfo};
 use crate::registry::NodeRegistry;
 use crate::replication::replica::ReplicaError;
 use crate::replication::target::OpenError;
 use crate::replication::{Member, Replicas, TargetOptions, VolumeTarget};
+use crate::target::BlockError;
 
 /// Identity the node reports about itself.
 #[derive(Debug, Clone)]
@@ -136,6 +138,7 @@ fn replica_status(err: ReplicaError) -> Status {
         ReplicaError::Pool(err) => status_from(err),
         ReplicaError::NotFound(_) => Status::not_found(err.to_string()),
         ReplicaError::AlreadyExists(_) => Status::already_exists(err.to_string()),
+        ReplicaError::SnapshotNotFound(_) => Status::not_found(err.to_string()),
         ReplicaError::Invalid(_) => Status::invalid_argument(err.to_string()),
         ReplicaError::Header(_) | ReplicaError::Block(_) => Status::internal(err.to_string()),
     }
@@ -145,8 +148,12 @@ fn replica_status(err: ReplicaError) -> Status {
 pub fn status_from(err: PoolError) -> Status {
     match err {
         PoolError::Invalid(msg) => Status::invalid_argument(msg),
-        PoolError::NotFound(_) => Status::not_found(err.to_string()),
-        PoolError::AlreadyExists(_) => Status::already_exists(err.to_string()),
+        PoolError::NotFound(_) | PoolError::SnapshotNotFound(_) => {
+            Status::not_found(err.to_string())
+        }
+        PoolError::AlreadyExists(_) | PoolError::SnapshotExists(_) => {
+            Status::already_exists(err.to_string())
+        }
         PoolError::NoSpace(_) => Status::resource_exhausted(err.to_string()),
         PoolError::Io(_) | PoolError::Corrupt(_) => Status::internal(err.to_string()),
     }
@@ -284,9 +291,16 @@ impl StorageNode for ControlService {
                 address: m.address.clone(),
             })
             .collect();
+        let from_snapshot = Some(req.from_snapshot.as_str()).filter(|s| !s.is_empty());
         let replica = self
             .replicas
-            .create(volume, req.size_bytes, req.replica_id, members)
+            .create_from(
+                volume,
+                req.size_bytes,
+                req.replica_id,
+                members,
+                from_snapshot,
+            )
             .await
             .map_err(replica_status)?;
         Ok(Response::new(self.replica(&replica).await))
@@ -376,6 +390,68 @@ impl StorageNode for ControlService {
             .await
             .ok_or_else(|| Status::not_found(format!("no target of {volume:?} on this node")))?;
         Ok(Response::new(CloseTargetResponse {}))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        let name = required_name(&req.name)?;
+        validate_volume_name(name).map_err(|e| {
+            Status::invalid_argument(e.to_string().replace("volume name", "snapshot name"))
+        })?;
+        let target = self
+            .registry
+            .target(volume)
+            .filter(|t| !t.is_fenced())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "the target of {volume:?} is not open on this node"
+                ))
+            })?;
+        let nodes = target.snapshot(name).await.map_err(|err| match err {
+            BlockError::NoSpace => Status::resource_exhausted(format!(
+                "no room for snapshot {name:?} of {volume:?}: {err}"
+            )),
+            other => Status::unavailable(other.to_string()),
+        })?;
+        Ok(Response::new(CreateSnapshotResponse { nodes }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let name = required_name(&req.name)?;
+        self.replicas
+            .delete_snapshot(name)
+            .await
+            .map_err(replica_status)?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let snapshots = self
+            .replicas
+            .snapshots()
+            .into_iter()
+            .map(|s| Snapshot {
+                name: s.name,
+                volume: s.volume,
+                node: self.identity.name.clone(),
+                size_bytes: s.size,
+                referenced_bytes: s.referenced,
+                exclusive_bytes: s.exclusive,
+                created_unix: s.created_unix,
+            })
+            .collect();
+        Ok(Response::new(ListSnapshotsResponse { snapshots }))
     }
 
     async fn list_targets(

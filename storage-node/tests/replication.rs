@@ -28,37 +28,6 @@ fn connect(uri: &str) -> NbdClient {
     NbdClient::connect(addr, &name).unwrap()
 }
 
-fn crc(bytes: &[u8]) -> u32 {
-    crc32fast::hash(bytes)
-}
-
-/// Every replica holds the same bytes, and the same block checksums.
-async fn assert_replicas_identical(cluster: &TestCluster, volume: &str) {
-    let report = cluster.report(volume).await;
-    let indexes: Vec<usize> = report
-        .replicas
-        .iter()
-        .map(|r| cluster.index_of(&r.node.name))
-        .collect();
-    let first_digests = cluster.digests(indexes[0], volume).await;
-    let first_bytes = crc(&cluster.replica_bytes(indexes[0], volume).await);
-    for &index in &indexes[1..] {
-        assert!(
-            cluster.digests(index, volume).await == first_digests,
-            "block checksums of {} differ from {}",
-            cluster.nodes[index].name,
-            cluster.nodes[indexes[0]].name
-        );
-        assert_eq!(
-            crc(&cluster.replica_bytes(index, volume).await),
-            first_bytes,
-            "data of {} differs from {}",
-            cluster.nodes[index].name,
-            cluster.nodes[indexes[0]].name
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
     let mut cluster = TestCluster::start(3, "512MiB", FAST_TIMEOUT);
@@ -129,7 +98,7 @@ async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
         target.metric("strata_rebuild_remaining_extents{volume=\"fio\"}"),
         Some(0.0)
     );
-    assert_replicas_identical(&cluster, "fio").await;
+    cluster.assert_replicas_identical("fio").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +256,7 @@ async fn io_continues_on_a_majority_and_fails_without_one() {
     cluster
         .wait_in_sync("quorum", 3, Duration::from_secs(60))
         .await;
-    assert_replicas_identical(&cluster, "quorum").await;
+    cluster.assert_replicas_identical("quorum").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

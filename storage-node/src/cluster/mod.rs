@@ -4,6 +4,7 @@
 
 pub mod client;
 mod file;
+pub mod snapshots;
 pub mod volumes;
 
 pub use file::{process_alive, ClusterFile, NodeEntry, CLUSTER_FILE};

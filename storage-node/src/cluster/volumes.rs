@@ -29,6 +29,10 @@ pub enum VolumeError {
     /// A node needed for the operation could not be reached or refused.
     #[error("{0}")]
     Unavailable(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("snapshot {name:?} already exists (of volume {volume:?})")]
+    SnapshotExists { name: String, volume: String },
     /// A node answered with an error.
     #[error("node {node}: {}", status.message())]
     Node { node: String, status: tonic::Status },
@@ -280,6 +284,17 @@ pub async fn create(
         return Err(VolumeError::Invalid("replicas must be at least 1".into()));
     }
     let survey = survey(cluster).await;
+    check_absent(&survey, name)?;
+    let chosen = place(&survey.infos, size, placement)?;
+    let nodes: Vec<(NodeEntry, String)> = chosen
+        .into_iter()
+        .map(|(node, info)| (node, info.replication_address))
+        .collect();
+    create_replicas(cluster, name, size, &nodes, None).await
+}
+
+/// ALREADY_EXISTS when a reachable node holds a replica named `name`.
+fn check_absent(survey: &Survey, name: &str) -> Result<(), VolumeError> {
     let holders: Vec<&str> = survey
         .replicas
         .iter()
@@ -292,18 +307,30 @@ pub async fn create(
             nodes: holders.join(", "),
         });
     }
-    let chosen = place(&survey.infos, size, placement)?;
-    let members: Vec<ReplicaMember> = chosen
+    Ok(())
+}
+
+/// Creates replica i+1 of volume `name` on `nodes[i]` (a node and its
+/// replication address), each from its copy of `from_snapshot` when given.
+/// Nothing is left behind when one of them cannot be created.
+async fn create_replicas(
+    cluster: &ClusterFile,
+    name: &str,
+    size: u64,
+    nodes: &[(NodeEntry, String)],
+    from_snapshot: Option<&str>,
+) -> Result<VolumeReport, VolumeError> {
+    let members: Vec<ReplicaMember> = nodes
         .iter()
         .enumerate()
-        .map(|(i, (node, info))| ReplicaMember {
+        .map(|(i, (node, address))| ReplicaMember {
             id: i as u32 + 1,
             node: node.name.clone(),
-            address: info.replication_address.clone(),
+            address: address.clone(),
         })
         .collect();
     let mut created: Vec<&NodeEntry> = Vec::new();
-    for ((node, _), member) in chosen.iter().zip(&members) {
+    for ((node, _), member) in nodes.iter().zip(&members) {
         let result = async {
             client::connect(node)
                 .await
@@ -313,6 +340,7 @@ pub async fn create(
                     size_bytes: size,
                     replica_id: member.id,
                     members: members.clone(),
+                    from_snapshot: from_snapshot.unwrap_or_default().to_string(),
                 })
                 .await
                 .map_err(|status| VolumeError::node(node, status))
@@ -333,6 +361,50 @@ pub async fn create(
         created.push(node);
     }
     get(cluster, name).await
+}
+
+/// Creates volume `name` from snapshot `snapshot`: one replica on each node
+/// holding a copy of the snapshot (so the clone shares the snapshot's blocks
+/// and copies no data), with the snapshot's size unless `size` is larger.
+pub async fn create_from_snapshot(
+    cluster: &ClusterFile,
+    name: &str,
+    snapshot: &super::snapshots::SnapshotReport,
+    size: Option<u64>,
+) -> Result<VolumeReport, VolumeError> {
+    crate::pool::validate_volume_name(name).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+    let size = match size {
+        Some(size) if size < snapshot.size_bytes => {
+            return Err(VolumeError::Invalid(format!(
+                "a volume from snapshot {} needs at least {} (the snapshot's size); {} is smaller",
+                snapshot.name,
+                crate::pool::human(snapshot.size_bytes),
+                crate::pool::human(size)
+            )))
+        }
+        Some(size) => size,
+        None => snapshot.size_bytes,
+    };
+    let survey = survey(cluster).await;
+    check_absent(&survey, name)?;
+    let nodes: Vec<(NodeEntry, String)> = snapshot
+        .copies
+        .iter()
+        .filter_map(|copy| {
+            let (node, info) = survey
+                .infos
+                .iter()
+                .find(|(node, _)| node.name == copy.node.name)?;
+            Some((node.clone(), info.replication_address.clone()))
+        })
+        .collect();
+    if nodes.is_empty() {
+        return Err(VolumeError::Unavailable(format!(
+            "no node holding snapshot {} is reachable",
+            snapshot.name
+        )));
+    }
+    create_replicas(cluster, name, size, &nodes, Some(&snapshot.name)).await
 }
 
 /// Opens the volume's target on `node` (default: a node holding an in-sync
@@ -381,7 +453,7 @@ pub async fn open_target(
     Ok((node, target))
 }
 
-async fn close_target_on(node: &NodeEntry, name: &str) {
+pub(super) async fn close_target_on(node: &NodeEntry, name: &str) {
     if let Ok(mut c) = client::connect(node).await {
         let _ = c
             .close_target(CloseTargetRequest {

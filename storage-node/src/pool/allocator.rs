@@ -1,7 +1,10 @@
-//! Free-space accounting for data blocks: a bitmap with a next-fit cursor.
+//! Free-space accounting for data blocks: a bitmap with a next-fit cursor,
+//! and reference counts for blocks that snapshots share.
 //!
-//! The bitmap is not stored on disk; it is rebuilt at open from the volume maps,
-//! which are the only record of which blocks are in use.
+//! Neither is stored on disk; both are rebuilt at open from the volume and
+//! snapshot maps, which are the only record of which blocks are in use.
+
+use std::collections::HashMap;
 
 pub struct Allocator {
     first: u64,
@@ -10,6 +13,10 @@ pub struct Allocator {
     bits: Vec<u64>,
     free: u64,
     cursor: u64,
+    /// References beyond the first, for blocks named by more than one map
+    /// (a volume and its snapshots, a snapshot and its clones). Most blocks
+    /// have one reference, so only the shared ones take memory.
+    extra_refs: HashMap<u32, u32>,
 }
 
 impl Allocator {
@@ -21,6 +28,7 @@ impl Allocator {
             bits: vec![0; count.div_ceil(64) as usize],
             free: count,
             cursor: 0,
+            extra_refs: HashMap::new(),
         }
     }
 
@@ -41,18 +49,33 @@ impl Allocator {
         }
     }
 
-    /// Marks `pba` used while rebuilding at open. False when it is outside the
-    /// data area or already used (two map entries pointing at one block).
+    /// Counts one map's reference to `pba` while rebuilding at open. False
+    /// when it is outside the data area.
     pub fn mark_used(&mut self, pba: u64) -> bool {
         let Some(i) = pba.checked_sub(self.first).filter(|i| *i < self.count) else {
             return false;
         };
         if self.is_used(i) {
-            return false;
+            *self.extra_refs.entry(pba as u32).or_insert(0) += 1;
+            return true;
         }
         self.set(i, true);
         self.free -= 1;
         true
+    }
+
+    /// Another map now names `pba`, which is in use.
+    pub fn add_ref(&mut self, pba: u32) {
+        debug_assert!(
+            self.is_used(pba as u64 - self.first),
+            "ref to free block {pba}"
+        );
+        *self.extra_refs.entry(pba).or_insert(0) += 1;
+    }
+
+    /// Whether more than one map names `pba`: overwriting it frees nothing.
+    pub fn is_shared(&self, pba: u32) -> bool {
+        self.extra_refs.contains_key(&pba)
     }
 
     /// `n` free blocks; None (and nothing taken) when fewer than `n` are free.
@@ -145,8 +168,16 @@ impl Allocator {
         None
     }
 
-    /// Returns a block. Freeing a block that is not in use is a bug in the caller.
+    /// Drops one reference to a block; the block is free when it was the
+    /// last. Freeing a block that is not in use is a bug in the caller.
     pub fn release(&mut self, pba: u32) {
+        if let Some(refs) = self.extra_refs.get_mut(&pba) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.extra_refs.remove(&pba);
+            }
+            return;
+        }
         let i = pba as u64 - self.first;
         debug_assert!(self.is_used(i), "double free of block {pba}");
         if self.is_used(i) {
@@ -205,12 +236,35 @@ mod tests {
     }
 
     #[test]
-    fn mark_used_rejects_out_of_range_and_duplicates() {
+    fn mark_used_rejects_out_of_range_and_counts_shared_blocks() {
         let mut a = Allocator::new(10, 100);
         assert!(a.mark_used(10));
-        assert!(!a.mark_used(10));
+        assert!(a.mark_used(10), "a second map naming the block");
         assert!(!a.mark_used(9));
         assert!(!a.mark_used(110));
         assert_eq!(a.free_blocks(), 99);
+        assert!(a.is_shared(10));
+        a.release(10);
+        assert!(!a.is_shared(10));
+        assert_eq!(a.free_blocks(), 99, "one reference left");
+        a.release(10);
+        assert_eq!(a.free_blocks(), 100);
+    }
+
+    #[test]
+    fn a_shared_block_is_free_only_after_its_last_reference() {
+        let mut a = Allocator::new(0, 8);
+        let blocks = a.allocate(2).unwrap();
+        a.add_ref(blocks[0]);
+        a.add_ref(blocks[0]);
+        a.release(blocks[0]);
+        a.release(blocks[0]);
+        assert_eq!(a.free_blocks(), 6);
+        a.release(blocks[0]);
+        assert_eq!(a.free_blocks(), 7);
+        // The freed block is handed out again, unshared.
+        a.cursor = 0;
+        assert_eq!(a.allocate(1).unwrap(), vec![blocks[0]]);
+        assert!(!a.is_shared(blocks[0]));
     }
 }

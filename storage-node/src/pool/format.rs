@@ -3,10 +3,24 @@
 //! ```text
 //! block 0                   superblock: identity and layout, CRC-protected
 //! journal (J blocks)        batches of map updates, one batch per commit
-//! checkpoint slot A         the full metadata (volumes and block maps)
+//! checkpoint slot A         the full metadata (volumes, snapshots, block maps)
 //! checkpoint slot B         the same, written alternately with A
 //! data (D blocks)           4 KiB data blocks, allocated on first write
 //! ```
+//!
+//! Snapshots (format version 2): a snapshot is a read-only block map kept in
+//! the checkpoint beside the volumes' maps. Taking one copies the volume's map,
+//! not its data, so a data block may be named by several maps. Reference counts
+//! are not stored: like the free bitmap they are rebuilt at open by counting
+//! the maps that name each block, so there is no on-disk count to get out of
+//! step with the maps after a crash. A clone is an ordinary volume whose map
+//! started as a copy of a snapshot's. Snapshots are created and deleted by
+//! writing a checkpoint, never through the journal.
+//!
+//! Versions: version 1 pools (no snapshots) open in this build; their
+//! superblock is rewritten as version 2 at open, before the first version-2
+//! checkpoint, so an older build refuses the pool by its version number
+//! instead of misreading it. Checkpoints say their own version by their magic.
 //!
 //! Crash consistency: data is never overwritten in place. A write goes to a
 //! free block and the volume's map is pointed at it; the map change is made
@@ -21,12 +35,21 @@ pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
 
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"STRATAPL";
-const CHECKPOINT_MAGIC: &[u8; 8] = b"STRATACK";
+/// Version 1 checkpoints: volumes only.
+const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"STRATACK";
+/// Version 2 checkpoints: volumes, then snapshots.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"STRATAC2";
 const JOURNAL_MAGIC: u32 = 0x534a_4e4c; // "SJNL"
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build opens (and upgrades).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Bytes of metadata per allocated block in a checkpoint (lba, pba, crc).
 const CHECKPOINT_ENTRY_BYTES: u64 = 16;
+/// Map entries a checkpoint slot has room for, per block of the device.
+/// Snapshots and clones add maps that share data blocks, so new pools get
+/// room for two entries per block (version 1 pools were laid out with one).
+const CHECKPOINT_ENTRIES_PER_BLOCK: u64 = 2;
 /// Room in each checkpoint slot for the volume table.
 const CHECKPOINT_VOLUME_TABLE_BYTES: u64 = 1 << 20;
 /// Pools are addressed with 32-bit block numbers: 16 TiB at 4 KiB blocks.
@@ -50,10 +73,12 @@ impl Layout {
         let total_blocks = total_blocks.min(MAX_POOL_BLOCKS);
         // The journal: 1/64 of the device, between 1 MiB and 64 MiB.
         let journal_blocks = (total_blocks / 64).clamp(256, 16384);
-        // Each checkpoint slot must hold a map entry for every data block.
-        let checkpoint_blocks = (total_blocks * CHECKPOINT_ENTRY_BYTES
-            + CHECKPOINT_VOLUME_TABLE_BYTES)
-            .div_ceil(BLOCK_SIZE_U64);
+        // Each checkpoint slot must hold map entries for every data block, and
+        // as many again for snapshots.
+        let checkpoint_blocks =
+            (total_blocks * CHECKPOINT_ENTRIES_PER_BLOCK * CHECKPOINT_ENTRY_BYTES
+                + CHECKPOINT_VOLUME_TABLE_BYTES)
+                .div_ceil(BLOCK_SIZE_U64);
         let journal_start = 1;
         let checkpoint_start = [
             journal_start + journal_blocks,
@@ -81,6 +106,14 @@ impl Layout {
     pub fn is_data_block(&self, pba: u64) -> bool {
         pba >= self.data_start && pba < self.total_blocks
     }
+
+    /// How many map entries (over all volumes and snapshots together) a
+    /// checkpoint slot has room for.
+    pub fn checkpoint_entry_capacity(&self) -> u64 {
+        (self.checkpoint_blocks * BLOCK_SIZE_U64)
+            .saturating_sub(BLOCK_SIZE_U64 + CHECKPOINT_VOLUME_TABLE_BYTES)
+            / CHECKPOINT_ENTRY_BYTES
+    }
 }
 
 /// Block 0: who the pool is and where its parts are.
@@ -91,6 +124,9 @@ pub struct Superblock {
     pub layout: Layout,
     /// Volumes may be provisioned up to this many percent of the data capacity.
     pub overcommit_percent: u32,
+    /// The format version the superblock was written with; [`Superblock::encode`]
+    /// always writes [`FORMAT_VERSION`].
+    pub format_version: u32,
 }
 
 impl Superblock {
@@ -127,9 +163,10 @@ impl Superblock {
             return Err(PoolError::Corrupt("no Strata pool superblock".into()));
         }
         let version = r.u32()?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(PoolError::Corrupt(format!(
-                "pool format version {version} is not supported (this build reads {FORMAT_VERSION})"
+                "pool format version {version} is not supported (this build reads versions \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; a newer Strata wrote this pool)"
             )));
         }
         let block_size = r.u32()?;
@@ -155,6 +192,7 @@ impl Superblock {
             name,
             layout,
             overcommit_percent,
+            format_version: version,
         })
     }
 }
@@ -184,6 +222,15 @@ pub struct VolumeRecord {
     pub blocks: Vec<(u64, BlockEntry)>,
 }
 
+/// One snapshot in a checkpoint: a frozen map, and the volume it was taken of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// The name of the volume at the time of the snapshot (it may be gone since).
+    pub source: String,
+    /// Id, name, size, creation time and map of the snapshot itself.
+    pub image: VolumeRecord,
+}
+
 /// The full metadata at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -191,8 +238,10 @@ pub struct Checkpoint {
     pub generation: u64,
     /// The last journal batch this checkpoint includes.
     pub journal_seq: u64,
+    /// Next id for a volume or a snapshot (they share one id space).
     pub next_volume_id: u64,
     pub volumes: Vec<VolumeRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
 }
 
 impl Checkpoint {
@@ -201,16 +250,12 @@ impl Checkpoint {
         let mut p = Writer::default();
         p.u32(self.volumes.len() as u32);
         for v in &self.volumes {
-            p.u64(v.id);
-            p.string(&v.name);
-            p.u64(v.size);
-            p.u64(v.created_unix);
-            p.u64(v.blocks.len() as u64);
-            for (lba, e) in &v.blocks {
-                p.u64(*lba);
-                p.u32(e.pba);
-                p.u32(e.crc);
-            }
+            p.volume_record(v);
+        }
+        p.u32(self.snapshots.len() as u32);
+        for s in &self.snapshots {
+            p.string(&s.source);
+            p.volume_record(&s.image);
         }
         let payload = p.0;
         let mut h = Writer::default();
@@ -231,7 +276,8 @@ impl Checkpoint {
     pub fn payload_len(header: &[u8]) -> Option<u64> {
         let body = check_block(header)?;
         let mut r = Reader::new(body);
-        if r.bytes(8).ok()? != CHECKPOINT_MAGIC {
+        let magic = r.bytes(8).ok()?;
+        if magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_V1 {
             return None;
         }
         r.u64().ok()?;
@@ -246,9 +292,11 @@ impl Checkpoint {
         let header = bytes.get(..BLOCK_SIZE).ok_or_else(|| bad("truncated"))?;
         let body = check_block(header).ok_or_else(|| bad("header checksum mismatch"))?;
         let mut r = Reader::new(body);
-        if r.bytes(8)? != CHECKPOINT_MAGIC {
-            return Err(bad("bad magic"));
-        }
+        let has_snapshots = match r.bytes(8)? {
+            m if m == CHECKPOINT_MAGIC => true,
+            m if m == CHECKPOINT_MAGIC_V1 => false,
+            _ => return Err(bad("bad magic")),
+        };
         let generation = r.u64()?;
         let journal_seq = r.u64()?;
         let next_volume_id = r.u64()?;
@@ -264,32 +312,62 @@ impl Checkpoint {
         let count = r.u32()?;
         let mut volumes = Vec::with_capacity(count.min(4096) as usize);
         for _ in 0..count {
-            let id = r.u64()?;
-            let name = r.string()?;
-            let size = r.u64()?;
-            let created_unix = r.u64()?;
-            let n = r.u64()?;
-            let mut blocks = Vec::with_capacity(n.min(1 << 20) as usize);
-            for _ in 0..n {
-                let lba = r.u64()?;
-                let pba = r.u32()?;
-                let crc = r.u32()?;
-                blocks.push((lba, BlockEntry { pba, crc }));
+            volumes.push(r.volume_record()?);
+        }
+        let mut snapshots = Vec::new();
+        if has_snapshots {
+            let count = r.u32()?;
+            for _ in 0..count {
+                let source = r.string()?;
+                let image = r.volume_record()?;
+                snapshots.push(SnapshotRecord { source, image });
             }
-            volumes.push(VolumeRecord {
-                id,
-                name,
-                size,
-                created_unix,
-                blocks,
-            });
         }
         Ok(Checkpoint {
             generation,
             journal_seq,
             next_volume_id,
             volumes,
+            snapshots,
         })
+    }
+}
+
+#[cfg(test)]
+impl Superblock {
+    /// This superblock as a version 1 build wrote it (to test upgrades).
+    pub fn encode_version_1(&self) -> Vec<u8> {
+        let mut body = self.encode()[..BLOCK_SIZE - 4].to_vec();
+        body[8..12].copy_from_slice(&1u32.to_le_bytes());
+        seal_block(body)
+    }
+}
+
+#[cfg(test)]
+impl Checkpoint {
+    /// This checkpoint as a version 1 build wrote it: the old magic, no
+    /// snapshot table (to test upgrades; snapshots are left out).
+    pub fn encode_version_1(&self) -> Vec<u8> {
+        let mut payload = Writer::default();
+        payload.u32(self.volumes.len() as u32);
+        for v in &self.volumes {
+            payload.volume_record(v);
+        }
+        let mut header = Writer::default();
+        header.bytes(CHECKPOINT_MAGIC_V1);
+        for v in [
+            self.generation,
+            self.journal_seq,
+            self.next_volume_id,
+            payload.0.len() as u64,
+        ] {
+            header.u64(v);
+        }
+        header.u32(crc32fast::hash(&payload.0));
+        let mut out = seal_block(header.0);
+        out.extend_from_slice(&payload.0);
+        out.resize(out.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
+        out
     }
 }
 
@@ -423,6 +501,18 @@ impl Writer {
         self.u32(s.len() as u32);
         self.bytes(s.as_bytes());
     }
+    fn volume_record(&mut self, v: &VolumeRecord) {
+        self.u64(v.id);
+        self.string(&v.name);
+        self.u64(v.size);
+        self.u64(v.created_unix);
+        self.u64(v.blocks.len() as u64);
+        for (lba, e) in &v.blocks {
+            self.u64(*lba);
+            self.u32(e.pba);
+            self.u32(e.crc);
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -456,6 +546,27 @@ impl<'a> Reader<'a> {
         String::from_utf8(self.bytes(len)?.to_vec())
             .map_err(|_| PoolError::Corrupt("metadata string is not UTF-8".into()))
     }
+    fn volume_record(&mut self) -> Result<VolumeRecord, PoolError> {
+        let id = self.u64()?;
+        let name = self.string()?;
+        let size = self.u64()?;
+        let created_unix = self.u64()?;
+        let n = self.u64()?;
+        let mut blocks = Vec::with_capacity(n.min(1 << 20) as usize);
+        for _ in 0..n {
+            let lba = self.u64()?;
+            let pba = self.u32()?;
+            let crc = self.u32()?;
+            blocks.push((lba, BlockEntry { pba, crc }));
+        }
+        Ok(VolumeRecord {
+            id,
+            name,
+            size,
+            created_unix,
+            blocks,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -469,6 +580,7 @@ mod tests {
             name: "pool-a".into(),
             layout: Layout::for_device(262_144).unwrap(),
             overcommit_percent: 300,
+            format_version: FORMAT_VERSION,
         };
         let mut block = sb.encode();
         assert_eq!(block.len(), BLOCK_SIZE);
@@ -512,6 +624,16 @@ mod tests {
                     (77, BlockEntry { pba: 901, crc: 6 }),
                 ],
             }],
+            snapshots: vec![SnapshotRecord {
+                source: "db".into(),
+                image: VolumeRecord {
+                    id: 5,
+                    name: "db-monday".into(),
+                    size: 1 << 30,
+                    created_unix: 1_700_000_100,
+                    blocks: vec![(0, BlockEntry { pba: 900, crc: 5 })],
+                },
+            }],
         };
         let mut bytes = cp.encode();
         assert_eq!(bytes.len() % BLOCK_SIZE, 0);
@@ -521,6 +643,46 @@ mod tests {
         let last_payload_byte = BLOCK_SIZE + 10;
         bytes[last_payload_byte] ^= 0xff;
         assert!(Checkpoint::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn version_1_pools_are_read_and_unknown_versions_refused_clearly() {
+        let sb = Superblock {
+            uuid: [1; 16],
+            name: "old".into(),
+            layout: Layout::for_device(262_144).unwrap(),
+            overcommit_percent: 200,
+            format_version: FORMAT_VERSION,
+        };
+        let v1 = Superblock::decode(&sb.encode_version_1()).unwrap();
+        assert_eq!(v1.format_version, 1);
+        assert_eq!(v1.layout, sb.layout);
+        let mut future = sb.encode()[..BLOCK_SIZE - 4].to_vec();
+        future[8..12].copy_from_slice(&99u32.to_le_bytes());
+        let err = Superblock::decode(&seal_block(future)).unwrap_err();
+        assert!(err.to_string().contains("version 99"), "{err}");
+
+        // A version 1 checkpoint: the old magic and no snapshot table.
+        let volume = VolumeRecord {
+            id: 1,
+            name: "v".into(),
+            size: 8192,
+            created_unix: 7,
+            blocks: vec![(1, BlockEntry { pba: 300, crc: 9 })],
+        };
+        let old = Checkpoint {
+            generation: 4,
+            journal_seq: 2,
+            next_volume_id: 2,
+            volumes: vec![volume.clone()],
+            snapshots: Vec::new(),
+        };
+        let bytes = old.encode_version_1();
+        assert_ne!(bytes, old.encode());
+        let cp = Checkpoint::decode(&bytes).unwrap();
+        assert_eq!(cp.volumes, vec![volume]);
+        assert!(cp.snapshots.is_empty());
+        assert_eq!((cp.generation, cp.journal_seq), (4, 2));
     }
 
     #[test]

@@ -4,12 +4,17 @@
 //! In memory a pool keeps every volume's block map, the allocator bitmap, and
 //! the map changes made since the last commit. [`Pool::commit`] (a FLUSH) makes
 //! those changes durable with one journal batch; volume create, delete and
-//! resize write a whole checkpoint.
+//! resize, and snapshot create and delete, write a whole checkpoint.
+//!
+//! Snapshots are read-only copies of a volume's block map that share its data
+//! blocks; a clone is a volume created from a snapshot's map. A block is free
+//! once no volume or snapshot names it (see [`allocator`]).
 
 mod allocator;
 mod epoch;
 pub mod format;
 mod map;
+mod snapshot;
 mod volume;
 
 use std::collections::HashMap;
@@ -23,12 +28,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use allocator::Allocator;
 use epoch::Epochs;
 use format::{
-    Checkpoint, JournalRecord, Layout, Superblock, VolumeRecord, BLOCK_SIZE, BLOCK_SIZE_U64,
+    Checkpoint, JournalRecord, Layout, SnapshotRecord, Superblock, VolumeRecord, BLOCK_SIZE,
+    BLOCK_SIZE_U64,
 };
 use map::BlockMap;
 
 use crate::engine::{device_size, EngineKind, IoEngine};
 use crate::metrics::Metrics;
+pub use snapshot::SnapshotInfo;
+use snapshot::SnapshotState;
 pub use volume::Volume;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +51,10 @@ pub enum PoolError {
     NotFound(String),
     #[error("volume {0:?} already exists")]
     AlreadyExists(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
     #[error("not enough space: {0}")]
     NoSpace(String),
 }
@@ -117,6 +129,7 @@ pub struct Pool {
 
 struct State {
     volumes: HashMap<u64, VolumeState>,
+    snapshots: HashMap<u64, SnapshotState>,
     next_volume_id: u64,
     /// Map changes not yet in a journal batch.
     pending_records: Vec<JournalRecord>,
@@ -193,6 +206,7 @@ impl Pool {
             name: options.name.clone(),
             layout,
             overcommit_percent: options.overcommit_percent,
+            format_version: format::FORMAT_VERSION,
         };
         if options.preallocate && !std::fs::metadata(path)?.file_type().is_block_device() {
             preallocate(&engine, layout.total_blocks).await?;
@@ -204,6 +218,7 @@ impl Pool {
             journal_seq: 0,
             next_volume_id: 1,
             volumes: Vec::new(),
+            snapshots: Vec::new(),
         };
         write_bytes(&engine, layout.checkpoint_start[1], &empty.encode()).await?;
         // Zero the journal's first block so no stale batch can follow.
@@ -232,33 +247,48 @@ impl Pool {
         let checkpoint = read_newest_checkpoint(&engine, &layout).await?;
         let mut volumes: HashMap<u64, VolumeState> = HashMap::new();
         for v in &checkpoint.volumes {
-            let mut map = BlockMap::default();
-            for (lba, entry) in &v.blocks {
-                map.set(*lba, *entry);
-            }
             volumes.insert(
                 v.id,
                 VolumeState {
                     name: v.name.clone(),
                     size: Arc::new(AtomicU64::new(v.size)),
                     created_unix: v.created_unix,
-                    map,
+                    map: map_of(v),
                 },
             );
         }
+        let snapshots: HashMap<u64, SnapshotState> = checkpoint
+            .snapshots
+            .iter()
+            .map(|s| (s.image.id, SnapshotState::from_record(s, map_of(&s.image))))
+            .collect();
         let journal_seq =
             replay_journal(&engine, &layout, checkpoint.journal_seq, &mut volumes).await?;
 
+        // Every map's reference to a block counts; shared blocks get several.
         let mut allocator = Allocator::new(layout.data_start, layout.data_blocks);
-        for (id, v) in &volumes {
-            for (lba, entry) in v.map.iter() {
+        let maps = volumes
+            .iter()
+            .map(|(id, v)| (*id, &v.name, &v.map))
+            .chain(snapshots.iter().map(|(id, s)| (*id, &s.name, &s.map)));
+        for (id, name, map) in maps {
+            for (lba, entry) in map.iter() {
                 if !allocator.mark_used(entry.pba as u64) {
                     return Err(PoolError::Corrupt(format!(
-                        "volume {:?} (id {id}) block {lba} points at block {}, which is outside the data area or used twice",
-                        v.name, entry.pba
+                        "{name:?} (id {id}) block {lba} points at block {}, which is outside the data area",
+                        entry.pba
                     )));
                 }
             }
+        }
+        let mut superblock = superblock;
+        if superblock.format_version < format::FORMAT_VERSION {
+            // Before the first new-format checkpoint, so an older build sees
+            // the version and refuses the pool rather than misread it.
+            superblock.format_version = format::FORMAT_VERSION;
+            write_bytes(&engine, 0, &superblock.encode()).await?;
+            engine.sync_data().await?;
+            tracing::info!(path = %path.display(), version = format::FORMAT_VERSION, "upgraded pool format");
         }
         let allocator = Arc::new(Mutex::new(allocator));
         let reserve_blocks = (layout.data_blocks / 100).clamp(64, layout.data_blocks / 4);
@@ -267,6 +297,7 @@ impl Pool {
             engine,
             state: Mutex::new(State {
                 volumes,
+                snapshots,
                 next_volume_id: checkpoint.next_volume_id,
                 pending_records: Vec::new(),
                 pending_frees: Vec::new(),
@@ -414,9 +445,7 @@ impl Pool {
             let volume = VolumeState {
                 name: name.to_string(),
                 size: Arc::new(AtomicU64::new(size)),
-                created_unix: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
+                created_unix: now_unix(),
                 map: BlockMap::default(),
             };
             let info = volume_info(id, &volume);
@@ -428,9 +457,13 @@ impl Pool {
         Ok(info)
     }
 
-    /// Deletes a volume and returns its space to the pool.
+    /// Deletes a volume and returns its space to the pool (the blocks no
+    /// snapshot or clone shares).
     pub async fn delete_volume(&self, name: &str) -> Result<(), PoolError> {
-        {
+        // Held from the removal on, so no journal commit in between hands the
+        // blocks out again while the durable checkpoint still has the volume.
+        let mut commit = self.commit.lock().await;
+        let frees = {
             let mut state = self.state.lock().expect("state lock");
             let id = state
                 .volumes
@@ -439,13 +472,11 @@ impl Pool {
                 .map(|(id, _)| *id)
                 .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
             let volume = state.volumes.remove(&id).expect("volume present");
-            // Frees become real once the checkpoint without this volume is durable.
-            state
-                .pending_frees
-                .extend(volume.map.iter().map(|(_, e)| e.pba));
             state.pending_records.retain(|r| r.volume_id != id);
-        }
-        self.checkpoint().await?;
+            volume.map.iter().map(|(_, e)| e.pba).collect()
+        };
+        // Frees become real once the checkpoint without this volume is durable.
+        self.checkpoint_locked(&mut commit, frees).await?;
         tracing::info!(volume = name, "deleted volume");
         Ok(())
     }
@@ -588,11 +619,18 @@ impl Pool {
                 })
                 .collect();
             volumes.sort_by_key(|v| v.id);
+            let mut snapshots: Vec<SnapshotRecord> = state
+                .snapshots
+                .iter()
+                .map(|(id, s)| s.record(*id))
+                .collect();
+            snapshots.sort_by_key(|s| s.image.id);
             let checkpoint = Checkpoint {
                 generation,
                 journal_seq: commit.journal_seq,
                 next_volume_id: state.next_volume_id,
                 volumes,
+                snapshots,
             };
             // The snapshot includes every pending change, so they need no batch.
             frees.append(&mut state.pending_frees);
@@ -641,6 +679,20 @@ fn volume_info(id: u64, v: &VolumeState) -> VolumeInfo {
         allocated: v.map.mapped_blocks() * BLOCK_SIZE_U64,
         created_unix: v.created_unix,
     }
+}
+
+fn map_of(record: &VolumeRecord) -> BlockMap {
+    let mut map = BlockMap::default();
+    for (lba, entry) in &record.blocks {
+        map.set(*lba, *entry);
+    }
+    map
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether `name` is one of Strata's own volumes, which users do not see.

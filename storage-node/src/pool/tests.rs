@@ -457,3 +457,297 @@ async fn preallocation_writes_the_whole_file_once() {
     );
     assert!(std::fs::metadata(&sparse).unwrap().blocks() * 512 < 8 * MIB);
 }
+
+/// The bytes a snapshot holds, read through a throwaway clone.
+async fn snapshot_bytes(pool: &Arc<Pool>, snapshot: &str, offset: u64, len: u32) -> Vec<u8> {
+    let clone = format!("read-{snapshot}");
+    pool.create_volume_from_snapshot(&clone, snapshot, None)
+        .await
+        .unwrap();
+    let data = pool
+        .volume(&clone)
+        .unwrap()
+        .read(offset, len)
+        .await
+        .unwrap();
+    pool.delete_volume(&clone).await.unwrap();
+    data
+}
+
+#[tokio::test]
+async fn snapshots_share_blocks_keep_old_data_and_return_space_on_last_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 64 * MIB).await;
+    pool.create_volume("v", 16 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    let a = pattern(4 * MIB as usize, 1);
+    vol.write(0, &a, false).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(pool.usage().used, 4 * MIB);
+
+    let snap = pool.create_snapshot("v", "monday").await.unwrap();
+    assert_eq!((snap.source.as_str(), snap.size), ("v", 16 * MIB));
+    assert_eq!(pool.usage().used, 4 * MIB, "no data is copied");
+    assert_eq!((snap.referenced, snap.exclusive), (4 * MIB, 0));
+    assert!(
+        pool.volume("monday").is_none(),
+        "a snapshot is not writable"
+    );
+    assert!(matches!(
+        pool.create_snapshot("v", "monday").await,
+        Err(PoolError::SnapshotExists(_))
+    ));
+    assert!(matches!(
+        pool.create_snapshot("nope", "x").await,
+        Err(PoolError::NotFound(_))
+    ));
+
+    // Overwriting 1 MiB of the volume takes 1 MiB more: the snapshot keeps the old.
+    vol.write(0, &vec![0xB0; MIB as usize], false)
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(pool.usage().used, 5 * MIB);
+    assert_eq!(pool.snapshot_info("monday").unwrap().exclusive, MIB);
+    assert_same_bytes!(
+        snapshot_bytes(&pool, "monday", 0, MIB as u32).await,
+        a[..MIB as usize]
+    );
+
+    // A clone shares the snapshot's blocks and is writable on its own.
+    let clone = pool
+        .create_volume_from_snapshot("clone", "monday", Some(32 * MIB))
+        .await
+        .unwrap();
+    assert_eq!((clone.size, clone.allocated), (32 * MIB, 4 * MIB));
+    assert_eq!(pool.usage().used, 5 * MIB);
+    let cv = pool.volume("clone").unwrap();
+    cv.write(2 * MIB, &vec![0xC0; MIB as usize], true)
+        .await
+        .unwrap();
+    assert_same_bytes!(
+        cv.read(0, 4 * MIB as u32).await.unwrap()[..2 * MIB as usize],
+        a[..2 * MIB as usize]
+    );
+    assert_same_bytes!(
+        cv.read(2 * MIB, MIB as u32).await.unwrap(),
+        vec![0xC0; MIB as usize]
+    );
+    assert_same_bytes!(
+        vol.read(2 * MIB, MIB as u32).await.unwrap(),
+        a[2 * MIB as usize..3 * MIB as usize],
+        "the source volume does not see the clone's write"
+    );
+    assert!(matches!(
+        pool.create_volume_from_snapshot("small", "monday", Some(MIB))
+            .await,
+        Err(PoolError::Invalid(_))
+    ));
+
+    // Deleting the volume keeps the snapshot whole; deleting the last
+    // reference to each block returns it.
+    drop(vol);
+    pool.delete_volume("v").await.unwrap();
+    assert_eq!(
+        pool.usage().used,
+        5 * MIB,
+        "the snapshot and clone hold 4 MiB + 1 MiB"
+    );
+    drop(cv);
+    drop(pool);
+    let pool = open(&path, 64 * MIB).await;
+    assert_eq!(
+        pool.usage().used,
+        5 * MIB,
+        "reference counts rebuilt at open"
+    );
+    assert_same_bytes!(snapshot_bytes(&pool, "monday", 0, 4 * MIB as u32).await, a);
+    assert_eq!(pool.list_snapshots().len(), 1);
+    pool.delete_snapshot("monday").await.unwrap();
+    assert_eq!(pool.usage().used, 4 * MIB, "the clone's own blocks remain");
+    assert_same_bytes!(
+        pool.volume("clone")
+            .unwrap()
+            .read(0, MIB as u32)
+            .await
+            .unwrap(),
+        a[..MIB as usize]
+    );
+    pool.delete_volume("clone").await.unwrap();
+    assert_eq!(pool.usage().used, 0);
+    assert!(matches!(
+        pool.delete_snapshot("monday").await,
+        Err(PoolError::SnapshotNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_snapshot_holds_what_completed_before_it_across_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    // Not flushed before the snapshot: taking the snapshot makes it durable.
+    vol.write(0, &pattern(8192, 1), false).await.unwrap();
+    pool.create_snapshot("v", "s").await.unwrap();
+    vol.write(0, &pattern(4096, 2), true).await.unwrap(); // FUA, after the snapshot
+    vol.write(4096, &pattern(4096, 3), false).await.unwrap(); // never flushed
+    drop(vol);
+    drop(pool); // a crash: nothing more reaches the disk
+    let pool = open(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 2));
+    assert_same_bytes!(
+        vol.read(4096, 4096).await.unwrap(),
+        pattern(8192, 1)[4096..]
+    );
+    assert_same_bytes!(snapshot_bytes(&pool, "s", 0, 8192).await, pattern(8192, 1));
+    assert_eq!(
+        pool.usage().used,
+        3 * 4096,
+        "two shared blocks and one overwritten: no leak"
+    );
+
+    // A crash while the snapshot's checkpoint is being written (torn, so its
+    // CRC fails) leaves the pool as before the snapshot: no snapshot, no
+    // extra references, the volume's flushed data intact.
+    pool.create_snapshot("v", "torn").await.unwrap();
+    let generation = pool.commit.lock().await.checkpoint_generation;
+    let slot = pool.superblock.layout.checkpoint_start[(generation % 2) as usize];
+    drop(vol);
+    drop(pool);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[0xEE; 512], slot * 4096 + 4096 + 100)
+        .unwrap();
+    drop(file);
+    let pool = open(&path, 64 * MIB).await;
+    assert!(pool.snapshot_info("torn").is_none());
+    assert!(pool.snapshot_info("s").is_some());
+    assert_same_bytes!(
+        pool.volume("v").unwrap().read(0, 4096).await.unwrap(),
+        pattern(4096, 2)
+    );
+    pool.delete_snapshot("s").await.unwrap();
+    assert_eq!(
+        pool.usage().used,
+        2 * 4096,
+        "only the volume's blocks remain"
+    );
+}
+
+#[tokio::test]
+async fn overwrites_of_shared_blocks_count_as_growth_and_metadata_room_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 16 * MIB).await;
+    let capacity = pool.usage().capacity;
+    // Room to provision a clone of it too (for reading the snapshot).
+    pool.create_volume("v", capacity).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    let half = (capacity / 2).next_multiple_of(MIB) - MIB;
+    vol.write(0, &vec![7u8; half as usize], true).await.unwrap();
+    pool.create_snapshot("v", "s").await.unwrap();
+    // Overwriting everything would need another `half` of space: what the
+    // snapshot holds is not free, so the writes run out with ENOSPC...
+    let mut at = 0;
+    let err = loop {
+        match vol.write(at, &vec![8u8; MIB as usize], false).await {
+            Ok(()) => at += MIB,
+            Err(err) => break err,
+        }
+        assert!(at <= half, "never ran out of space");
+    };
+    assert_eq!(err, BlockError::NoSpace);
+    vol.flush().await.unwrap();
+    // ... and the snapshot still reads whole.
+    assert_same_bytes!(
+        snapshot_bytes(&pool, "s", 0, MIB as u32).await,
+        vec![7u8; MIB as usize]
+    );
+    // Deleting the snapshot returns the space the overwrites freed.
+    pool.delete_snapshot("s").await.unwrap();
+    vol.write(at, &vec![8u8; MIB as usize], true).await.unwrap();
+
+    // Each snapshot's map takes metadata room; past what a checkpoint slot
+    // holds, taking another is refused and the pool stays consistent.
+    let mut taken = 0;
+    let err = loop {
+        match pool.create_snapshot("v", &format!("s{taken}")).await {
+            Ok(_) => taken += 1,
+            Err(err) => break err,
+        }
+        assert!(taken < 100, "metadata never filled up");
+    };
+    assert!(
+        matches!(err, PoolError::NoSpace(ref m) if m.contains("metadata")),
+        "{err}"
+    );
+    assert!(taken >= 1);
+    drop(vol);
+    drop(pool);
+    let pool = open(&path, 16 * MIB).await;
+    assert_eq!(pool.list_snapshots().len(), taken);
+}
+
+#[tokio::test]
+async fn a_version_1_pool_opens_is_upgraded_and_takes_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 32 * MIB).await;
+    pool.create_volume("old", MIB).await.unwrap();
+    pool.volume("old")
+        .unwrap()
+        .write(0, &pattern(8192, 5), true)
+        .await
+        .unwrap();
+    pool.checkpoint().await.unwrap();
+    let layout = pool.superblock.layout;
+    let superblock = pool.superblock.clone();
+    drop(pool);
+    // Rewrite it as a version 1 build would have left it: old superblock, the
+    // state in an old-format checkpoint, the other slot empty.
+    let engine = IoEngine::open(&path, EngineKind::Sync).unwrap();
+    let checkpoint = read_newest_checkpoint(&engine, &layout).await.unwrap();
+    let slot = (checkpoint.generation % 2) as usize;
+    write_bytes(
+        &engine,
+        layout.checkpoint_start[slot],
+        &checkpoint.encode_version_1(),
+    )
+    .await
+    .unwrap();
+    write_bytes(
+        &engine,
+        layout.checkpoint_start[1 - slot],
+        &[0u8; BLOCK_SIZE],
+    )
+    .await
+    .unwrap();
+    write_bytes(&engine, 0, &superblock.encode_version_1())
+        .await
+        .unwrap();
+    engine.sync_data().await.unwrap();
+    drop(engine);
+
+    let pool = open(&path, 32 * MIB).await;
+    assert_eq!(pool.superblock.format_version, format::FORMAT_VERSION);
+    assert_same_bytes!(
+        pool.volume("old").unwrap().read(0, 8192).await.unwrap(),
+        pattern(8192, 5)
+    );
+    pool.create_snapshot("old", "snap").await.unwrap();
+    drop(pool);
+    let block = std::fs::read(&path).unwrap()[..BLOCK_SIZE].to_vec();
+    assert_eq!(
+        Superblock::decode(&block).unwrap().format_version,
+        2,
+        "upgraded on disk"
+    );
+    let pool = open(&path, 32 * MIB).await;
+    assert_same_bytes!(
+        snapshot_bytes(&pool, "snap", 0, 8192).await,
+        pattern(8192, 5)
+    );
+}

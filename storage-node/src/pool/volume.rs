@@ -432,18 +432,28 @@ fn mapped_runs(entries: &[BlockEntry]) -> Vec<(usize, usize)> {
 }
 
 impl Pool {
-    /// `n` blocks for writing [first, first + n) of a volume. Writes that grow a
-    /// volume must leave the overwrite reserve; when space is short, a commit
-    /// may release blocks superseded by earlier writes.
+    /// `n` blocks for writing [first, first + n) of a volume. Writes that grow
+    /// the pool's usage (to unmapped blocks, or over blocks a snapshot shares)
+    /// must leave the overwrite reserve; when space is short, a commit may
+    /// release blocks superseded by earlier writes.
     async fn allocate_blocks(&self, volume_id: u64, first: u64, n: u64) -> BlockResult<Vec<u32>> {
         for attempt in 0..3 {
-            let grows = {
+            let old: Vec<BlockEntry> = {
                 let state = self.state.lock().expect("state lock");
                 let volume = state.volumes.get(&volume_id).ok_or(BlockError::Gone)?;
-                (first..first + n).any(|lba| !volume.map.get(lba).is_mapped())
+                let old: Vec<BlockEntry> =
+                    (first..first + n).map(|lba| volume.map.get(lba)).collect();
+                let new_entries = old.iter().filter(|e| !e.is_mapped()).count() as u64;
+                if new_entries > 0 && self.check_metadata_room(&state, new_entries).is_err() {
+                    return Err(BlockError::NoSpace);
+                }
+                old
             };
             {
                 let mut allocator = self.allocator.lock().expect("allocator lock");
+                let grows = old
+                    .iter()
+                    .any(|e| !e.is_mapped() || allocator.is_shared(e.pba));
                 let need = n + if grows { self.reserve_blocks } else { 0 };
                 if allocator.free_blocks() >= need {
                     return Ok(allocator.allocate(n).expect("enough free blocks"));

@@ -11,6 +11,11 @@
 //!
 //! Every request is answered by [`Replica::handle`], for a remote target (the
 //! replication server) and for a target on the same node alike.
+//!
+//! A snapshot of a replicated volume is, on each node holding it, a pool
+//! snapshot (`replica:SNAPSHOT`) of the replica's pool volume, header block
+//! included. A volume created from it starts as a pool clone of that snapshot
+//! whose header is then rewritten for the new volume.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -80,6 +85,21 @@ pub struct StateRecord {
     pub config: ConfigRecord,
 }
 
+/// This node's copy of a snapshot of a replicated volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSnapshot {
+    pub name: String,
+    /// The replicated volume it was taken of.
+    pub volume: String,
+    /// Size of the volume when it was taken.
+    pub size: u64,
+    /// Bytes of data it refers to.
+    pub referenced: u64,
+    /// Bytes only it holds on this node (what deleting it frees).
+    pub exclusive: u64,
+    pub created_unix: u64,
+}
+
 /// The persisted header.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Header {
@@ -98,6 +118,8 @@ pub enum ReplicaError {
     NotFound(String),
     #[error("replica of volume {0:?} already exists")]
     AlreadyExists(String),
+    #[error("snapshot {0:?} is not on this node")]
+    SnapshotNotFound(String),
     #[error("{0}")]
     Invalid(String),
     #[error("replica header: {0}")]
@@ -107,6 +129,7 @@ pub enum ReplicaError {
 }
 
 pub struct Replica {
+    pool: Arc<Pool>,
     volume_name: String,
     replica_id: u32,
     members: Vec<Member>,
@@ -224,6 +247,33 @@ impl Replica {
                 *state = next;
                 Ok(json(&self.record(&state)))
             }
+            Op::Snapshot => {
+                let name = std::str::from_utf8(&request.payload)
+                    .map_err(|_| invalid("snapshot name is not UTF-8".into()))?;
+                crate::pool::validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
+                // Shared, like a write: no configuration change meanwhile.
+                let state = self.state.read().await;
+                match membership::replica_io(&state, request.epoch) {
+                    IoReply::Accepted => {}
+                    IoReply::Fenced { .. } => {
+                        return Err((Status::Fenced, json(&self.record(&state))))
+                    }
+                    IoReply::Behind { .. } => return Err((Status::Behind, Vec::new())),
+                }
+                let pool_name = format!("{POOL_VOLUME_PREFIX}{name}");
+                match self
+                    .pool
+                    .create_snapshot(self.data.name(), &pool_name)
+                    .await
+                {
+                    Ok(_) => Ok(Vec::new()),
+                    Err(PoolError::SnapshotExists(_)) => Err(invalid(format!(
+                        "snapshot {name:?} already exists on this node"
+                    ))),
+                    Err(PoolError::NoSpace(msg)) => Err((Status::NoSpace, msg.into_bytes())),
+                    Err(err) => Err((Status::Io, err.to_string().into_bytes())),
+                }
+            }
             Op::Read | Op::Write | Op::Flush | Op::Trim | Op::WriteZeroes | Op::Digest => {
                 let state = self.state.read().await;
                 match membership::replica_io(&state, request.epoch) {
@@ -288,7 +338,7 @@ impl Replica {
                 )?;
                 Ok(digests.iter().flat_map(|d| d.to_le_bytes()).collect())
             }
-            Op::Hello | Op::GetState | Op::Prepare | Op::Persist => {
+            Op::Hello | Op::GetState | Op::Prepare | Op::Persist | Op::Snapshot => {
                 unreachable!("not a data request")
             }
         }
@@ -366,9 +416,19 @@ impl Replicas {
                 Ok(block) => decode_header(&block),
                 Err(err) => Err(err.to_string()),
             };
+            // A volume cloned from a snapshot starts with the source's
+            // header until its own is written: such a clone is unfinished.
+            let header = header.and_then(|h| {
+                if h.volume == volume_name {
+                    Ok(h)
+                } else {
+                    Err(format!("header names volume {:?}", h.volume))
+                }
+            });
             match header {
                 Ok(header) => {
                     let replica = Replica {
+                        pool: pool.clone(),
                         volume_name: header.volume.clone(),
                         replica_id: header.replica_id,
                         members: header.members,
@@ -426,6 +486,21 @@ impl Replicas {
         replica_id: u32,
         members: Vec<Member>,
     ) -> Result<Arc<Replica>, ReplicaError> {
+        self.create_from(volume, size, replica_id, members, None)
+            .await
+    }
+
+    /// Like [`Replicas::create`]; with `snapshot`, the new replica holds the
+    /// data of this node's copy of that snapshot (sharing its blocks), and
+    /// `size` may be larger than the snapshot's.
+    pub async fn create_from(
+        &self,
+        volume: &str,
+        size: u64,
+        replica_id: u32,
+        members: Vec<Member>,
+        snapshot: Option<&str>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
         crate::pool::validate_volume_name(volume)?;
         let ids: BTreeSet<u32> = members.iter().map(|m| m.id).collect();
         if ids.len() != members.len() || !ids.contains(&replica_id) {
@@ -438,12 +513,31 @@ impl Replicas {
         }
         let pool_name = format!("{POOL_VOLUME_PREFIX}{volume}");
         let size = size.next_multiple_of(4096);
-        self.pool
-            .create_internal_volume(&pool_name, size + HEADER_BYTES)
-            .await?;
+        match snapshot {
+            None => {
+                self.pool
+                    .create_internal_volume(&pool_name, size + HEADER_BYTES)
+                    .await?;
+            }
+            Some(snapshot) => {
+                let pool_snapshot = format!("{POOL_VOLUME_PREFIX}{snapshot}");
+                if self.pool.snapshot_info(&pool_snapshot).is_none() {
+                    return Err(ReplicaError::SnapshotNotFound(snapshot.to_string()));
+                }
+                // The copied header (the source volume's) is rewritten below.
+                self.pool
+                    .create_volume_from_snapshot(
+                        &pool_name,
+                        &pool_snapshot,
+                        Some(size + HEADER_BYTES),
+                    )
+                    .await?;
+            }
+        }
         let data = self.pool.volume(&pool_name).expect("just created");
         let state = ReplicaState::new(members.iter().map(|m| ReplicaId(m.id)).collect());
         let replica = Arc::new(Replica {
+            pool: self.pool.clone(),
             volume_name: volume.to_string(),
             replica_id,
             members,
@@ -472,6 +566,40 @@ impl Replicas {
             .await?;
         tracing::info!(volume, "deleted replica");
         Ok(())
+    }
+
+    /// The copies of replicated-volume snapshots this node holds.
+    pub fn snapshots(&self) -> Vec<ReplicaSnapshot> {
+        self.pool
+            .list_snapshots()
+            .into_iter()
+            .filter_map(|info| {
+                let name = info.name.strip_prefix(POOL_VOLUME_PREFIX)?.to_string();
+                let volume = info.source.strip_prefix(POOL_VOLUME_PREFIX)?.to_string();
+                Some(ReplicaSnapshot {
+                    name,
+                    volume,
+                    size: info.size.saturating_sub(HEADER_BYTES),
+                    referenced: info.referenced.saturating_sub(HEADER_BYTES),
+                    exclusive: info.exclusive,
+                    created_unix: info.created_unix,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes this node's copy of a snapshot.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), ReplicaError> {
+        match self
+            .pool
+            .delete_snapshot(&format!("{POOL_VOLUME_PREFIX}{name}"))
+            .await
+        {
+            Err(crate::pool::PoolError::SnapshotNotFound(_)) => {
+                Err(ReplicaError::SnapshotNotFound(name.to_string()))
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Grows the replica to `size` bytes of data.

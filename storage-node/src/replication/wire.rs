@@ -56,6 +56,10 @@ pub enum Op {
     WriteZeroes = 9,
     /// Digests of `length` extents from extent number `offset`.
     Digest = 10,
+    /// Take a copy-on-write snapshot of the replica; the payload is the
+    /// snapshot's name. Epoch-checked like data requests, so a fenced target
+    /// cannot take one.
+    Snapshot = 11,
 }
 
 impl Op {
@@ -71,6 +75,7 @@ impl Op {
             8 => Op::Trim,
             9 => Op::WriteZeroes,
             10 => Op::Digest,
+            11 => Op::Snapshot,
             _ => return None,
         })
     }

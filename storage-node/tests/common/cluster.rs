@@ -146,4 +146,31 @@ impl TestCluster {
         }
         out
     }
+
+    /// Every replica holds the same bytes, and the same block checksums.
+    pub async fn assert_replicas_identical(&self, volume: &str) {
+        let report = self.report(volume).await;
+        let indexes: Vec<usize> = report
+            .replicas
+            .iter()
+            .map(|r| self.index_of(&r.node.name))
+            .collect();
+        let first_digests = self.digests(indexes[0], volume).await;
+        let first_bytes = crc32fast::hash(&self.replica_bytes(indexes[0], volume).await);
+        for &index in &indexes[1..] {
+            assert!(
+                self.digests(index, volume).await == first_digests,
+                "block checksums of {} differ from {}",
+                self.nodes[index].name,
+                self.nodes[indexes[0]].name
+            );
+            assert_eq!(
+                crc32fast::hash(&self.replica_bytes(index, volume).await),
+                first_bytes,
+                "data of {} differs from {}",
+                self.nodes[index].name,
+                self.nodes[indexes[0]].name
+            );
+        }
+    }
 }

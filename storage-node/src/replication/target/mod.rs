@@ -135,6 +135,26 @@ pub struct VolumeTarget {
     /// Members being caught up, by member index: they take every write but
     /// are not in sync yet.
     rebuilding: Mutex<BTreeMap<usize, RebuildProgress>>,
+    /// Requests that some in-sync replica failed and whose shrink has not
+    /// finished: until it has, the in-sync replicas may differ, so no
+    /// snapshot is taken.
+    unsettled: AtomicUsize,
+}
+
+/// Counts a request in [`VolumeTarget::unsettled`] while it lives.
+struct Unsettled<'a>(&'a AtomicUsize);
+
+impl<'a> Unsettled<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Unsettled(counter)
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl VolumeTarget {
@@ -189,6 +209,7 @@ impl VolumeTarget {
             repaired_blocks: AtomicU64::new(0),
             scrub_passes: AtomicU64::new(0),
             rebuilding: Mutex::new(BTreeMap::new()),
+            unsettled: AtomicUsize::new(0),
             options,
             local,
         });
@@ -486,6 +507,10 @@ impl VolumeTarget {
             let mut fan_out = in_sync.clone();
             fan_out.extend(rebuilding.iter().filter(|i| !in_sync.contains(i)));
             let mut answers = self.send_io(&fan_out, |_| make(config.epoch)).await;
+            let _unsettled = answers
+                .iter()
+                .any(|(i, a)| in_sync.contains(i) && !matches!(a, Answer::Done(_)))
+                .then(|| Unsettled::new(&self.unsettled));
             drop(gate);
             for index in rebuilding {
                 if in_sync.contains(&index) {
@@ -866,6 +891,70 @@ impl VolumeTarget {
                 ),
             }
         }
+    }
+
+    /// Takes snapshot `name` on every in-sync replica at one point of the
+    /// write stream: with the gate held exclusively no request is in flight,
+    /// so each in-sync replica holds exactly the writes acknowledged so far,
+    /// and its copy holds the same data. Returns the nodes that hold a copy.
+    /// When a replica fails, copies already taken stay (the caller deletes
+    /// them) and the replica is left to the next write to drop.
+    pub async fn snapshot(&self, name: &str) -> BlockResult<Vec<String>> {
+        let deadline = Instant::now() + self.options.timeout * 2;
+        let _exclusive = loop {
+            if self.fenced.load(Ordering::Acquire) {
+                return Err(self.fenced_error());
+            }
+            let gate = self.gate.write().await;
+            if self.unsettled.load(Ordering::Acquire) == 0 {
+                break gate;
+            }
+            // A failed request is still shrinking the in-sync set (it needs
+            // the gate): let it finish first.
+            drop(gate);
+            if Instant::now() > deadline {
+                return Err(BlockError::Io(format!(
+                    "volume {}: replicas are failing; try the snapshot again",
+                    self.volume
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let config = self.current();
+        let in_sync: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
+        let answers = self
+            .ask(&in_sync, |_| {
+                let mut request = Request::new(Op::Snapshot, 0, config.epoch);
+                request.payload = name.as_bytes().to_vec();
+                request
+            })
+            .await;
+        let mut nodes = Vec::new();
+        let mut failures = Vec::new();
+        for (index, answer) in answers {
+            let node = &self.members[index].node;
+            match answer {
+                Answer::Done(_) => nodes.push(node.clone()),
+                Answer::Refused(Status::Fenced, _) => {
+                    self.set_fenced();
+                    return Err(self.fenced_error());
+                }
+                Answer::Refused(Status::NoSpace, _) => return Err(BlockError::NoSpace),
+                Answer::Refused(status, message) => {
+                    failures.push(format!("{node}: {status:?}: {message}"))
+                }
+                Answer::Lost(err) => failures.push(format!("{node}: {err}")),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(BlockError::Io(format!(
+                "snapshot {name:?} of volume {} failed on {}",
+                self.volume,
+                failures.join("; ")
+            )));
+        }
+        tracing::info!(volume = %self.volume, snapshot = name, nodes = ?nodes, "took snapshot");
+        Ok(nodes)
     }
 
     pub fn volume(&self) -> &str {
