@@ -147,3 +147,74 @@ impl TestCluster {
         out
     }
 }
+
+fn crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// Every replica holds the same bytes, and the same block checksums.
+pub async fn assert_replicas_identical(cluster: &TestCluster, volume: &str) {
+    let report = cluster.report(volume).await;
+    let indexes: Vec<usize> = report
+        .replicas
+        .iter()
+        .map(|r| cluster.index_of(&r.node.name))
+        .collect();
+    let first_digests = cluster.digests(indexes[0], volume).await;
+    let first_bytes = crc(&cluster.replica_bytes(indexes[0], volume).await);
+    for &index in &indexes[1..] {
+        assert!(
+            cluster.digests(index, volume).await == first_digests,
+            "block checksums of {} differ from {}",
+            cluster.nodes[index].name,
+            cluster.nodes[indexes[0]].name
+        );
+        assert_eq!(
+            crc(&cluster.replica_bytes(index, volume).await),
+            first_bytes,
+            "data of {} differs from {}",
+            cluster.nodes[index].name,
+            cluster.nodes[indexes[0]].name
+        );
+    }
+}
+
+/// fio's nbd engine writing 32 MiB of random 4 KiB blocks three times over
+/// the export, each block verified (crc32c) after it is written.
+pub struct FioVerify(std::thread::JoinHandle<std::process::Output>);
+
+pub fn fio_verify(uri: String) -> FioVerify {
+    use std::os::unix::process::CommandExt;
+    FioVerify(std::thread::spawn(move || {
+        std::process::Command::new("fio")
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=32M",
+                "--loops=3",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--fsync=64",
+                "--output-format=json",
+            ])
+            .process_group(0)
+            .output()
+            .expect("fio (see .ci/install-test-deps)")
+    }))
+}
+
+impl FioVerify {
+    /// Waits for fio; fails the test on any I/O or verify error.
+    pub async fn finish(self) {
+        let out = tokio::task::spawn_blocking(move || self.0.join().unwrap())
+            .await
+            .unwrap();
+        super::fio_report(&out);
+    }
+}

@@ -215,6 +215,21 @@ impl Drop for TestNode {
 }
 
 /// Runs a command, returning its output; panics with the output when it cannot start.
+/// fio's JSON report, after checking that fio succeeded without an I/O or
+/// verify error.
+pub fn fio_report(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["jobs"][0]["error"], 0, "{stdout}");
+    json
+}
+
 pub fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
         .args(args)
