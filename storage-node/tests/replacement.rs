@@ -137,10 +137,10 @@ async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
     let first = random_bytes(2 << 20, 1);
     client.write(0, &first, true).unwrap();
 
+    // The volume is idle when the victim dies: no write drops it from the
+    // in-sync set, the target finds it unreachable on its own.
     let victim_index = cluster.index_of(&victim);
     cluster.nodes[victim_index].kill9();
-    let second = random_bytes(1 << 20, 2);
-    client.write(8 << 20, &second, true).unwrap();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -164,7 +164,9 @@ async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
         log.contains("replacing a replica that stayed faulted"),
         "{log}"
     );
-    // Everything acknowledged is on the new replica too.
+    // The data written before is on the new replica, and writes go on.
+    let second = random_bytes(1 << 20, 2);
+    client.write(8 << 20, &second, true).unwrap();
     assert!(client.read(0, 2 << 20).unwrap() == first);
     assert!(client.read(8 << 20, 1 << 20).unwrap() == second);
     assert_replicas_identical(&cluster, "auto").await;
@@ -214,4 +216,74 @@ async fn replacements_that_cannot_be_done_are_refused_with_one_line() {
         .filter(|r| r.node.name == spare)
         .count();
     assert_eq!(spare_holds, 1, "only its replica of \"everywhere\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_replica_is_replaced_and_deleted_but_never_below_a_majority_in_sync() {
+    let mut cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("live", 16 * MIB, 3).await;
+    let (target_node, leaving, spare) = roles(&cluster, &report);
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("live", target).await;
+    let data = random_bytes(4 << 20, 7);
+    connect(&uri).write(0, &data, true).unwrap();
+
+    // A writer keeps going while the live, in-sync replica is replaced.
+    let writer_uri = uri.clone();
+    let writer = std::thread::spawn(move || {
+        let mut client = connect(&writer_uri);
+        for n in 0..400u64 {
+            let block = random_bytes(4096, 1000 + n);
+            client
+                .write((8 << 20) + n * 4096, &block, n % 8 == 0)
+                .unwrap();
+        }
+        client.flush().unwrap();
+    });
+    let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.planned.node.name, spare);
+    assert!(
+        outcome.old_deleted,
+        "its node answers: the old copy is gone"
+    );
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    let report = cluster
+        .wait_in_sync("live", 3, Duration::from_secs(60))
+        .await;
+    assert!(report.retired.is_empty());
+    assert!(!member_nodes(&report).contains(&leaving));
+    let leaving_index = cluster.index_of(&leaving);
+    let mut list = cluster.nodes[leaving_index].client().await;
+    let held = list
+        .list_replicas(strata_proto::storage::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    assert!(held.is_empty(), "{held:?}");
+    assert_replicas_identical(&cluster, "live").await;
+    assert!(connect(&uri).read(0, 4 << 20).unwrap() == data);
+
+    // With one member down, replacing another, in-sync one would leave one
+    // of three in sync: refused, nothing changes.
+    let members = member_nodes(&report);
+    let others: Vec<&String> = members.iter().filter(|n| **n != target_node).collect();
+    let down = cluster.index_of(others[0]);
+    cluster.nodes[down].kill9();
+    connect(&uri).write(0, &[9; 4096], true).unwrap();
+    let err = volumes::replace_replica(&cluster.file(), "live", others[1], Some(&leaving))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("would leave 1 of 3 replicas in sync"), "{err}");
+    let after = cluster.report("live").await;
+    assert_eq!(member_nodes(&after), members);
+    assert!(
+        after.retired.is_empty(),
+        "the refused replacement was cleaned up"
+    );
 }

@@ -508,18 +508,6 @@ pub async fn create_replacement(
     })
 }
 
-/// Deletes a replacement replica that did not become a member.
-pub async fn discard_replacement(planned: &PlannedReplacement) {
-    if let Err(err) = delete_replica_on(&planned.node, &planned.volume).await {
-        tracing::warn!(
-            volume = %planned.volume,
-            node = %planned.node.name,
-            %err,
-            "could not delete an unused replacement replica"
-        );
-    }
-}
-
 /// Deletes the replica of `volume` on `node`, once it is no longer a member.
 pub async fn delete_replica_on(node: &NodeEntry, volume: &str) -> Result<(), VolumeError> {
     client::connect(node)
@@ -579,7 +567,9 @@ pub async fn replace_replica(
     let target_node = match result {
         Ok(node) => node,
         Err(err) => {
-            discard_replacement(&planned).await;
+            // The new replica is a leftover unless the change went through
+            // after all (an answer lost on the way back).
+            delete_retired(cluster, name).await;
             return Err(err);
         }
     };
@@ -593,8 +583,9 @@ pub async fn replace_replica(
     })
 }
 
-/// Deletes the replicas of `name` that are no longer members, on the nodes
-/// that answer; returns those nodes.
+/// Deletes the replicas of `name` that the newest config the replicas report
+/// does not name (replaced ones, and replacements that never joined), on
+/// the nodes that answer; returns those nodes.
 pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
     let Ok(volume) = get(cluster, name).await else {
         return Vec::new();

@@ -307,10 +307,17 @@ pub enum ReplaceError {
     NotAMember(ReplicaId),
     #[error("{0} is a member already")]
     AlreadyAMember(ReplicaId),
-    /// The replica to remove is the only one holding every acknowledged
-    /// write: nothing could be copied to its replacement.
-    #[error("{0} is the only in-sync replica; it cannot be replaced")]
-    LastInSync(ReplicaId),
+    /// Removing this in-sync replica would leave fewer than a majority of
+    /// the members in sync (or none to copy from).
+    #[error(
+        "replacing {replica} would leave {left} of {members} replicas in sync; a majority must \
+         stay in sync (replace a faulted replica, or wait for the rebuilds, first)"
+    )]
+    TooFewInSync {
+        replica: ReplicaId,
+        left: usize,
+        members: usize,
+    },
 }
 
 /// The config that replaces member `remove` by the new, empty member `add`,
@@ -318,7 +325,8 @@ pub enum ReplaceError {
 /// on and joins the in-sync set once a rebuild has copied the rest. Removing
 /// `remove` at once, rather than after `add` caught up, keeps the number of
 /// members, and so the majority needed, the same: losing the new replica
-/// during its copy costs no availability.
+/// during its copy costs no availability. An in-sync replica is removed only
+/// when a majority of the members stays in sync.
 pub fn plan_replace(
     current: &Config,
     remove: ReplicaId,
@@ -331,9 +339,12 @@ pub fn plan_replace(
         return Err(ReplaceError::AlreadyAMember(add));
     }
     let mut in_sync = current.in_sync.clone();
-    in_sync.remove(&remove);
-    if in_sync.is_empty() {
-        return Err(ReplaceError::LastInSync(remove));
+    if in_sync.remove(&remove) && in_sync.len() < majority(current.members.len()) {
+        return Err(ReplaceError::TooFewInSync {
+            replica: remove,
+            left: in_sync.len(),
+            members: current.members.len(),
+        });
     }
     let members = current
         .members
@@ -604,7 +615,15 @@ mod tests {
         let r = ReplicaId;
         for (remove, add, expected) in [
             (3, 4, Ok(config(5, &[1, 2, 4], &[1, 2]))),
-            (2, 4, Ok(config(5, &[1, 4, 3], &[1]))),
+            (
+                2,
+                4,
+                Err(ReplaceError::TooFewInSync {
+                    replica: r(2),
+                    left: 1,
+                    members: 3,
+                }),
+            ),
             (5, 4, Err(ReplaceError::NotAMember(r(5)))),
             (3, 2, Err(ReplaceError::AlreadyAMember(r(2)))),
         ] {
@@ -614,10 +633,25 @@ mod tests {
                 "replace {remove} by {add}"
             );
         }
+        // A healthy in-sync replica may go: two of three stay in sync.
+        let healthy = config(4, &[1, 2, 3], &[1, 2, 3]);
+        assert_eq!(
+            plan_replace(&healthy, r(2), r(4)),
+            Ok(config(5, &[1, 4, 3], &[1, 3]))
+        );
+        // A faulted one may go even when few are in sync: none is lost.
         let lonely = config(4, &[1, 2, 3], &[2]);
         assert_eq!(
+            plan_replace(&lonely, r(3), r(4)),
+            Ok(config(5, &[1, 2, 4], &[2]))
+        );
+        assert_eq!(
             plan_replace(&lonely, r(2), r(4)),
-            Err(ReplaceError::LastInSync(r(2)))
+            Err(ReplaceError::TooFewInSync {
+                replica: r(2),
+                left: 0,
+                members: 3
+            })
         );
     }
 

@@ -180,29 +180,16 @@ pub async fn assert_replicas_identical(cluster: &TestCluster, volume: &str) {
 }
 
 /// fio's nbd engine writing 32 MiB of random 4 KiB blocks three times over
-/// the export, each block verified (crc32c) after it is written.
+/// the export, each block verified (crc32c) after it is written, in the
+/// background.
 pub struct FioVerify(std::thread::JoinHandle<std::process::Output>);
 
 pub fn fio_verify(uri: String) -> FioVerify {
     use std::os::unix::process::CommandExt;
     FioVerify(std::thread::spawn(move || {
         std::process::Command::new("fio")
-            .args([
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=32M",
-                "--loops=3",
-                "--verify=crc32c",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--fsync=64",
-                "--output-format=json",
-            ])
+            .args(super::fio_verify_args(&uri, "32M"))
+            .arg("--loops=3")
             .process_group(0)
             .output()
             .expect("fio (see .ci/install-test-deps)")

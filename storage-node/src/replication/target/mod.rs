@@ -382,24 +382,9 @@ impl VolumeTarget {
     /// taken by a majority of both member lists and by every replica it
     /// names in sync.
     async fn persist(&self, before: &Config, config: &Config) -> Result<(), PersistError> {
-        let roster: Vec<Member> = self
-            .member_indexes(config)
-            .into_iter()
-            .map(|index| self.member(index))
-            .collect();
-        let payload = serde_json::to_vec(&PersistRecord {
-            config: ConfigRecord::from(config),
-            roster,
-        })
-        .expect("config serializes");
+        let request = self.persist_request(config);
         let all = self.change_indexes(before, config);
-        let answers = self
-            .ask(&all, |_| {
-                let mut request = Request::new(Op::Persist, 0, config.epoch);
-                request.payload = payload.clone();
-                request
-            })
-            .await;
+        let answers = self.ask(&all, |_| request.clone()).await;
         let mut accepted = BTreeSet::new();
         let mut problems = Vec::new();
         for (index, answer) in &answers {
@@ -431,6 +416,23 @@ impl VolumeTarget {
             )));
         }
         Ok(())
+    }
+
+    /// Round 2's request: the config, with the address of each member, so a
+    /// replica learns a new member list with the config that makes it.
+    fn persist_request(&self, config: &Config) -> Request {
+        let roster: Vec<Member> = self
+            .member_indexes(config)
+            .into_iter()
+            .map(|index| self.member(index))
+            .collect();
+        let mut request = Request::new(Op::Persist, 0, config.epoch);
+        request.payload = serde_json::to_vec(&PersistRecord {
+            config: ConfigRecord::from(config),
+            roster,
+        })
+        .expect("config serializes");
+        request
     }
 
     /// Sends a request to each replica in `indexes` at once (connecting to

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::{Answer, VolumeTarget};
 use crate::replication::membership::{self, Config, ReplicaId};
-use crate::replication::replica::{extent_count, ConfigRecord, StateRecord, EXTENT_BYTES};
+use crate::replication::replica::{extent_count, StateRecord, EXTENT_BYTES};
 use crate::replication::wire::{Op, Request, Status};
 use crate::target::BlockResult;
 
@@ -246,6 +246,8 @@ impl VolumeTarget {
     async fn join_as_rebuilding(&self, index: usize) -> Result<(), String> {
         let _exclusive = self.gate.write().await;
         let config = self.current();
+        // A replacement may have removed it since the rebuilder looked.
+        self.check_member(&config, index)?;
         let answer = self
             .send_one(index, Request::new(Op::Prepare, 0, config.epoch))
             .await;
@@ -268,10 +270,7 @@ impl VolumeTarget {
             }
             other => return Err(format!("prepare: {other:?}")),
         }
-        let mut persist = Request::new(Op::Persist, 0, config.epoch);
-        persist.payload =
-            serde_json::to_vec(&ConfigRecord::from(&*config)).expect("config serializes");
-        match self.send_one(index, persist).await {
+        match self.send_one(index, self.persist_request(&config)).await {
             Answer::Done(_) => {}
             other => return Err(format!("persist: {other:?}")),
         }
@@ -294,6 +293,7 @@ impl VolumeTarget {
             return Err("aborted".into());
         }
         let current = self.current();
+        self.check_member(&current, index)?;
         let mut next = (*current).clone();
         next.epoch += 1;
         next.in_sync.insert(ReplicaId(self.id_of(index)));
@@ -354,6 +354,14 @@ impl VolumeTarget {
                 Err("a newer target owns the volume".into())
             }
             Err(super::PersistError::NoQuorum(reason)) => Err(reason),
+        }
+    }
+
+    fn check_member(&self, config: &Config, index: usize) -> Result<(), String> {
+        if config.members.contains(&ReplicaId(self.id_of(index))) {
+            Ok(())
+        } else {
+            Err("no longer a member (replaced)".into())
         }
     }
 

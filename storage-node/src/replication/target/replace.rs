@@ -33,8 +33,8 @@ const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Automatic replacement of faulted replicas.
 #[derive(Debug, Clone)]
 pub struct Replacement {
-    /// How long a replica stays out of the in-sync set, and not being
-    /// rebuilt, before it is replaced.
+    /// How long a replica stays out of the in-sync set and not being
+    /// rebuilt (or, in the set, unreachable) before it is replaced.
     pub after: Duration,
     /// Where the nodes that may take the new replica are found.
     pub discovery: Discovery,
@@ -123,11 +123,11 @@ impl VolumeTarget {
             node: planned.member.node.clone(),
             address: planned.member.address.clone(),
         };
-        if let Err(err) = self.replace_member(remove, member).await {
-            volumes::discard_replacement(&planned).await;
-            return Err(err.to_string());
-        }
+        let replaced = self.replace_member(remove, member).await;
+        // The old replica, if its node answers, or the new one if it did
+        // not join.
         volumes::delete_retired(&cluster, &self.volume).await;
+        replaced.map_err(|err| err.to_string())?;
         Ok(planned.node.name)
     }
 }
@@ -152,13 +152,16 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             }
             let config = target.current();
             let rebuilding = target.rebuilding_indexes();
-            faulted_since.retain(|id, _| {
-                config.members.contains(&ReplicaId(*id))
-                    && !config.in_sync.contains(&ReplicaId(*id))
-            });
+            faulted_since.retain(|id, _| config.members.contains(&ReplicaId(*id)));
             retry.retain(|id, _| faulted_since.contains_key(id));
             for &id in &config.members {
-                if config.in_sync.contains(&id) {
+                // An in-sync replica of an idle volume is dropped by no
+                // write; it counts as faulted while it cannot be reached.
+                if config.in_sync.contains(&id)
+                    && target.connect(target.index_of(id), true).await.is_ok()
+                {
+                    faulted_since.remove(&id.0);
+                    retry.remove(&id.0);
                     continue;
                 }
                 let since = *faulted_since.entry(id.0).or_insert_with(Instant::now);
