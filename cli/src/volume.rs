@@ -112,7 +112,8 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
             if !outcome.old_deleted {
                 println!(
                     "the old replica on {from} could not be deleted (node unreachable); \
-                     the next replacement or `strata volume rm` deletes it"
+                     it is deleted once the node is back (with automatic replacement on), \
+                     or by the next replacement or `strata volume rm`"
                 );
             }
             Ok(())

@@ -170,6 +170,30 @@ async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
     assert!(client.read(0, 2 << 20).unwrap() == first);
     assert!(client.read(8 << 20, 1 << 20).unwrap() == second);
     assert_replicas_identical(&cluster, "auto").await;
+
+    // The victim's node comes back: the target deletes the old replica.
+    cluster.nodes[victim_index].spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = cluster.nodes[victim_index]
+            .client()
+            .await
+            .list_replicas(strata_proto::storage::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas;
+        if held.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced replica was not deleted: {}",
+            cluster.nodes[target].log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(cluster.report("auto").await.retired.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

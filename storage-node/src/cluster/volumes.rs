@@ -521,6 +521,31 @@ pub async fn delete_replica_on(node: &NodeEntry, volume: &str) -> Result<(), Vol
     Ok(())
 }
 
+/// Deletes replica `replica_id` of `volume` on `node` if the node still
+/// holds it; Ok(()) once it is gone. A replica of another id there (a later
+/// replacement put one on that node) is left alone.
+pub async fn delete_replaced_replica(
+    node: &NodeEntry,
+    volume: &str,
+    replica_id: u32,
+) -> Result<(), VolumeError> {
+    let held = client::connect(node)
+        .await
+        .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+        .list_replicas(ListReplicasRequest {})
+        .await
+        .map_err(|status| VolumeError::node(node, status))?
+        .into_inner()
+        .replicas;
+    if held
+        .iter()
+        .any(|r| r.volume == volume && r.replica_id == replica_id)
+    {
+        delete_replica_on(node, volume).await?;
+    }
+    Ok(())
+}
+
 /// What `replace_replica` did.
 #[derive(Debug, Clone)]
 pub struct ReplaceOutcome {

@@ -160,6 +160,9 @@ pub struct VolumeTarget {
     /// Members being caught up, by member index: they take every write but
     /// are not in sync yet.
     rebuilding: Mutex<BTreeMap<usize, RebuildProgress>>,
+    /// Replicas this target replaced whose data may still be on their node
+    /// (it was down): node name by replica id, for the replacer to delete.
+    replaced: Mutex<BTreeMap<u32, String>>,
 }
 
 impl VolumeTarget {
@@ -213,6 +216,7 @@ impl VolumeTarget {
             repaired_blocks: AtomicU64::new(0),
             scrub_passes: AtomicU64::new(0),
             rebuilding: Mutex::new(BTreeMap::new()),
+            replaced: Mutex::new(BTreeMap::new()),
             options,
             local,
         });

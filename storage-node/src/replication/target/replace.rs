@@ -26,6 +26,8 @@ use crate::replication::replica::Member;
 
 /// How often the target looks for replicas faulted long enough.
 const REPLACE_POLL: Duration = Duration::from_secs(1);
+/// How often it tries to delete replaced replicas whose node was down.
+const CLEANUP_EVERY: u32 = 10;
 /// The longest wait before an automatic replacement that failed is tried
 /// again (no spare node yet, say).
 const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -90,6 +92,10 @@ impl VolumeTarget {
                 true => ReplaceError::Fenced,
                 false => ReplaceError::Change(reason),
             })?;
+        self.replaced
+            .lock()
+            .expect("replaced lock")
+            .insert(remove, self.node_of(removed));
         self.local
             .pool()
             .metrics()
@@ -130,10 +136,34 @@ impl VolumeTarget {
         replaced.map_err(|err| err.to_string())?;
         Ok(planned.node.name)
     }
+
+    /// Deletes the replicas this target replaced on nodes that are back.
+    async fn delete_replaced(&self, discovery: &Discovery) {
+        let pending = self.replaced.lock().expect("replaced lock").clone();
+        if pending.is_empty() {
+            return;
+        }
+        let Ok(cluster) = discovery.cluster().await else {
+            return;
+        };
+        for (id, node) in pending {
+            let Ok(entry) = cluster.node(&node) else {
+                continue;
+            };
+            if volumes::delete_replaced_replica(entry, &self.volume, id)
+                .await
+                .is_ok()
+            {
+                tracing::info!(volume = %self.volume, %node, "the replaced replica is gone from its node");
+                self.replaced.lock().expect("replaced lock").remove(&id);
+            }
+        }
+    }
 }
 
 /// Watches the members and replaces those faulted for longer than
-/// `options.replacement.after`, one at a time. Ends with the target.
+/// `options.replacement.after`, one at a time; deletes the replaced
+/// replicas whose node was down once it is back. Ends with the target.
 pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
     let Some(replacement) = target.options.replacement.clone() else {
         return;
@@ -144,11 +174,16 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
         // replacement may be tried again (with its last wait).
         let mut faulted_since: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut retry: BTreeMap<u32, (Instant, Duration)> = BTreeMap::new();
+        let mut round = 0u32;
         loop {
             tokio::time::sleep(REPLACE_POLL).await;
             let Some(target) = weak.upgrade() else { return };
             if target.is_fenced() || target.is_closed() {
                 return;
+            }
+            round += 1;
+            if round % CLEANUP_EVERY == 0 {
+                target.delete_replaced(&replacement.discovery).await;
             }
             let config = target.current();
             let rebuilding = target.rebuilding_indexes();
