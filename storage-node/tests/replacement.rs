@@ -33,6 +33,35 @@ fn roles(cluster: &TestCluster, report: &VolumeReport) -> (String, String, Strin
     (members[0].clone(), members[1].clone(), spare)
 }
 
+/// The replicas node `node` holds, as it lists them.
+async fn replicas_on(node: &TestNode) -> Vec<strata_proto::storage::Replica> {
+    node.client()
+        .await
+        .list_replicas(strata_proto::storage::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas
+}
+
+/// Polls `check` until it holds; after a minute, fails saying `what`, with
+/// the log of the target's node.
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    target: &TestNode,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            target.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn connect(uri: &str) -> NbdClient {
     let rest = uri.strip_prefix("nbd://").unwrap();
     let (addr, name) = rest.split_once('/').unwrap();
@@ -142,19 +171,12 @@ async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
     let victim_index = cluster.index_of(&victim);
     cluster.nodes[victim_index].kill9();
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let report = cluster.report("auto").await;
-        if member_nodes(&report).contains(&spare) && report.in_sync().len() == 3 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no automatic replacement: {}",
-            cluster.nodes[target].log()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_until(
+        "no automatic replacement",
+        &cluster.nodes[target],
+        || async { member_nodes(&cluster.report("auto").await).contains(&spare) },
+    )
+    .await;
     let report = cluster
         .wait_in_sync("auto", 3, Duration::from_secs(60))
         .await;
@@ -173,26 +195,12 @@ async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
 
     // The victim's node comes back: the target deletes the old replica.
     cluster.nodes[victim_index].spawn();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let held = cluster.nodes[victim_index]
-            .client()
-            .await
-            .list_replicas(strata_proto::storage::ListReplicasRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .replicas;
-        if held.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replaced replica was not deleted: {}",
-            cluster.nodes[target].log()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_until(
+        "the replaced replica was not deleted",
+        &cluster.nodes[target],
+        || async { replicas_on(&cluster.nodes[victim_index]).await.is_empty() },
+    )
+    .await;
     assert!(cluster.report("auto").await.retired.is_empty());
 }
 
@@ -280,14 +288,7 @@ async fn a_live_replica_is_replaced_and_deleted_but_never_below_a_majority_in_sy
         .await;
     assert!(report.retired.is_empty());
     assert!(!member_nodes(&report).contains(&leaving));
-    let leaving_index = cluster.index_of(&leaving);
-    let mut list = cluster.nodes[leaving_index].client().await;
-    let held = list
-        .list_replicas(strata_proto::storage::ListReplicasRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .replicas;
+    let held = replicas_on(&cluster.nodes[cluster.index_of(&leaving)]).await;
     assert!(held.is_empty(), "{held:?}");
     assert_replicas_identical(&cluster, "live").await;
     assert!(connect(&uri).read(0, 4 << 20).unwrap() == data);
