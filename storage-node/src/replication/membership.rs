@@ -673,6 +673,42 @@ mod tests {
         }
     }
 
+    /// Why a change of members needs both majorities: every set of replicas
+    /// that took the change meets every later majority of either list, so an
+    /// opening target, whichever list it starts from, hears of the change. A
+    /// majority of the new list alone does not: {2, 4} took it, and the old
+    /// list's majority {1, 3} never hears of it.
+    #[test]
+    fn a_replacement_is_seen_by_every_majority_of_either_list() {
+        let before = ids(&[1, 2, 3]);
+        let after = ids(&[1, 2, 4]);
+        let subsets = |of: &[u32]| -> Vec<BTreeSet<ReplicaId>> {
+            (0u32..1 << of.len())
+                .map(|bits| {
+                    (0..of.len())
+                        .filter(|i| bits & (1 << i) != 0)
+                        .map(|i| ReplicaId(of[i]))
+                        .collect()
+                })
+                .collect()
+        };
+        let all = subsets(&[1, 2, 3, 4]);
+        let majorities: Vec<&BTreeSet<ReplicaId>> = all
+            .iter()
+            .filter(|q| quorum_reached(&before, q) || quorum_reached(&after, q))
+            .collect();
+        let mut new_list_only_misses = false;
+        for took in &all {
+            let missed = majorities.iter().any(|q| q.is_disjoint(took));
+            if change_quorum_reached(&before, &after, took) {
+                assert!(!missed, "{took:?} took the change, a majority misses it");
+            } else if quorum_reached(&after, took) && missed {
+                new_list_only_misses = true;
+            }
+        }
+        assert!(new_list_only_misses);
+    }
+
     #[test]
     fn opening_with_an_old_member_list_asks_the_new_members() {
         let replaced = config(6, &[1, 2, 4], &[1, 2]);
