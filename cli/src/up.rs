@@ -46,6 +46,10 @@ pub struct UpArgs {
     /// Bytes per second a rebuild may copy to a replica, e.g. 100MiB (0: no limit).
     #[arg(long, default_value = "256MiB")]
     pub rebuild_rate: ByteSize,
+    /// Seconds a replica may stay faulted before its volume's target
+    /// replaces it by a new one on another node (0: never).
+    #[arg(long, default_value_t = 600)]
+    pub replace_faulted_after_secs: u64,
 }
 
 struct RunningNode {
@@ -180,6 +184,13 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .args(e.replication.map(|a| format!("--replication-listen={a}")))
         .args(["--replica-timeout-ms", &args.replica_timeout_ms.to_string()])
         .args(["--rebuild-rate", &args.rebuild_rate.as_u64().to_string()])
+        .args([
+            "--replace-faulted-after-secs",
+            &args.replace_faulted_after_secs.to_string(),
+        ])
+        // The nodes find each other (for replacements) through the cluster file.
+        .arg("--cluster-dir")
+        .arg(dir)
         .args(args.preallocate.then_some("--preallocate"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -1,11 +1,12 @@
 //! `strata volume ...`: create, list, describe, resize, delete and export
-//! replicated volumes.
+//! replicated volumes, and replace a replica by one on another node.
 
 use bytesize::ByteSize;
 
 use strata_node::cluster::snapshots;
 use strata_node::cluster::volumes::{self, Placement, VolumeReport};
 use strata_node::cluster::ClusterFile;
+use strata_proto::storage::TargetReplica;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum VolumeCommand {
@@ -39,6 +40,19 @@ pub enum VolumeCommand {
         name: String,
         #[arg(long)]
         size: ByteSize,
+    },
+    /// Replace the volume's replica on a node (dead or alive) by a new one on
+    /// another node, which gets a full copy while the volume serves I/O.
+    ReplaceReplica {
+        name: String,
+        /// The node whose replica leaves.
+        #[arg(long)]
+        from: String,
+        /// The node for the new replica (default: chosen like `create` does:
+        /// a node without a replica of the volume, in an unused zone when
+        /// there is one, with the most room).
+        #[arg(long)]
+        to: Option<String>,
     },
     /// Open the volume's target (fencing any other) and print its NBD URI.
     Export {
@@ -112,6 +126,23 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
             println!("volume {} is now {}", volume.name, human(volume.size_bytes));
             Ok(())
         }
+        VolumeCommand::ReplaceReplica { name, from, to } => {
+            cluster.node(&from)?;
+            let outcome = volumes::replace_replica(cluster, &name, &from, to.as_deref()).await?;
+            println!(
+                "replacing the replica of {name} on {from} by one on {}; the target on {} \
+                 copies the volume to it (progress: strata volume describe {name})",
+                outcome.planned.node.name, outcome.target_node
+            );
+            if !outcome.old_deleted {
+                println!(
+                    "the old replica on {from} could not be deleted (node unreachable); \
+                     it is deleted once the node is back (with automatic replacement on), \
+                     or by the next replacement or `strata volume rm`"
+                );
+            }
+            Ok(())
+        }
         VolumeCommand::Export { name, node } => {
             let (_, target) = volumes::open_target(cluster, &name, node.as_deref()).await?;
             println!("{}", target.export_uri);
@@ -120,21 +151,47 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
     }
 }
 
-/// "2/3 in sync" and the like.
+/// "2/3 in sync", with a running rebuild's progress.
 fn health(volume: &VolumeReport) -> String {
     let members = volume.members().len();
     let in_sync = volume.in_sync().len();
+    let rebuilds: Vec<String> = volume
+        .active_target()
+        .map(|(_, t)| {
+            t.replicas
+                .iter()
+                .filter(|r| r.rebuilding)
+                .map(rebuild_progress)
+                .collect()
+        })
+        .unwrap_or_default();
     if in_sync == members {
         format!("{in_sync}/{members} in sync")
+    } else if !rebuilds.is_empty() {
+        format!("{in_sync}/{members} in sync, {}", rebuilds.join(", "))
     } else {
         format!("{in_sync}/{members} in sync (degraded)")
     }
 }
 
+/// "rebuilding 42% (12 MiB)": extents copied of those that differ, and bytes.
+fn rebuild_progress(replica: &TargetReplica) -> String {
+    if replica.rebuild_extents_total == 0 && replica.rebuild_extents_copied == 0 {
+        return "rebuilding (comparing)".to_string();
+    }
+    let percent = (replica.rebuild_extents_copied * 100)
+        .checked_div(replica.rebuild_extents_total)
+        .unwrap_or(100);
+    format!(
+        "rebuilding {percent}% ({})",
+        human(replica.rebuild_bytes_copied)
+    )
+}
+
 async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
     let volumes = volumes::list(cluster).await?;
     println!(
-        "{:<20} {:>10} {:>10} {:<26} {:<20} EXPORT",
+        "{:<20} {:>10} {:>10} {:<26} {:<36} EXPORT",
         "NAME", "SIZE", "ALLOCATED", "REPLICAS", "STATE"
     );
     for v in &volumes {
@@ -150,7 +207,7 @@ async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
             None => "-".to_string(),
         };
         println!(
-            "{:<20} {:>10} {:>10} {:<26} {:<20} {}",
+            "{:<20} {:>10} {:>10} {:<26} {:<36} {}",
             v.name,
             human(v.size_bytes),
             human(allocated),
@@ -186,7 +243,7 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
     }
     println!("Replicas:");
     println!(
-        "  {:<4} {:<10} {:<16} {:>10} {:>8}",
+        "  {:<4} {:<10} {:<28} {:>10} {:>8}",
         "ID", "NODE", "STATE", "ALLOCATED", "EPOCH"
     );
     for member in volume.members() {
@@ -206,10 +263,7 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
                 let state = if in_sync.contains(&member.id) {
                     "in-sync".to_string()
                 } else if let Some(tr) = rebuild {
-                    let percent = (tr.rebuild_extents_copied * 100)
-                        .checked_div(tr.rebuild_extents_total)
-                        .unwrap_or(0);
-                    format!("rebuilding {percent}%")
+                    rebuild_progress(tr)
                 } else {
                     "faulted".to_string()
                 };
@@ -221,8 +275,15 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
             }
         };
         println!(
-            "  {:<4} {:<10} {:<16} {:>10} {:>8}",
+            "  {:<4} {:<10} {:<28} {:>10} {:>8}",
             member.id, member.node, state, allocated, promised
+        );
+    }
+    for leftover in &volume.retired {
+        println!(
+            "Leftover:  replica {} on {} was replaced; its node was down then (deleted by \
+             the next replacement or `strata volume rm`)",
+            leftover.replica.replica_id, leftover.node.name
         );
     }
     if let Some((_, t)) = volume.active_target() {

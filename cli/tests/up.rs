@@ -449,3 +449,97 @@ fn snapshots_are_taken_listed_restored_and_removed() {
     qemu_io(&uri2, &["read -P 0x42 0 1M"]);
     drop(up.interrupt());
 }
+
+#[test]
+fn replace_replica_moves_a_dead_nodes_replica_to_the_spare_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    // A slow rebuild, so its progress can be seen; no automatic replacement.
+    let up = Up::start(
+        &dir,
+        &[
+            "--nodes",
+            "4",
+            "--pool-size",
+            "128MiB",
+            "--replica-timeout-ms",
+            "1000",
+            "--rebuild-rate",
+            "1MiB",
+            "--replace-faulted-after-secs",
+            "0",
+        ],
+    );
+    // node-1 in zone-a, then the other zones: node-2 and node-3; node-4
+    // (zone-a again) is the spare.
+    let created = ok(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "db",
+            "--size",
+            "32MiB",
+            "--replicas",
+            "3",
+            "--node",
+            "node-1",
+        ],
+    );
+    assert!(
+        ["node-1", "node-2", "node-3"]
+            .iter()
+            .all(|n| created.contains(n))
+            && !created.contains("node-4"),
+        "{created}"
+    );
+    let uri = ok(&dir, &["volume", "export", "db", "--node", "node-1"])
+        .trim()
+        .to_string();
+    qemu_io(&uri, &["write -P 0x42 0 3M"]);
+
+    let replace = |args: &[&'static str]| [&["volume", "replace-replica"], args].concat();
+    assert_eq!(
+        fails(&dir, &replace(&["nope", "--from", "node-1"])),
+        "error: volume \"nope\" not found\n"
+    );
+    assert!(fails(&dir, &replace(&["db", "--from", "node-4"]))
+        .contains("node node-4 holds no replica of volume db"));
+    assert!(fails(
+        &dir,
+        &replace(&["db", "--from", "node-1", "--to", "node-2"])
+    )
+    .contains("node node-2 holds a replica of volume db already"));
+
+    ok(&dir, &["node", "stop", "node-3", "--kill"]);
+    qemu_io(&uri, &["write -P 0x43 3M 1M"]);
+    let replaced = ok(&dir, &replace(&["db", "--from", "node-3"]));
+    assert!(replaced.contains("by one on node-4"), "{replaced}");
+    assert!(replaced.contains("could not be deleted"), "{replaced}");
+    // The copy of 4 MiB at 1 MiB/s shows its progress, then ends in sync.
+    wait_for(|| ok(&dir, &["volume", "describe", "db"]).contains("rebuilding"));
+    let ls = ok(&dir, &["volume", "ls"]);
+    assert!(ls.contains("2/3 in sync, rebuilding"), "{ls}");
+    wait_for(|| ok(&dir, &["volume", "describe", "db"]).contains("3/3 in sync"));
+    let described = ok(&dir, &["volume", "describe", "db"]);
+    let node4 = described
+        .lines()
+        .find(|l| l.contains("node-4"))
+        .unwrap_or_else(|| panic!("{described}"));
+    assert!(node4.contains("in-sync"), "{described}");
+    assert!(!described.contains("node-3"), "{described}");
+    qemu_io(&uri, &["read -P 0x42 0 3M", "read -P 0x43 3M 1M"]);
+
+    // node-3 comes back with its old replica: a leftover, shown as such;
+    // every node holds a replica of db now, so there is no spare.
+    ok(&dir, &["node", "start", "node-3"]);
+    let described = ok(&dir, &["volume", "describe", "db"]);
+    let leftover = described
+        .lines()
+        .find(|l| l.starts_with("Leftover:"))
+        .unwrap_or_else(|| panic!("{described}"));
+    assert!(leftover.contains("on node-3 was replaced"), "{described}");
+    assert!(fails(&dir, &replace(&["db", "--from", "node-1"]))
+        .contains("no spare node for a new replica of volume db"));
+    drop(up.interrupt());
+}

@@ -9,11 +9,10 @@
 //! both DaemonSets take the name from `spec.nodeName`, so the two agree.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use strata_node::cluster::snapshots::{self, SnapshotReport};
 use strata_node::cluster::volumes::{self, Placement, VolumeError, VolumeReport};
+pub use strata_node::cluster::Discovery;
 use strata_node::cluster::{client, ClusterFile, NodeEntry};
 use strata_node::replication::replica::HEADER_BYTES;
 use strata_proto::storage::{CloseTargetRequest, GetNodeInfoRequest, NodeInfo};
@@ -113,63 +112,12 @@ pub trait VolumeBackend: Send + Sync + 'static {
     ) -> BackendResult<BackendVolume>;
 }
 
-/// Where the storage nodes are found.
-#[derive(Debug, Clone)]
-pub enum Discovery {
-    /// The cluster file that `strata up` writes (`DIR/cluster.json`), read
-    /// again on every call so restarted nodes with new addresses are found.
-    ClusterDir(PathBuf),
-    /// gRPC addresses (`host:port`), each resolved on every call; a host
-    /// name may stand for many nodes, as the name of a headless Service does
-    /// in Kubernetes (one A record per storage node pod). Each address is
-    /// asked for its node's name, zone and endpoints.
-    Addresses(Vec<String>),
-}
-
 pub struct ClusterBackend {
     discovery: Discovery,
 }
 
 fn unavailable(err: impl std::fmt::Display) -> VolumeError {
     VolumeError::Unavailable(err.to_string())
-}
-
-/// `host:port` as the node reports it; a host name (an --advertise-host
-/// that is not an address) falls back to the address the node answered on.
-fn reported_addr(reported: &str, answered_on: SocketAddr) -> Option<SocketAddr> {
-    reported.parse().ok().or_else(|| {
-        let port = reported.rsplit_once(':')?.1.parse().ok()?;
-        Some(SocketAddr::new(answered_on.ip(), port))
-    })
-}
-
-/// The node behind one gRPC address, from what it says about itself.
-async fn discover(grpc: SocketAddr) -> anyhow::Result<NodeEntry> {
-    let probe = NodeEntry {
-        name: grpc.to_string(),
-        zone: String::new(),
-        grpc,
-        nbd: grpc,
-        http: grpc,
-        replication: None,
-        pool: PathBuf::new(),
-        pid: None,
-    };
-    let info = client::node_info(&probe).await?;
-    let nbd = reported_addr(&info.nbd_address, grpc)
-        .ok_or_else(|| anyhow::anyhow!("node at {grpc} reports a bad NBD address"))?;
-    Ok(NodeEntry {
-        name: info.name,
-        zone: info.zone,
-        grpc,
-        nbd,
-        // The controller never uses a node's HTTP endpoint (metrics and
-        // health are scraped by Kubernetes), and NodeInfo does not carry it.
-        http: SocketAddr::new(grpc.ip(), 0),
-        replication: reported_addr(&info.replication_address, grpc),
-        pool: PathBuf::new(),
-        pid: None,
-    })
 }
 
 impl ClusterBackend {
@@ -179,41 +127,7 @@ impl ClusterBackend {
 
     /// The storage nodes as a cluster file, however they were found.
     async fn cluster(&self) -> BackendResult<ClusterFile> {
-        match &self.discovery {
-            Discovery::ClusterDir(dir) => {
-                ClusterFile::load(dir).map_err(|e| unavailable(format!("{e:#}")))
-            }
-            Discovery::Addresses(addresses) => {
-                let mut grpc: BTreeSet<SocketAddr> = BTreeSet::new();
-                for address in addresses {
-                    match tokio::net::lookup_host(address.as_str()).await {
-                        Ok(found) => grpc.extend(found),
-                        Err(err) => {
-                            tracing::warn!(%address, %err, "storage node address does not resolve")
-                        }
-                    }
-                }
-                let nodes = futures::future::join_all(grpc.iter().map(|a| discover(*a))).await;
-                let mut cluster = ClusterFile::default();
-                for (address, node) in grpc.iter().zip(nodes) {
-                    match node {
-                        // One node can be reached under several addresses.
-                        Ok(node) if cluster.nodes.iter().any(|n| n.name == node.name) => {}
-                        Ok(node) => cluster.nodes.push(node),
-                        Err(err) => {
-                            tracing::warn!(%address, err = %format!("{err:#}"), "storage node not answering")
-                        }
-                    }
-                }
-                if cluster.nodes.is_empty() {
-                    return Err(VolumeError::Unavailable(format!(
-                        "no storage node answers at {}",
-                        addresses.join(", ")
-                    )));
-                }
-                Ok(cluster)
-            }
-        }
+        self.discovery.cluster().await
     }
 
     /// Node info of every node that answers.
@@ -557,19 +471,5 @@ mod tests {
         // More copies than nodes, or a zone without nodes: nothing fits.
         assert_eq!(capacity_of(&r, None, 4), Capacity::default());
         assert_eq!(capacity_of(&r, Some("z"), 1), Capacity::default());
-    }
-
-    #[test]
-    fn reported_addresses_fall_back_to_the_address_that_answered() {
-        let answered: SocketAddr = "10.0.0.7:7400".parse().unwrap();
-        assert_eq!(
-            reported_addr("10.0.0.8:10809", answered),
-            Some("10.0.0.8:10809".parse().unwrap())
-        );
-        assert_eq!(
-            reported_addr("node-7.example:10809", answered),
-            Some("10.0.0.7:10809".parse().unwrap())
-        );
-        assert_eq!(reported_addr("garbage", answered), None);
     }
 }

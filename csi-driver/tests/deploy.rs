@@ -321,8 +321,13 @@ fn check_controller(pod: &PodSpec, r: &Rendered) {
         .find(|c| c.name == "strata-csi")
         .unwrap();
     assert_eq!(flag(plugin, "--mode"), Some("controller"));
-    let (host, port) = flag(plugin, "--storage-nodes")
-        .unwrap()
+    check_finds_storage_nodes(plugin, r);
+}
+
+/// `--storage-nodes` names the storage nodes' headless Service and its gRPC port.
+fn check_finds_storage_nodes(container: &Container, r: &Rendered) {
+    let (host, port) = flag(container, "--storage-nodes")
+        .unwrap_or_else(|| panic!("{}: no --storage-nodes", container.name))
         .rsplit_once(':')
         .unwrap();
     let service = r
@@ -425,6 +430,8 @@ fn check_storage_node(pod: &PodSpec, r: &Rendered) {
         "named like the CSI node"
     );
     assert_eq!(pod.host_network, Some(true));
+    // It finds the other nodes (for replacement replicas) as the controller does.
+    check_finds_storage_nodes(node, r);
     // The Localhost profile is what the init container installs, and it
     // allows io_uring.
     let seccomp = node

@@ -15,6 +15,7 @@ use strata_proto::storage::storage_node_server::StorageNodeServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::cluster::Discovery;
 use crate::engine::EngineKind;
 use crate::grpc::{ControlService, NodeIdentity};
 use crate::metrics::Metrics;
@@ -73,6 +74,20 @@ pub struct NodeArgs {
     /// (0: no scrub).
     #[arg(long, default_value_t = 86400)]
     pub scrub_interval_secs: u64,
+    /// Seconds a replica may stay faulted (unreachable, or failing) before
+    /// the volume target replaces it by a new one on another node (0:
+    /// never). Needs --cluster-dir or --storage-nodes to find that node.
+    #[arg(long, default_value_t = 600)]
+    pub replace_faulted_after_secs: u64,
+    /// Directory of the cluster file that lists the storage nodes, as
+    /// `strata up --dir` writes it (for automatic replacement).
+    #[arg(long, conflicts_with = "storage_nodes")]
+    pub cluster_dir: Option<PathBuf>,
+    /// gRPC addresses of the storage nodes, host:port, comma-separated; a
+    /// host name standing for many nodes (the headless Service in
+    /// Kubernetes) is resolved on every use (for automatic replacement).
+    #[arg(long, value_delimiter = ',')]
+    pub storage_nodes: Vec<String>,
     /// Address of /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub http_listen: SocketAddr,
@@ -135,6 +150,29 @@ impl ConnectionThreads {
 fn default_nbd_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cpus / 2).clamp(1, 8)
+}
+
+/// Automatic replacement of faulted replicas, when it is on and the node
+/// knows where to find the other nodes.
+fn replacement(args: &NodeArgs) -> Option<replication::target::Replacement> {
+    if args.replace_faulted_after_secs == 0 {
+        return None;
+    }
+    let discovery = match (&args.cluster_dir, args.storage_nodes.is_empty()) {
+        (Some(dir), _) => Discovery::ClusterDir(dir.clone()),
+        (None, false) => Discovery::Addresses(args.storage_nodes.clone()),
+        (None, true) => {
+            tracing::info!(
+                "automatic replacement of faulted replicas is off: \
+                 no --cluster-dir or --storage-nodes to find other nodes"
+            );
+            return None;
+        }
+    };
+    Some(replication::target::Replacement {
+        after: Duration::from_secs(args.replace_faulted_after_secs),
+        discovery,
+    })
 }
 
 /// Logs to stderr, `info` unless RUST_LOG says otherwise.
@@ -230,6 +268,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         timeout: Duration::from_millis(args.replica_timeout_ms.max(1)),
         rebuild_rate: args.rebuild_rate.as_u64(),
         scrub_interval: Duration::from_secs(args.scrub_interval_secs),
+        replacement: replacement(&args),
     };
     // Serving volumes again after a restart; in the background, because
     // the replicas' nodes may be starting too.

@@ -10,15 +10,16 @@ use strata_proto::storage::{
     DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVolumeRequest, DeleteVolumeResponse,
     GetNodeInfoRequest, GetVolumeRequest, ListReplicasRequest, ListReplicasResponse,
     ListSnapshotsRequest, ListSnapshotsResponse, ListTargetsRequest, ListTargetsResponse,
-    ListVolumesRequest, ListVolumesResponse, NodeInfo, OpenTargetRequest, Replica, ReplicaMember,
-    ResizeReplicaRequest, ResizeVolumeRequest, Snapshot, Target, TargetReplica, Volume,
+    ListVolumesRequest, ListVolumesResponse, NodeInfo, OpenTargetRequest, ReplaceReplicaRequest,
+    Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest, Snapshot, Target,
+    TargetReplica, Volume,
 };
 use tonic::{Request, Response, Status};
 
 use crate::pool::{is_internal_volume_name, validate_volume_name, Pool, PoolError, VolumeInfo};
 use crate::registry::NodeRegistry;
 use crate::replication::replica::ReplicaError;
-use crate::replication::target::OpenError;
+use crate::replication::target::{OpenError, ReplaceError};
 use crate::replication::{Member, Replicas, TargetOptions, VolumeTarget};
 use crate::target::BlockError;
 
@@ -465,5 +466,42 @@ impl StorageNode for ControlService {
             .map(|t| self.target(t))
             .collect();
         Ok(Response::new(ListTargetsResponse { targets }))
+    }
+
+    async fn replace_replica(
+        &self,
+        request: Request<ReplaceReplicaRequest>,
+    ) -> Result<Response<Target>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        let replacement = req
+            .replacement
+            .ok_or_else(|| Status::invalid_argument("replacement is required"))?;
+        if replacement.node.is_empty() || replacement.address.is_empty() {
+            return Err(Status::invalid_argument(
+                "the replacement needs a node and an address",
+            ));
+        }
+        let target = self
+            .registry
+            .target(volume)
+            .filter(|t| !t.is_fenced())
+            .ok_or_else(|| Status::not_found(format!("no target of {volume:?} on this node")))?;
+        let member = Member {
+            id: replacement.id,
+            node: replacement.node,
+            address: replacement.address,
+        };
+        target
+            .replace_member(req.remove_id, member)
+            .await
+            .map_err(|err| match err {
+                ReplaceError::Membership(_) | ReplaceError::NodeHoldsReplica(_) => {
+                    Status::failed_precondition(err.to_string())
+                }
+                ReplaceError::Fenced => Status::aborted(err.to_string()),
+                ReplaceError::Change(_) => Status::unavailable(err.to_string()),
+            })?;
+        Ok(Response::new(self.target(&target)))
     }
 }

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub rebuild_remaining_extents: Family<VolumeLabels, Gauge>,
     pub repaired_blocks: Family<VolumeLabels, Counter>,
     pub scrub_passes: Family<VolumeLabels, Counter>,
+    pub replaced_replicas: Family<VolumeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -108,6 +109,7 @@ impl Metrics {
         let rebuild_remaining_extents = Family::<VolumeLabels, Gauge>::default();
         let repaired_blocks = Family::<VolumeLabels, Counter>::default();
         let scrub_passes = Family::<VolumeLabels, Counter>::default();
+        let replaced_replicas = Family::<VolumeLabels, Counter>::default();
         registry.register(
             "target_in_sync_replicas",
             "Replicas in the in-sync set of a volume served here",
@@ -138,6 +140,12 @@ impl Metrics {
             "Scrub passes completed over a volume",
             scrub_passes.clone(),
         );
+        registry.register(
+            "replaced_replicas",
+            "Replicas of a volume replaced by a new one on another node (its full copy \
+             counts in rebuild_copied_bytes)",
+            replaced_replicas.clone(),
+        );
         Metrics {
             registry,
             io_ops,
@@ -155,6 +163,7 @@ impl Metrics {
             rebuild_remaining_extents,
             repaired_blocks,
             scrub_passes,
+            replaced_replicas,
         }
     }
 

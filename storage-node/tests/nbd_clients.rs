@@ -134,34 +134,11 @@ async fn nbdcopy_round_trips_a_random_image_byte_for_byte() {
 async fn fio_random_writes_verify_with_crc32c() {
     let node = TestNode::start("256MiB");
     let uri = node.create_volume("fio", 64 * MIB).await;
-    let out = run(
-        "fio",
-        &[
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=64M",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--fsync=64",
-            "--output-format=json",
-        ],
-    );
+    let args = fio_verify_args(&uri, "64M");
+    let out = run("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let json = fio_report(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fio failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
     let job = &json["jobs"][0];
-    assert_eq!(job["error"], 0, "{stdout}");
     assert!(
         job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
         "{stdout}"

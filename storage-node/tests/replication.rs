@@ -6,10 +6,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use common::cluster::TestCluster;
+use common::cluster::{fio_verify, TestCluster};
 use common::nbd_client::NbdClient;
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -35,44 +34,12 @@ async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
     assert_eq!(report.replicas.len(), 3);
     let uri = cluster.export("fio", 0).await;
 
-    let fio = std::thread::spawn(move || {
-        std::process::Command::new("fio")
-            .args([
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=32M",
-                "--loops=3",
-                "--verify=crc32c",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--fsync=64",
-                "--output-format=json",
-            ])
-            .process_group(0)
-            .output()
-            .expect("fio (see .ci/install-test-deps)")
-    });
+    let fio = fio_verify(uri);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.nodes[2].kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.nodes[2].spawn();
-    let out = tokio::task::spawn_blocking(move || fio.join().unwrap())
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fio failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
-    assert_eq!(json["jobs"][0]["error"], 0, "{stdout}");
+    fio.finish().await;
 
     // The killed replica was dropped, then caught up and taken back.
     let log = cluster.nodes[0].log();

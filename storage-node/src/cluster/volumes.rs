@@ -1,14 +1,15 @@
 //! Replicated volumes across the nodes of a cluster: placing replicas on
 //! distinct nodes (spread over zones), creating, listing, resizing and
-//! deleting them, and opening a volume's target on a node. The CLI and the
-//! CSI controller both go through here.
+//! deleting them, opening a volume's target on a node, and replacing a
+//! replica by a new one on another node. The CLI, the CSI controller and the
+//! storage nodes (automatic replacement) go through here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use strata_proto::storage::{
     CloseTargetRequest, CreateReplicaRequest, DeleteReplicaRequest, ListReplicasRequest,
-    ListTargetsRequest, NodeInfo, OpenTargetRequest, Replica, ReplicaMember, ResizeReplicaRequest,
-    Target,
+    ListTargetsRequest, NodeInfo, OpenTargetRequest, ReplaceReplicaRequest, Replica, ReplicaMember,
+    ResizeReplicaRequest, Target,
 };
 use tonic::Code;
 
@@ -59,8 +60,12 @@ pub struct ReplicaReport {
 pub struct VolumeReport {
     pub name: String,
     pub size_bytes: u64,
-    /// Replicas found, by replica id.
+    /// Replicas found, by replica id (members of the newest config only).
     pub replicas: Vec<ReplicaReport>,
+    /// Replicas that were replaced but whose node was down when they were
+    /// removed from the volume: leftovers, deleted by the next replacement
+    /// or `volume rm`.
+    pub retired: Vec<ReplicaReport>,
     /// Members whose node did not answer.
     pub missing: Vec<ReplicaMember>,
     /// Targets open on it, newest epoch first (more than one only while an
@@ -78,17 +83,23 @@ impl VolumeReport {
             .unwrap_or_default()
     }
 
+    /// The members of the newest config any replica reports.
     pub fn members(&self) -> Vec<ReplicaMember> {
-        self.replicas
-            .first()
-            .map(|r| r.replica.members.clone())
-            .unwrap_or_default()
+        newest_members(&self.replicas)
     }
 
     /// The target that owns the volume now, if it is open anywhere.
     pub fn active_target(&self) -> Option<&(NodeEntry, Target)> {
         self.targets.iter().find(|(_, t)| !t.fenced)
     }
+}
+
+fn newest_members(replicas: &[ReplicaReport]) -> Vec<ReplicaMember> {
+    replicas
+        .iter()
+        .max_by_key(|r| r.replica.config_epoch)
+        .map(|r| r.replica.members.clone())
+        .unwrap_or_default()
 }
 
 /// What every node holds: replicas and targets. Nodes that do not answer are
@@ -153,31 +164,47 @@ async fn survey(cluster: &ClusterFile) -> Survey {
 /// when no node answers.
 pub async fn list(cluster: &ClusterFile) -> Result<Vec<VolumeReport>, VolumeError> {
     let survey = survey(cluster).await;
+    reports(&survey)
+}
+
+/// The volumes a survey found.
+fn reports(survey: &Survey) -> Result<Vec<VolumeReport>, VolumeError> {
     if survey.infos.is_empty() {
         return Err(VolumeError::Unavailable(
             "no storage node is reachable (is `strata up` running?)".into(),
         ));
     }
     let mut by_name: BTreeMap<String, VolumeReport> = BTreeMap::new();
-    for report in survey.replicas {
+    for report in survey.replicas.iter().cloned() {
         let entry = by_name
             .entry(report.replica.volume.clone())
             .or_insert_with(|| VolumeReport {
                 name: report.replica.volume.clone(),
                 size_bytes: report.replica.size_bytes,
                 replicas: Vec::new(),
+                retired: Vec::new(),
                 missing: Vec::new(),
                 targets: Vec::new(),
             });
         entry.size_bytes = entry.size_bytes.max(report.replica.size_bytes);
         entry.replicas.push(report);
     }
-    for (node, target) in survey.targets {
+    for (node, target) in survey.targets.iter().cloned() {
         if let Some(volume) = by_name.get_mut(&target.volume) {
             volume.targets.push((node, target));
         }
     }
     for volume in by_name.values_mut() {
+        let members = newest_members(&volume.replicas);
+        let (current, retired) = std::mem::take(&mut volume.replicas)
+            .into_iter()
+            .partition(|r| {
+                members
+                    .iter()
+                    .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
+            });
+        volume.replicas = current;
+        volume.retired = retired;
         volume.replicas.sort_by_key(|r| r.replica.replica_id);
         volume
             .targets
@@ -220,6 +247,7 @@ fn place(
     infos: &[(NodeEntry, NodeInfo)],
     size: u64,
     placement: &Placement,
+    zones_in_use: &[String],
 ) -> Result<Vec<(NodeEntry, NodeInfo)>, VolumeError> {
     let room = |info: &NodeInfo| {
         info.provisionable_bytes
@@ -254,7 +282,11 @@ fn place(
         }
     }
     while chosen.len() < placement.replicas {
-        let used_zones: BTreeSet<&str> = chosen.iter().map(|(n, _)| n.zone.as_str()).collect();
+        let used_zones: BTreeSet<&str> = chosen
+            .iter()
+            .map(|(n, _)| n.zone.as_str())
+            .chain(zones_in_use.iter().map(String::as_str))
+            .collect();
         let best = candidates
             .iter()
             .enumerate()
@@ -285,7 +317,7 @@ pub async fn create(
     }
     let survey = survey(cluster).await;
     check_absent(&survey, name)?;
-    let chosen = place(&survey.infos, size, placement)?;
+    let chosen = place(&survey.infos, size, placement, &[])?;
     let nodes: Vec<(NodeEntry, String)> = chosen
         .into_iter()
         .map(|(node, info)| (node, info.replication_address))
@@ -407,6 +439,273 @@ pub async fn create_from_snapshot(
     create_replicas(cluster, name, size, &nodes, Some(&snapshot.name)).await
 }
 
+/// A new, empty replica created to take the place of a member; not a member
+/// until the volume's target makes the change.
+#[derive(Debug, Clone)]
+pub struct PlannedReplacement {
+    pub volume: String,
+    /// The member that leaves.
+    pub remove: ReplicaMember,
+    /// The new replica, and the node that holds it.
+    pub member: ReplicaMember,
+    pub node: NodeEntry,
+}
+
+/// Checks that the replica of `name` on node `from` can be replaced, and
+/// creates its replacement on `to`, or on a node chosen as `create` would
+/// (one that holds no replica of the volume, in a zone its other replicas
+/// do not use when there is one, with the most room). `from` may be down.
+pub async fn create_replacement(
+    cluster: &ClusterFile,
+    name: &str,
+    from: &str,
+    to: Option<&str>,
+) -> Result<PlannedReplacement, VolumeError> {
+    if let Some(to) = to {
+        cluster
+            .node(to)
+            .map_err(|e| VolumeError::Invalid(e.to_string()))?;
+    }
+    let survey = survey(cluster).await;
+    let volume = reports(&survey)?
+        .into_iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+    let members = volume.members();
+    let member_nodes: Vec<&str> = members.iter().map(|m| m.node.as_str()).collect();
+    let remove = members
+        .iter()
+        .find(|m| m.node == from)
+        .cloned()
+        .ok_or_else(|| {
+            VolumeError::Invalid(format!(
+                "node {from} holds no replica of volume {name} (its replicas are on {})",
+                member_nodes.join(", ")
+            ))
+        })?;
+    // Nodes with a replica of the volume, members or leftovers, cannot take
+    // another one.
+    let holders: BTreeSet<&str> = member_nodes
+        .iter()
+        .copied()
+        .chain(volume.retired.iter().map(|r| r.node.name.as_str()))
+        .collect();
+    let candidates: Vec<(NodeEntry, NodeInfo)> = match to {
+        Some(to) => {
+            if holders.contains(to) {
+                return Err(VolumeError::Invalid(format!(
+                    "node {to} holds a replica of volume {name} already"
+                )));
+            }
+            let found: Vec<_> = survey
+                .infos
+                .iter()
+                .filter(|(node, _)| node.name == to)
+                .cloned()
+                .collect();
+            if found.is_empty() {
+                return Err(VolumeError::Unavailable(format!(
+                    "node {to} is not reachable"
+                )));
+            }
+            found
+        }
+        None => {
+            let spare: Vec<_> = survey
+                .infos
+                .iter()
+                .filter(|(node, _)| !holders.contains(node.name.as_str()))
+                .cloned()
+                .collect();
+            if spare.is_empty() {
+                return Err(VolumeError::NoRoom(format!(
+                    "no spare node for a new replica of volume {name}: every reachable node \
+                     holds one already"
+                )));
+            }
+            spare
+        }
+    };
+    let zones_in_use: Vec<String> = members
+        .iter()
+        .filter(|m| m.id != remove.id)
+        .filter_map(|m| cluster.node(&m.node).ok().map(|n| n.zone.clone()))
+        .collect();
+    let placement = Placement {
+        replicas: 1,
+        ..Placement::default()
+    };
+    let (node, info) = place(&candidates, volume.size_bytes, &placement, &zones_in_use)?
+        .pop()
+        .expect("one node placed");
+    // Ids only grow, so a leftover replica never shares one with a member.
+    let id = members
+        .iter()
+        .map(|m| m.id)
+        .chain(volume.retired.iter().map(|r| r.replica.replica_id))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let member = ReplicaMember {
+        id,
+        node: node.name.clone(),
+        address: info.replication_address.clone(),
+    };
+    let new_members: Vec<ReplicaMember> = members
+        .iter()
+        .map(|m| {
+            if m.id == remove.id {
+                member.clone()
+            } else {
+                m.clone()
+            }
+        })
+        .collect();
+    client::connect(&node)
+        .await
+        .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+        .create_replica(CreateReplicaRequest {
+            volume: name.to_string(),
+            size_bytes: volume.size_bytes,
+            replica_id: id,
+            members: new_members,
+            from_snapshot: String::new(),
+        })
+        .await
+        .map_err(|status| VolumeError::node(&node, status))?;
+    Ok(PlannedReplacement {
+        volume: name.to_string(),
+        remove,
+        member,
+        node,
+    })
+}
+
+/// Deletes the replica of `volume` on `node`, once it is no longer a member.
+pub async fn delete_replica_on(node: &NodeEntry, volume: &str) -> Result<(), VolumeError> {
+    client::connect(node)
+        .await
+        .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+        .delete_replica(DeleteReplicaRequest {
+            volume: volume.to_string(),
+        })
+        .await
+        .map_err(|status| VolumeError::node(node, status))?;
+    Ok(())
+}
+
+/// Deletes replica `replica_id` of `volume` on `node` if the node still
+/// holds it; Ok(()) once it is gone. A replica of another id there (a later
+/// replacement put one on that node) is left alone.
+pub async fn delete_replaced_replica(
+    node: &NodeEntry,
+    volume: &str,
+    replica_id: u32,
+) -> Result<(), VolumeError> {
+    let held = client::connect(node)
+        .await
+        .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+        .list_replicas(ListReplicasRequest {})
+        .await
+        .map_err(|status| VolumeError::node(node, status))?
+        .into_inner()
+        .replicas;
+    if held
+        .iter()
+        .any(|r| r.volume == volume && r.replica_id == replica_id)
+    {
+        delete_replica_on(node, volume).await?;
+    }
+    Ok(())
+}
+
+/// What `replace_replica` did.
+#[derive(Debug, Clone)]
+pub struct ReplaceOutcome {
+    pub planned: PlannedReplacement,
+    /// The node whose target drives the change and the rebuild.
+    pub target_node: String,
+    /// Whether the old replica's data was deleted (its node was reachable).
+    pub old_deleted: bool,
+}
+
+/// Replaces the replica of `name` on node `from` (alive or dead) by a new
+/// one on `to` or a node chosen by placement. The volume's target (opened
+/// if the volume has none) changes the member list and then copies the
+/// whole volume to the new replica while it serves I/O; this returns once
+/// the member list changed. The old replica is deleted when its node is
+/// reachable; otherwise it is a leftover the next replacement or `volume
+/// rm` deletes.
+pub async fn replace_replica(
+    cluster: &ClusterFile,
+    name: &str,
+    from: &str,
+    to: Option<&str>,
+) -> Result<ReplaceOutcome, VolumeError> {
+    let planned = create_replacement(cluster, name, from, to).await?;
+    let result = async {
+        let volume = get(cluster, name).await?;
+        let (node, _) = match volume.active_target() {
+            Some(active) => active.clone(),
+            None => open_target(cluster, name, None).await?,
+        };
+        client::connect(&node)
+            .await
+            .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+            .replace_replica(ReplaceReplicaRequest {
+                volume: name.to_string(),
+                remove_id: planned.remove.id,
+                replacement: Some(planned.member.clone()),
+            })
+            .await
+            .map_err(|status| VolumeError::node(&node, status))?;
+        Ok::<_, VolumeError>(node)
+    }
+    .await;
+    let target_node = match result {
+        Ok(node) => node,
+        Err(err) => {
+            // The new replica is a leftover unless the change went through
+            // after all (an answer lost on the way back).
+            delete_retired(cluster, name).await;
+            return Err(err);
+        }
+    };
+    let old_deleted = delete_retired(cluster, name)
+        .await
+        .contains(&from.to_string());
+    Ok(ReplaceOutcome {
+        planned,
+        target_node: target_node.name,
+        old_deleted,
+    })
+}
+
+/// Deletes the replicas of `name` that the newest config the replicas report
+/// does not name (replaced ones, and replacements that never joined), on
+/// the nodes that answer; returns those nodes.
+pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
+    let Ok(volume) = get(cluster, name).await else {
+        return Vec::new();
+    };
+    let mut deleted = Vec::new();
+    for report in &volume.retired {
+        match delete_replica_on(&report.node, name).await {
+            Ok(()) => {
+                tracing::info!(volume = name, node = %report.node.name, "deleted a replaced replica");
+                deleted.push(report.node.name.clone());
+            }
+            Err(err) => tracing::warn!(
+                volume = name,
+                node = %report.node.name,
+                %err,
+                "could not delete a replaced replica"
+            ),
+        }
+    }
+    deleted
+}
+
 /// Opens the volume's target on `node` (default: a node holding an in-sync
 /// replica, so one copy is read locally), fencing any other target, and
 /// closes targets the new one replaced.
@@ -470,15 +769,8 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
     for (node, _) in &volume.targets {
         close_target_on(node, name).await;
     }
-    for report in &volume.replicas {
-        client::connect(&report.node)
-            .await
-            .map_err(|e| VolumeError::Unavailable(e.to_string()))?
-            .delete_replica(DeleteReplicaRequest {
-                volume: name.to_string(),
-            })
-            .await
-            .map_err(|status| VolumeError::node(&report.node, status))?;
+    for report in volume.replicas.iter().chain(&volume.retired) {
+        delete_replica_on(&report.node, name).await?;
     }
     if !volume.missing.is_empty() {
         let nodes: Vec<&str> = volume.missing.iter().map(|m| m.node.as_str()).collect();

@@ -24,6 +24,14 @@
 //!   replica of the in-sync set took it ([`decide_write`]); otherwise the target
 //!   first persists a smaller in-sync set at a new epoch.
 //!
+//! * Replacing a replica changes the member list: `plan_replace` takes the old
+//!   member out and puts the new one in, not in sync, in one configuration
+//!   change. Both rounds of a change of members must reach a majority of the
+//!   old list and of the new one ([`change_quorum_reached`]), so every later
+//!   majority, of either list, holds a replica that knows the change. An
+//!   opening target that finds a config naming other members than it asked
+//!   plans nothing ([`OpenError::OtherMembers`]): it asks those members again.
+//!
 //! The design's first version opened in one round: read the states, then
 //! persist the new config with a "promise" accepted iff its epoch was higher.
 //! Reading did not fence anyone, so a target could plan from states that the
@@ -56,7 +64,8 @@ pub struct Config {
     /// The epoch of the target that persisted this config. At most one config
     /// is ever persisted per epoch, so the epoch names the config.
     pub epoch: u64,
-    /// The fixed member list of the volume.
+    /// The member list of the volume; it changes only when a replica is
+    /// replaced (`plan_replace`).
     pub members: Vec<ReplicaId>,
     /// The replicas that have every acknowledged write: the only ones a target
     /// may read from or treat as a source of truth.
@@ -180,6 +189,17 @@ pub fn quorum_reached(members: &[ReplicaId], accepted: &BTreeSet<ReplicaId>) -> 
     votes >= majority(members.len())
 }
 
+/// Whether `accepted` makes a majority of the members of the config before a
+/// change and of the config after it. For a change that keeps the member
+/// list, that is one majority.
+pub fn change_quorum_reached(
+    before: &[ReplicaId],
+    after: &[ReplicaId],
+    accepted: &BTreeSet<ReplicaId>,
+) -> bool {
+    quorum_reached(before, accepted) && quorum_reached(after, accepted)
+}
+
 /// Why a target cannot open a volume.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
@@ -193,6 +213,10 @@ pub enum OpenError {
     /// answers do not come from round 1 at that epoch.
     #[error("epoch {epoch} is not newer than answered config epoch {seen}")]
     EpochNotNewer { epoch: u64, seen: u64 },
+    /// The newest answered config has another member list (a replica was
+    /// replaced): the target must ask those members instead.
+    #[error("the volume's members are now {members:?}")]
+    OtherMembers { members: Vec<ReplicaId> },
 }
 
 /// The config an opening target persists in round 2, from the answers of the
@@ -228,6 +252,12 @@ pub fn plan_open(
         return Err(OpenError::EpochNotNewer {
             epoch,
             seen: latest.epoch,
+        });
+    }
+    let as_set = |ids: &[ReplicaId]| ids.iter().copied().collect::<BTreeSet<_>>();
+    if as_set(&latest.members) != as_set(members) {
+        return Err(OpenError::OtherMembers {
+            members: latest.members.clone(),
         });
     }
     let in_sync: BTreeSet<ReplicaId> = latest
@@ -266,6 +296,64 @@ pub fn plan_shrink(current: &Config, failed: &BTreeSet<ReplicaId>) -> Result<Con
     Ok(Config {
         epoch: current.epoch + 1,
         members: current.members.clone(),
+        in_sync,
+    })
+}
+
+/// Why a replica cannot be replaced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplaceError {
+    #[error("{0} is not a member")]
+    NotAMember(ReplicaId),
+    #[error("{0} is a member already")]
+    AlreadyAMember(ReplicaId),
+    /// Removing this in-sync replica would leave fewer than a majority of
+    /// the members in sync (or none to copy from).
+    #[error(
+        "replacing {replica} would leave {left} of {members} replicas in sync; a majority must \
+         stay in sync (replace a faulted replica, or wait for the rebuilds, first)"
+    )]
+    TooFewInSync {
+        replica: ReplicaId,
+        left: usize,
+        members: usize,
+    },
+}
+
+/// The config that replaces member `remove` by the new, empty member `add`,
+/// at the next epoch. `add` is not in sync: it takes every write from then
+/// on and joins the in-sync set once a rebuild has copied the rest. Removing
+/// `remove` at once, rather than after `add` caught up, keeps the number of
+/// members, and so the majority needed, the same: losing the new replica
+/// during its copy costs no availability. An in-sync replica is removed only
+/// when a majority of the members stays in sync.
+pub fn plan_replace(
+    current: &Config,
+    remove: ReplicaId,
+    add: ReplicaId,
+) -> Result<Config, ReplaceError> {
+    if !current.members.contains(&remove) {
+        return Err(ReplaceError::NotAMember(remove));
+    }
+    if current.members.contains(&add) {
+        return Err(ReplaceError::AlreadyAMember(add));
+    }
+    let mut in_sync = current.in_sync.clone();
+    if in_sync.remove(&remove) && in_sync.len() < majority(current.members.len()) {
+        return Err(ReplaceError::TooFewInSync {
+            replica: remove,
+            left: in_sync.len(),
+            members: current.members.len(),
+        });
+    }
+    let members = current
+        .members
+        .iter()
+        .map(|&id| if id == remove { add } else { id })
+        .collect();
+    Ok(Config {
+        epoch: current.epoch + 1,
+        members,
         in_sync,
     })
 }
@@ -519,6 +607,126 @@ mod tests {
                 "failed {failed:?}"
             );
         }
+    }
+
+    #[test]
+    fn plan_replace_cases() {
+        let current = config(4, &[1, 2, 3], &[1, 2]);
+        let r = ReplicaId;
+        for (remove, add, expected) in [
+            (3, 4, Ok(config(5, &[1, 2, 4], &[1, 2]))),
+            (
+                2,
+                4,
+                Err(ReplaceError::TooFewInSync {
+                    replica: r(2),
+                    left: 1,
+                    members: 3,
+                }),
+            ),
+            (5, 4, Err(ReplaceError::NotAMember(r(5)))),
+            (3, 2, Err(ReplaceError::AlreadyAMember(r(2)))),
+        ] {
+            assert_eq!(
+                plan_replace(&current, r(remove), r(add)),
+                expected,
+                "replace {remove} by {add}"
+            );
+        }
+        // A healthy in-sync replica may go: two of three stay in sync.
+        let healthy = config(4, &[1, 2, 3], &[1, 2, 3]);
+        assert_eq!(
+            plan_replace(&healthy, r(2), r(4)),
+            Ok(config(5, &[1, 4, 3], &[1, 3]))
+        );
+        // A faulted one may go even when few are in sync: none is lost.
+        let lonely = config(4, &[1, 2, 3], &[2]);
+        assert_eq!(
+            plan_replace(&lonely, r(3), r(4)),
+            Ok(config(5, &[1, 2, 4], &[2]))
+        );
+        assert_eq!(
+            plan_replace(&lonely, r(2), r(4)),
+            Err(ReplaceError::TooFewInSync {
+                replica: r(2),
+                left: 0,
+                members: 3
+            })
+        );
+    }
+
+    #[test]
+    fn a_change_of_members_needs_both_majorities() {
+        let before = ids(&[1, 2, 3]);
+        let after = ids(&[1, 2, 4]);
+        for (accepted, reached) in [
+            (set(&[1, 2]), true),
+            (set(&[2, 4]), false),
+            (set(&[2, 3]), false),
+            (set(&[1, 3, 4]), true),
+        ] {
+            assert_eq!(
+                change_quorum_reached(&before, &after, &accepted),
+                reached,
+                "{accepted:?}"
+            );
+        }
+    }
+
+    /// Why a change of members needs both majorities: every set of replicas
+    /// that took the change meets every later majority of either list, so an
+    /// opening target, whichever list it starts from, hears of the change. A
+    /// majority of the new list alone does not: {2, 4} took it, and the old
+    /// list's majority {1, 3} never hears of it.
+    #[test]
+    fn a_replacement_is_seen_by_every_majority_of_either_list() {
+        let before = ids(&[1, 2, 3]);
+        let after = ids(&[1, 2, 4]);
+        let subsets = |of: &[u32]| -> Vec<BTreeSet<ReplicaId>> {
+            (0u32..1 << of.len())
+                .map(|bits| {
+                    (0..of.len())
+                        .filter(|i| bits & (1 << i) != 0)
+                        .map(|i| ReplicaId(of[i]))
+                        .collect()
+                })
+                .collect()
+        };
+        let all = subsets(&[1, 2, 3, 4]);
+        let majorities: Vec<&BTreeSet<ReplicaId>> = all
+            .iter()
+            .filter(|q| quorum_reached(&before, q) || quorum_reached(&after, q))
+            .collect();
+        let mut new_list_only_misses = false;
+        for took in &all {
+            let missed = majorities.iter().any(|q| q.is_disjoint(took));
+            if change_quorum_reached(&before, &after, took) {
+                assert!(!missed, "{took:?} took the change, a majority misses it");
+            } else if quorum_reached(&after, took) && missed {
+                new_list_only_misses = true;
+            }
+        }
+        assert!(new_list_only_misses);
+    }
+
+    #[test]
+    fn opening_with_an_old_member_list_asks_the_new_members() {
+        let replaced = config(6, &[1, 2, 4], &[1, 2]);
+        let answers = vec![
+            (ReplicaId(2), replaced.clone()),
+            (ReplicaId(3), config(3, &[1, 2, 3], &[1, 2, 3])),
+        ];
+        assert_eq!(
+            plan_open(&ids(&[1, 2, 3]), 7, &answers),
+            Err(OpenError::OtherMembers {
+                members: ids(&[1, 2, 4])
+            })
+        );
+        let answers = vec![(ReplicaId(1), replaced.clone()), (ReplicaId(4), replaced)];
+        assert_eq!(
+            plan_open(&ids(&[1, 2, 4]), 7, &answers),
+            Ok(config(7, &[1, 2, 4], &[1]))
+        );
     }
 
     #[test]

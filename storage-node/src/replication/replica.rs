@@ -4,7 +4,8 @@
 //! The pool volume (`replica:NAME`) has one header block in front of the data.
 //! The header holds what the replica persists about membership (its promised
 //! epoch and the newest config it accepted, see `membership`) and the volume's
-//! fixed member list with the replication address of each member. The header
+//! member list with the replication address of each member (it changes when
+//! a replica is replaced: the config that replaces it carries the new list). The header
 //! is written through the pool like data, so it is copy-on-write, checksummed,
 //! and durable once the write carried FUA: a crash leaves the old header or
 //! the new one, never a mix.
@@ -74,6 +75,16 @@ impl From<&ConfigRecord> for Config {
     }
 }
 
+/// The payload of `Op::Persist`: the config, and where each of its members
+/// is, so a replica learns a new member list with the config that makes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistRecord {
+    #[serde(flatten)]
+    pub config: ConfigRecord,
+    #[serde(default)]
+    pub roster: Vec<Member>,
+}
+
 /// What a replica reports of itself (GetState, and refusals of Prepare).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateRecord {
@@ -132,7 +143,8 @@ pub struct Replica {
     pool: Arc<Pool>,
     volume_name: String,
     replica_id: u32,
-    members: Vec<Member>,
+    /// Changed only under the `state` write lock, with the config.
+    members: std::sync::RwLock<Vec<Member>>,
     data: Volume,
     /// Data requests hold it shared from the epoch check to their end; a
     /// configuration change holds it exclusively, so no request of an older
@@ -149,8 +161,8 @@ impl Replica {
         self.replica_id
     }
 
-    pub fn members(&self) -> &[Member] {
-        &self.members
+    pub fn members(&self) -> Vec<Member> {
+        self.members.read().expect("members lock").clone()
     }
 
     /// Size of the replicated volume in bytes.
@@ -172,7 +184,7 @@ impl Replica {
         StateRecord {
             volume: self.volume_name.clone(),
             replica_id: self.replica_id,
-            members: self.members.clone(),
+            members: self.members(),
             size: self.size(),
             promised_epoch: state.promised_epoch,
             config: ConfigRecord::from(&state.config),
@@ -180,10 +192,18 @@ impl Replica {
     }
 
     async fn persist(&self, state: &ReplicaState) -> Result<(), BlockError> {
+        self.persist_with(state, self.members()).await
+    }
+
+    async fn persist_with(
+        &self,
+        state: &ReplicaState,
+        members: Vec<Member>,
+    ) -> Result<(), BlockError> {
         let header = Header {
             volume: self.volume_name.clone(),
             replica_id: self.replica_id,
-            members: self.members.clone(),
+            members,
             promised_epoch: state.promised_epoch,
             config: ConfigRecord::from(&state.config),
         };
@@ -229,21 +249,51 @@ impl Replica {
                 }
             }
             Op::Persist => {
-                let record: ConfigRecord = serde_json::from_slice(&request.payload)
+                let PersistRecord {
+                    config: record,
+                    roster,
+                } = serde_json::from_slice(&request.payload)
                     .map_err(|err| invalid(format!("config: {err}")))?;
                 let config = Config::from(&record);
-                let known: BTreeSet<u32> = self.members.iter().map(|m| m.id).collect();
-                if record.members.iter().copied().collect::<BTreeSet<_>>() != known
-                    || !record.in_sync.iter().all(|id| known.contains(id))
+                let named: BTreeSet<u32> = record.members.iter().copied().collect();
+                if named.len() != record.members.len()
+                    || !record.in_sync.iter().all(|id| named.contains(id))
                 {
-                    return Err(invalid("config names other members".into()));
+                    return Err(invalid(
+                        "config names a replica twice or a non-member".into(),
+                    ));
                 }
                 let mut state = self.state.write().await;
+                let known: BTreeSet<u32> = self.members().iter().map(|m| m.id).collect();
+                // A new member list (a replacement) must come with the
+                // address of every member.
+                let members = if named == known {
+                    None
+                } else {
+                    let members: Vec<Member> = record
+                        .members
+                        .iter()
+                        .map(|id| roster.iter().find(|m| m.id == *id).cloned())
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| invalid("config names members of unknown address".into()))?;
+                    Some(members)
+                };
                 let mut next = state.clone();
                 if !membership::replica_accept_config(&mut next, &config) {
                     return Err((Status::Fenced, json(&self.record(&state))));
                 }
-                self.persist(&next).await.map_err(block_status)?;
+                let members_now = members.clone().unwrap_or_else(|| self.members());
+                self.persist_with(&next, members_now)
+                    .await
+                    .map_err(block_status)?;
+                if let Some(members) = members {
+                    tracing::info!(
+                        volume = %self.volume_name,
+                        members = ?members.iter().map(|m| &m.node).collect::<Vec<_>>(),
+                        "replica took a new member list"
+                    );
+                    *self.members.write().expect("members lock") = members;
+                }
                 *state = next;
                 Ok(json(&self.record(&state)))
             }
@@ -431,7 +481,7 @@ impl Replicas {
                         pool: pool.clone(),
                         volume_name: header.volume.clone(),
                         replica_id: header.replica_id,
-                        members: header.members,
+                        members: std::sync::RwLock::new(header.members),
                         data,
                         state: RwLock::new(ReplicaState {
                             promised_epoch: header.promised_epoch,
@@ -540,7 +590,7 @@ impl Replicas {
             pool: self.pool.clone(),
             volume_name: volume.to_string(),
             replica_id,
-            members,
+            members: std::sync::RwLock::new(members),
             data,
             state: RwLock::new(state.clone()),
         });

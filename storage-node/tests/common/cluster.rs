@@ -174,3 +174,30 @@ impl TestCluster {
         }
     }
 }
+
+/// fio's nbd engine writing 32 MiB of random 4 KiB blocks three times over
+/// the export, each block verified (crc32c) after it is written, in the
+/// background.
+pub struct FioVerify(std::thread::JoinHandle<std::process::Output>);
+
+pub fn fio_verify(uri: String) -> FioVerify {
+    use std::os::unix::process::CommandExt;
+    FioVerify(std::thread::spawn(move || {
+        std::process::Command::new("fio")
+            .args(super::fio_verify_args(&uri, "32M"))
+            .arg("--loops=3")
+            .process_group(0)
+            .output()
+            .expect("fio (see .ci/install-test-deps)")
+    }))
+}
+
+impl FioVerify {
+    /// Waits for fio; fails the test on any I/O or verify error.
+    pub async fn finish(self) {
+        let out = tokio::task::spawn_blocking(move || self.0.join().unwrap())
+            .await
+            .unwrap();
+        super::fio_report(&out);
+    }
+}

@@ -215,6 +215,43 @@ impl Drop for TestNode {
 }
 
 /// Runs a command, returning its output; panics with the output when it cannot start.
+/// fio's nbd engine writing random 4 KiB blocks over `size` of the export,
+/// each verified (crc32c) after it is written, with a fsync every 64 writes.
+pub fn fio_verify_args(uri: &str, size: &str) -> Vec<String> {
+    [
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--fsync=64",
+        "--output-format=json",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// fio's JSON report, after checking that fio succeeded without an I/O or
+/// verify error.
+pub fn fio_report(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["jobs"][0]["error"], 0, "{stdout}");
+    json
+}
+
 pub fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
         .args(args)

@@ -15,6 +15,10 @@
 //! * A replica that answers "fenced" means a newer target owns the volume:
 //!   this target fails every request from then on.
 //!
+//! * Replacing a replica (`replace_member`) changes the member list in one
+//!   configuration change that needs a majority of the old and of the new
+//!   list; the new, empty replica is then filled by the rebuilder (`replace`).
+//!
 //! Configuration changes wait for the requests in flight (`gate`), so the
 //! target never fences its own requests.
 
@@ -26,13 +30,15 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 
 mod rebuild;
+mod replace;
 mod scrub;
 pub use rebuild::RebuildProgress;
+pub use replace::{ReplaceError, Replacement};
 
 use super::client::{LinkError, ReplicaClient};
 use super::membership::{self, Config, IoReply, ReplicaId, WriteOutcome};
 use super::range_lock::RangeLock;
-use super::replica::{ConfigRecord, Member, Replica, Replicas, StateRecord};
+use super::replica::{ConfigRecord, Member, PersistRecord, Replica, Replicas, StateRecord};
 use super::wire::{
     Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
 };
@@ -62,6 +68,9 @@ pub struct TargetOptions {
     pub rebuild_rate: u64,
     /// Time between scrub passes (zero: no scrub).
     pub scrub_interval: Duration,
+    /// Replaces a replica that stayed faulted this long, on a node it
+    /// chooses (None: never).
+    pub replacement: Option<Replacement>,
 }
 
 /// How a target reaches one replica.
@@ -83,6 +92,23 @@ impl Link {
             Link::Local(_) => true,
             Link::Remote(client) => client.is_alive(),
         }
+    }
+}
+
+/// A member as this target knows it, with its link. Slots are only ever
+/// appended (a replacement adds one), so an index names the same member for
+/// the life of the target; the config says which slots are members now.
+struct Slot {
+    member: Member,
+    link: Mutex<LinkSlot>,
+}
+
+impl Slot {
+    fn new(member: Member) -> Arc<Slot> {
+        Arc::new(Slot {
+            member,
+            link: Mutex::default(),
+        })
     }
 }
 
@@ -116,8 +142,7 @@ pub struct VolumeTarget {
     volume: String,
     options: TargetOptions,
     local: Arc<Replicas>,
-    members: Vec<Member>,
-    links: Vec<Mutex<LinkSlot>>,
+    slots: RwLock<Vec<Arc<Slot>>>,
     config: RwLock<Arc<Config>>,
     /// Requests hold it shared; configuration changes exclusively.
     gate: tokio::sync::RwLock<()>,
@@ -139,6 +164,9 @@ pub struct VolumeTarget {
     /// finished: until it has, the in-sync replicas may differ, so no
     /// snapshot is taken.
     unsettled: AtomicUsize,
+    /// Replicas this target replaced whose data may still be on their node
+    /// (it was down): node name by replica id, for the replacer to delete.
+    replaced: Mutex<BTreeMap<u32, String>>,
 }
 
 /// Counts a request in [`VolumeTarget::unsettled`] while it lives.
@@ -195,8 +223,7 @@ impl VolumeTarget {
         };
         let target = Arc::new(VolumeTarget {
             volume: volume.to_string(),
-            links: state.members.iter().map(|_| Mutex::default()).collect(),
-            members: state.members.clone(),
+            slots: RwLock::new(state.members.iter().cloned().map(Slot::new).collect()),
             config: RwLock::new(Arc::new(Config::from(&state.config))),
             gate: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
@@ -210,6 +237,7 @@ impl VolumeTarget {
             scrub_passes: AtomicU64::new(0),
             rebuilding: Mutex::new(BTreeMap::new()),
             unsettled: AtomicUsize::new(0),
+            replaced: Mutex::new(BTreeMap::new()),
             options,
             local,
         });
@@ -223,6 +251,7 @@ impl VolumeTarget {
             })?;
         rebuild::spawn_rebuilder(&target);
         scrub::spawn_scrubber(&target);
+        replace::spawn_replacer(&target);
         Ok(target)
     }
 
@@ -233,10 +262,10 @@ impl VolumeTarget {
             volume: self.volume.clone(),
             reason,
         };
-        let ids = self.member_ids();
         let mut seen_promises = Vec::new();
         for _attempt in 0..5 {
-            let all: Vec<usize> = (0..self.members.len()).collect();
+            let ids = self.member_ids();
+            let all: Vec<usize> = (0..ids.len()).collect();
             let states = self.ask(&all, |_| Request::new(Op::GetState, 0, 0)).await;
             for answer in states.values() {
                 if let Answer::Done(payload) = answer {
@@ -258,16 +287,15 @@ impl VolumeTarget {
                 })
                 .await;
             let mut prepared = Vec::new();
+            let mut rosters = Vec::new();
             let mut fenced = false;
             for (index, answer) in &answers {
                 match answer {
                     Answer::Done(payload) => {
                         let state: StateRecord = serde_json::from_slice(payload)
                             .map_err(|e| membership_error(format!("bad state: {e}")))?;
-                        prepared.push((
-                            ReplicaId(self.members[*index].id),
-                            Config::from(&state.config),
-                        ));
+                        prepared.push((ReplicaId(self.id_of(*index)), Config::from(&state.config)));
+                        rosters.push(state);
                     }
                     Answer::Refused(Status::Fenced, message) => {
                         fenced = true;
@@ -286,9 +314,27 @@ impl VolumeTarget {
             let config = match membership::plan_open(&ids, epoch, &prepared) {
                 Ok(config) => config,
                 Err(membership::OpenError::NoMajority { .. }) if fenced => continue,
+                Err(membership::OpenError::OtherMembers { .. }) => {
+                    // A replica was replaced since the state this target
+                    // started from: ask the members of the newest config.
+                    let newest = rosters
+                        .into_iter()
+                        .max_by_key(|state| state.config.epoch)
+                        .expect("another config was answered");
+                    tracing::info!(
+                        volume = %self.volume,
+                        members = ?newest.members.iter().map(|m| &m.node).collect::<Vec<_>>(),
+                        "the volume has other members now; asking them"
+                    );
+                    *self.slots.write().expect("slots lock") =
+                        newest.members.iter().cloned().map(Slot::new).collect();
+                    *self.config.write().expect("config lock") =
+                        Arc::new(Config::from(&newest.config));
+                    continue;
+                }
                 Err(err) => return Err(membership_error(err.to_string())),
             };
-            match self.persist(&config).await {
+            match self.persist(&config, &config).await {
                 Ok(()) => {
                     tracing::info!(
                         volume = %self.volume,
@@ -306,36 +352,71 @@ impl VolumeTarget {
         Err(OpenError::Fenced(self.volume.clone()))
     }
 
+    /// The ids of every slot (during open: the member list it plans with).
     fn member_ids(&self) -> Vec<ReplicaId> {
-        self.members.iter().map(|m| ReplicaId(m.id)).collect()
+        self.slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .map(|slot| ReplicaId(slot.member.id))
+            .collect()
+    }
+
+    fn slot(&self, index: usize) -> Arc<Slot> {
+        self.slots.read().expect("slots lock")[index].clone()
+    }
+
+    fn member(&self, index: usize) -> Member {
+        self.slot(index).member.clone()
+    }
+
+    fn node_of(&self, index: usize) -> String {
+        self.slot(index).member.node.clone()
+    }
+
+    fn id_of(&self, index: usize) -> u32 {
+        self.slot(index).member.id
     }
 
     fn index_of(&self, id: ReplicaId) -> usize {
-        self.members
+        self.slots
+            .read()
+            .expect("slots lock")
             .iter()
-            .position(|m| m.id == id.0)
-            .expect("config names members only")
+            .position(|slot| slot.member.id == id.0)
+            .expect("config names known members only")
     }
 
-    /// Round 2 of a configuration change: `config` must be taken by a
-    /// majority and by every replica it names in sync.
-    async fn persist(&self, config: &Config) -> Result<(), PersistError> {
-        let payload = serde_json::to_vec(&ConfigRecord::from(config)).expect("config serializes");
-        let all: Vec<usize> = (0..self.members.len()).collect();
-        let answers = self
-            .ask(&all, |_| {
-                let mut request = Request::new(Op::Persist, 0, config.epoch);
-                request.payload = payload.clone();
-                request
-            })
-            .await;
+    /// The slots of the members of `config`.
+    fn member_indexes(&self, config: &Config) -> Vec<usize> {
+        config.members.iter().map(|&id| self.index_of(id)).collect()
+    }
+
+    /// The members a change from `before` to `after` must ask: both lists.
+    fn change_indexes(&self, before: &Config, after: &Config) -> Vec<usize> {
+        let mut indexes = self.member_indexes(before);
+        for index in self.member_indexes(after) {
+            if !indexes.contains(&index) {
+                indexes.push(index);
+            }
+        }
+        indexes
+    }
+
+    /// Round 2 of a configuration change from `before`: `config` must be
+    /// taken by a majority of both member lists and by every replica it
+    /// names in sync.
+    async fn persist(&self, before: &Config, config: &Config) -> Result<(), PersistError> {
+        let request = self.persist_request(config);
+        let all = self.change_indexes(before, config);
+        let answers = self.ask(&all, |_| request.clone()).await;
         let mut accepted = BTreeSet::new();
         let mut problems = Vec::new();
         for (index, answer) in &answers {
-            let node = &self.members[*index].node;
+            let node = &self.node_of(*index);
             match answer {
                 Answer::Done(_) => {
-                    accepted.insert(ReplicaId(self.members[*index].id));
+                    accepted.insert(ReplicaId(self.id_of(*index)));
                 }
                 Answer::Refused(Status::Fenced, _) => return Err(PersistError::Fenced),
                 Answer::Refused(status, message) => {
@@ -344,7 +425,7 @@ impl VolumeTarget {
                 Answer::Lost(err) => problems.push(format!("{node}: {err}")),
             }
         }
-        if !membership::quorum_reached(&config.members, &accepted) {
+        if !membership::change_quorum_reached(&before.members, &config.members, &accepted) {
             return Err(PersistError::NoQuorum(format!(
                 "only {} of {} replicas took epoch {} ({})",
                 accepted.len(),
@@ -360,6 +441,23 @@ impl VolumeTarget {
             )));
         }
         Ok(())
+    }
+
+    /// Round 2's request: the config, with the address of each member, so a
+    /// replica learns a new member list with the config that makes it.
+    fn persist_request(&self, config: &Config) -> Request {
+        let roster: Vec<Member> = self
+            .member_indexes(config)
+            .into_iter()
+            .map(|index| self.member(index))
+            .collect();
+        let mut request = Request::new(Op::Persist, 0, config.epoch);
+        request.payload = serde_json::to_vec(&PersistRecord {
+            config: ConfigRecord::from(config),
+            roster,
+        })
+        .expect("config serializes");
+        request
     }
 
     /// Sends a request to each replica in `indexes` at once (connecting to
@@ -397,7 +495,8 @@ impl VolumeTarget {
     /// `RECONNECT_INTERVAL` ago counts as lost at once instead.
     async fn connect(&self, index: usize, wait: bool) -> Result<Arc<Link>, LinkError> {
         {
-            let mut slot = self.links[index].lock().expect("link lock");
+            let slot = self.slot(index);
+            let mut slot = slot.link.lock().expect("link lock");
             if let Some(link) = &slot.link {
                 if link.is_alive() {
                     return Ok(link.clone());
@@ -410,12 +509,12 @@ impl VolumeTarget {
             if !wait && tried_recently {
                 return Err(LinkError::Closed(format!(
                     "replica on {} is not connected",
-                    self.members[index].node
+                    self.node_of(index)
                 )));
             }
             slot.last_attempt = Some(Instant::now());
         }
-        let member = &self.members[index];
+        let member = self.member(index);
         let link = if member.node == self.options.node {
             match self.local.get(&self.volume) {
                 Some(replica) => Link::Local(replica),
@@ -432,12 +531,12 @@ impl VolumeTarget {
             )
         };
         let link = Arc::new(link);
-        self.links[index].lock().expect("link lock").link = Some(link.clone());
+        self.slot(index).link.lock().expect("link lock").link = Some(link.clone());
         Ok(link)
     }
 
     fn drop_link(&self, index: usize) {
-        self.links[index].lock().expect("link lock").link = None;
+        self.slot(index).link.lock().expect("link lock").link = None;
     }
 
     /// Makes `config` (persisted on a majority) the one requests use, and
@@ -473,7 +572,10 @@ impl VolumeTarget {
 
     /// The replication addresses of the members.
     pub fn member_addresses(&self) -> Vec<String> {
-        self.members.iter().map(|m| m.address.clone()).collect()
+        self.member_indexes(&self.current())
+            .into_iter()
+            .map(|index| self.member(index).address)
+            .collect()
     }
 
     fn labels(&self) -> crate::metrics::VolumeLabels {
@@ -529,7 +631,7 @@ impl VolumeTarget {
             let mut own_epoch_refusals = BTreeSet::new();
             let mut replies: BTreeMap<ReplicaId, IoReply> = BTreeMap::new();
             for (&index, answer) in &answers {
-                let id = ReplicaId(self.members[index].id);
+                let id = ReplicaId(self.id_of(index));
                 match answer {
                     Answer::Done(_) => {
                         replies.insert(id, IoReply::Accepted);
@@ -568,10 +670,10 @@ impl VolumeTarget {
                     let failed: BTreeSet<ReplicaId> =
                         failed.difference(&own_epoch_refusals).copied().collect();
                     for (index, answer) in &answers {
-                        if failed.contains(&ReplicaId(self.members[*index].id)) {
+                        if failed.contains(&ReplicaId(self.id_of(*index))) {
                             tracing::warn!(
                                 volume = %self.volume,
-                                node = %self.members[*index].node,
+                                node = %self.node_of(*index),
                                 ?answer,
                                 "replica failed a request; dropping it from the in-sync set"
                             );
@@ -664,7 +766,7 @@ impl VolumeTarget {
                 .epoch
                 .max(self.max_prepared.load(Ordering::Acquire) + 1);
             self.note_prepared(next.epoch);
-            let all: Vec<usize> = (0..self.members.len()).collect();
+            let all = self.member_indexes(&next);
             let answers = self
                 .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
                 .await;
@@ -672,7 +774,7 @@ impl VolumeTarget {
             for (index, answer) in &answers {
                 match answer {
                     Answer::Done(_) => {
-                        prepared.insert(ReplicaId(self.members[*index].id));
+                        prepared.insert(ReplicaId(self.id_of(*index)));
                     }
                     Answer::Refused(Status::Fenced, _) => {
                         self.set_fenced();
@@ -700,7 +802,7 @@ impl VolumeTarget {
                 failed.extend(unprepared);
                 continue;
             }
-            match self.persist(&next).await {
+            match self.persist(&current, &next).await {
                 Ok(()) => {
                     tracing::warn!(
                         volume = %self.volume,
@@ -737,7 +839,7 @@ impl VolumeTarget {
         }
         if let Some(local) = order
             .iter()
-            .position(|&i| self.members[i].node == self.options.node)
+            .position(|&i| self.node_of(i) == self.options.node)
         {
             let index = order.remove(local);
             order.insert(0, index);
@@ -794,7 +896,7 @@ impl VolumeTarget {
                 Answer::Refused(Status::Checksum, message) => {
                     tracing::warn!(
                         volume = %self.volume,
-                        node = %self.members[index].node,
+                        node = %self.node_of(index),
                         %message,
                         "checksum failure on a replica; reading another copy"
                     );
@@ -816,11 +918,11 @@ impl VolumeTarget {
                 other => {
                     tracing::warn!(
                         volume = %self.volume,
-                        node = %self.members[index].node,
+                        node = %self.node_of(index),
                         answer = ?other,
                         "read failed on a replica; trying another"
                     );
-                    failed.insert(ReplicaId(self.members[index].id));
+                    failed.insert(ReplicaId(self.id_of(index)));
                     bad_copies.push(index);
                 }
             }
@@ -877,7 +979,7 @@ impl VolumeTarget {
                         .inc_by(blocks);
                     tracing::info!(
                         volume = %self.volume,
-                        node = %self.members[index].node,
+                        node = %self.node_of(index),
                         offset = start,
                         len = end - start,
                         "repaired a corrupt copy from a good replica"
@@ -885,7 +987,7 @@ impl VolumeTarget {
                 }
                 other => tracing::warn!(
                     volume = %self.volume,
-                    node = %self.members[index].node,
+                    node = %self.node_of(index),
                     answer = ?other,
                     "could not repair a corrupt copy"
                 ),
@@ -932,7 +1034,7 @@ impl VolumeTarget {
         let mut nodes = Vec::new();
         let mut failures = Vec::new();
         for (index, answer) in answers {
-            let node = &self.members[index].node;
+            let node = self.node_of(index);
             match answer {
                 Answer::Done(_) => nodes.push(node.clone()),
                 Answer::Refused(Status::Fenced, _) => {
@@ -1013,13 +1115,14 @@ impl VolumeTarget {
 
     pub fn replicas(&self) -> Vec<ReplicaView> {
         let config = self.current();
-        self.members
-            .iter()
-            .enumerate()
-            .map(|(index, member)| ReplicaView {
-                member: member.clone(),
-                in_sync: config.in_sync.contains(&ReplicaId(member.id)),
-                connected: self.links[index]
+        self.member_indexes(&config)
+            .into_iter()
+            .map(|index| (index, self.slot(index)))
+            .map(|(index, slot)| ReplicaView {
+                member: slot.member.clone(),
+                in_sync: config.in_sync.contains(&ReplicaId(slot.member.id)),
+                connected: slot
+                    .link
                     .lock()
                     .expect("link lock")
                     .link

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::{Answer, VolumeTarget};
 use crate::replication::membership::{self, Config, ReplicaId};
-use crate::replication::replica::{extent_count, ConfigRecord, StateRecord, EXTENT_BYTES};
+use crate::replication::replica::{extent_count, StateRecord, EXTENT_BYTES};
 use crate::replication::wire::{Op, Request, Status};
 use crate::target::BlockResult;
 
@@ -72,8 +72,8 @@ pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
                 let _ = target.shrink(&BTreeSet::new()).await;
                 continue;
             }
-            for index in 0..target.members.len() {
-                let id = ReplicaId(target.members[index].id);
+            for index in target.member_indexes(&config) {
+                let id = ReplicaId(target.id_of(index));
                 if config.in_sync.contains(&id) {
                     backoff.remove(&index);
                     continue;
@@ -129,7 +129,7 @@ impl VolumeTarget {
                 .set(0);
             tracing::warn!(
                 volume = %self.volume,
-                node = %self.members[index].node,
+                node = %self.node_of(index),
                 reason,
                 "rebuild stopped"
             );
@@ -163,7 +163,7 @@ impl VolumeTarget {
         };
         tracing::info!(
             volume = %self.volume,
-            node = %self.members[index].node,
+            node = %self.node_of(index),
             extents = diffs.len(),
             of = extent_count(self.size_now()),
             "rebuilding a replica"
@@ -210,7 +210,7 @@ impl VolumeTarget {
         self.grow(index).await?;
         tracing::info!(
             volume = %self.volume,
-            node = %self.members[index].node,
+            node = %self.node_of(index),
             bytes = copied_bytes,
             elapsed = ?started.elapsed(),
             "replica rebuilt and back in sync"
@@ -246,6 +246,8 @@ impl VolumeTarget {
     async fn join_as_rebuilding(&self, index: usize) -> Result<(), String> {
         let _exclusive = self.gate.write().await;
         let config = self.current();
+        // A replacement may have removed it since the rebuilder looked.
+        self.check_member(&config, index)?;
         let answer = self
             .send_one(index, Request::new(Op::Prepare, 0, config.epoch))
             .await;
@@ -268,10 +270,7 @@ impl VolumeTarget {
             }
             other => return Err(format!("prepare: {other:?}")),
         }
-        let mut persist = Request::new(Op::Persist, 0, config.epoch);
-        persist.payload =
-            serde_json::to_vec(&ConfigRecord::from(&*config)).expect("config serializes");
-        match self.send_one(index, persist).await {
+        match self.send_one(index, self.persist_request(&config)).await {
             Answer::Done(_) => {}
             other => return Err(format!("persist: {other:?}")),
         }
@@ -294,13 +293,20 @@ impl VolumeTarget {
             return Err("aborted".into());
         }
         let current = self.current();
-        let mut in_sync = current.in_sync.clone();
-        in_sync.insert(ReplicaId(self.members[index].id));
-        let next = Config {
-            epoch: current.epoch + 1,
-            members: current.members.clone(),
-            in_sync,
-        };
+        self.check_member(&current, index)?;
+        let mut next = (*current).clone();
+        next.epoch += 1;
+        next.in_sync.insert(ReplicaId(self.id_of(index)));
+        self.commit_change(&current, next).await?;
+        self.rebuilding.lock().expect("rebuild lock").remove(&index);
+        Ok(())
+    }
+
+    /// Both rounds of this target's own change from `current` to `next`, at
+    /// an epoch above any it prepared; the caller holds the gate
+    /// exclusively. Every member of both lists is asked; a majority of each,
+    /// and every replica `next` names in sync, must take the change.
+    pub(super) async fn commit_change(&self, current: &Config, next: Config) -> Result<(), String> {
         let next = Config {
             epoch: next
                 .epoch
@@ -308,7 +314,7 @@ impl VolumeTarget {
             ..next
         };
         self.note_prepared(next.epoch);
-        let all: Vec<usize> = (0..self.members.len()).collect();
+        let all = self.change_indexes(current, &next);
         let answers = self
             .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
             .await;
@@ -316,7 +322,7 @@ impl VolumeTarget {
         for (i, answer) in &answers {
             match answer {
                 Answer::Done(_) => {
-                    prepared.insert(ReplicaId(self.members[*i].id));
+                    prepared.insert(ReplicaId(self.id_of(*i)));
                 }
                 Answer::Refused(Status::Fenced, _) => {
                     self.set_fenced();
@@ -325,15 +331,22 @@ impl VolumeTarget {
                 _ => {}
             }
         }
-        if !membership::quorum_reached(&next.members, &prepared)
-            || !next.in_sync.iter().all(|id| prepared.contains(id))
-        {
-            return Err("not every in-sync replica took the new epoch".into());
+        if !membership::change_quorum_reached(&current.members, &next.members, &prepared) {
+            return Err(format!(
+                "only {} of the replicas took epoch {}, a majority is needed",
+                prepared.len(),
+                next.epoch
+            ));
         }
-        match self.persist(&next).await {
+        if !next.in_sync.iter().all(|id| prepared.contains(id)) {
+            return Err(format!(
+                "not every in-sync replica took epoch {}",
+                next.epoch
+            ));
+        }
+        match self.persist(current, &next).await {
             Ok(()) => {
                 self.install(next);
-                self.rebuilding.lock().expect("rebuild lock").remove(&index);
                 Ok(())
             }
             Err(super::PersistError::Fenced) => {
@@ -341,6 +354,14 @@ impl VolumeTarget {
                 Err("a newer target owns the volume".into())
             }
             Err(super::PersistError::NoQuorum(reason)) => Err(reason),
+        }
+    }
+
+    fn check_member(&self, config: &Config, index: usize) -> Result<(), String> {
+        if config.members.contains(&ReplicaId(self.id_of(index))) {
+            Ok(())
+        } else {
+            Err("no longer a member (replaced)".into())
         }
     }
 
@@ -354,10 +375,7 @@ impl VolumeTarget {
     async fn expect_done(&self, index: usize, request: Request) -> Result<Vec<u8>, String> {
         match self.send_one(index, request).await {
             Answer::Done(payload) => Ok(payload),
-            other => Err(format!(
-                "replica on {}: {other:?}",
-                self.members[index].node
-            )),
+            other => Err(format!("replica on {}: {other:?}", self.node_of(index))),
         }
     }
 
@@ -443,18 +461,18 @@ impl VolumeTarget {
                 Ok(0) => {}
                 Ok(bytes) => tracing::info!(
                     volume = %self.volume,
-                    node = %self.members[dest].node,
+                    node = %self.node_of(dest),
                     bytes,
                     "aligned a replica with unacknowledged writes of the previous target"
                 ),
                 Err(err) => {
                     tracing::warn!(
                         volume = %self.volume,
-                        node = %self.members[dest].node,
+                        node = %self.node_of(dest),
                         %err,
                         "could not align a replica; dropping it from the in-sync set"
                     );
-                    failed.insert(ReplicaId(self.members[dest].id));
+                    failed.insert(ReplicaId(self.id_of(dest)));
                 }
             }
         }

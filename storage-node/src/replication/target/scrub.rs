@@ -75,7 +75,7 @@ impl VolumeTarget {
                 for &index in &bad {
                     tracing::warn!(
                         volume = %self.volume,
-                        node = %self.members[index].node,
+                        node = %self.node_of(index),
                         offset = start,
                         "scrub found a corrupt block"
                     );

@@ -1,0 +1,240 @@
+//! Replacing a replica by a new one on another node, on request (`strata
+//! volume replace-replica`, through the node's gRPC API) or automatically
+//! when a replica stays faulted longer than `Replacement::after`.
+//!
+//! The change of members is one configuration change
+//! (`membership::plan_replace`): the old member leaves and the new, empty
+//! one joins, not in sync, at a new epoch taken by a majority of the old and
+//! of the new member list. The rebuilder then treats the new replica like
+//! any replica that is behind: it takes every write from then on, gets a
+//! copy of every extent that differs from an in-sync replica (all the data
+//! the volume holds, since it is empty), and joins the in-sync set.
+//!
+//! For automatic replacement, the node finds the candidate nodes through its
+//! `Discovery` (the cluster file of `strata up`, or the headless Service's
+//! DNS name in Kubernetes) and places the new replica as `strata volume
+//! create` would.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::VolumeTarget;
+use crate::cluster::{volumes, Discovery};
+use crate::replication::membership::{self, ReplicaId};
+use crate::replication::replica::Member;
+
+/// How often the target looks for replicas faulted long enough.
+const REPLACE_POLL: Duration = Duration::from_secs(1);
+/// How often it tries to delete replaced replicas whose node was down.
+const CLEANUP_EVERY: u32 = 10;
+/// The longest wait before an automatic replacement that failed is tried
+/// again (no spare node yet, say).
+const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Automatic replacement of faulted replicas.
+#[derive(Debug, Clone)]
+pub struct Replacement {
+    /// How long a replica stays out of the in-sync set and not being
+    /// rebuilt (or, in the set, unreachable) before it is replaced.
+    pub after: Duration,
+    /// Where the nodes that may take the new replica are found.
+    pub discovery: Discovery,
+}
+
+/// Why a replica could not be replaced.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    #[error("{0}")]
+    Membership(#[from] membership::ReplaceError),
+    #[error("node {0} holds a replica of the volume already")]
+    NodeHoldsReplica(String),
+    #[error("the target was fenced by a newer one")]
+    Fenced,
+    /// The configuration change did not reach a majority.
+    #[error("{0}")]
+    Change(String),
+}
+
+impl VolumeTarget {
+    /// Replaces member `remove` by `add`, an empty replica already created
+    /// on another node with the new member list. Returns once the change is
+    /// persisted; the rebuilder fills the new replica.
+    pub async fn replace_member(&self, remove: u32, add: Member) -> Result<(), ReplaceError> {
+        let _exclusive = self.gate.write().await;
+        if self.is_fenced() {
+            return Err(ReplaceError::Fenced);
+        }
+        let current = self.current();
+        let next = membership::plan_replace(&current, ReplicaId(remove), ReplicaId(add.id))?;
+        let member_nodes: Vec<String> = self
+            .member_indexes(&current)
+            .into_iter()
+            .map(|index| self.node_of(index))
+            .collect();
+        if member_nodes.contains(&add.node) {
+            return Err(ReplaceError::NodeHoldsReplica(add.node));
+        }
+        let removed = self.index_of(ReplicaId(remove));
+        let node = add.node.clone();
+        {
+            let mut slots = self.slots.write().expect("slots lock");
+            // A slot is kept for a member that failed to join before.
+            if !slots.iter().any(|slot| slot.member.id == add.id) {
+                slots.push(super::Slot::new(add));
+            }
+        }
+        // A rebuild of the leaving member stops; its writes stop with it.
+        self.abort_rebuild(removed, "replaced");
+        self.commit_change(&current, next)
+            .await
+            .map_err(|reason| match self.is_fenced() {
+                true => ReplaceError::Fenced,
+                false => ReplaceError::Change(reason),
+            })?;
+        self.replaced
+            .lock()
+            .expect("replaced lock")
+            .insert(remove, self.node_of(removed));
+        self.local
+            .pool()
+            .metrics()
+            .replaced_replicas
+            .get_or_create(&self.labels())
+            .inc();
+        tracing::warn!(
+            volume = %self.volume,
+            removed = %self.node_of(removed),
+            added = %node,
+            epoch = self.epoch(),
+            "replica replaced; the new one is rebuilt with a full copy"
+        );
+        Ok(())
+    }
+
+    /// Replaces member `remove` on a node the placement rules choose, and
+    /// deletes the old replica if its node answers.
+    async fn replace_automatically(
+        &self,
+        discovery: &Discovery,
+        remove: u32,
+    ) -> Result<String, String> {
+        let from = self.node_of(self.index_of(ReplicaId(remove)));
+        let cluster = discovery.cluster().await.map_err(|e| e.to_string())?;
+        let planned = volumes::create_replacement(&cluster, &self.volume, &from, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let member = Member {
+            id: planned.member.id,
+            node: planned.member.node.clone(),
+            address: planned.member.address.clone(),
+        };
+        let replaced = self.replace_member(remove, member).await;
+        // The old replica, if its node answers, or the new one if it did
+        // not join.
+        volumes::delete_retired(&cluster, &self.volume).await;
+        replaced.map_err(|err| err.to_string())?;
+        Ok(planned.node.name)
+    }
+
+    /// Deletes the replicas this target replaced on nodes that are back.
+    async fn delete_replaced(&self, discovery: &Discovery) {
+        let pending = self.replaced.lock().expect("replaced lock").clone();
+        if pending.is_empty() {
+            return;
+        }
+        let Ok(cluster) = discovery.cluster().await else {
+            return;
+        };
+        for (id, node) in pending {
+            let Ok(entry) = cluster.node(&node) else {
+                continue;
+            };
+            if volumes::delete_replaced_replica(entry, &self.volume, id)
+                .await
+                .is_ok()
+            {
+                tracing::info!(volume = %self.volume, %node, "the replaced replica is gone from its node");
+                self.replaced.lock().expect("replaced lock").remove(&id);
+            }
+        }
+    }
+}
+
+/// Watches the members and replaces those faulted for longer than
+/// `options.replacement.after`, one at a time; deletes the replaced
+/// replicas whose node was down once it is back. Ends with the target.
+pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
+    let Some(replacement) = target.options.replacement.clone() else {
+        return;
+    };
+    let weak = Arc::downgrade(target);
+    tokio::spawn(async move {
+        // Since when each member (by id) is faulted, and when a failed
+        // replacement may be tried again (with its last wait).
+        let mut faulted_since: BTreeMap<u32, Instant> = BTreeMap::new();
+        let mut retry: BTreeMap<u32, (Instant, Duration)> = BTreeMap::new();
+        let mut round = 0u32;
+        loop {
+            tokio::time::sleep(REPLACE_POLL).await;
+            let Some(target) = weak.upgrade() else { return };
+            if target.is_fenced() || target.is_closed() {
+                return;
+            }
+            round += 1;
+            if round % CLEANUP_EVERY == 0 {
+                target.delete_replaced(&replacement.discovery).await;
+            }
+            let config = target.current();
+            let rebuilding = target.rebuilding_indexes();
+            faulted_since.retain(|id, _| config.members.contains(&ReplicaId(*id)));
+            retry.retain(|id, _| faulted_since.contains_key(id));
+            for &id in &config.members {
+                // An in-sync replica of an idle volume is dropped by no
+                // write; it counts as faulted while it cannot be reached.
+                if config.in_sync.contains(&id)
+                    && target.connect(target.index_of(id), true).await.is_ok()
+                {
+                    faulted_since.remove(&id.0);
+                    retry.remove(&id.0);
+                    continue;
+                }
+                let since = *faulted_since.entry(id.0).or_insert_with(Instant::now);
+                // A rebuild under way may take long on a big volume; the
+                // replica is not replaced while it catches up.
+                if rebuilding.contains(&target.index_of(id))
+                    || since.elapsed() < replacement.after
+                    || retry.get(&id.0).is_some_and(|(at, _)| Instant::now() < *at)
+                {
+                    continue;
+                }
+                let from = target.node_of(target.index_of(id));
+                tracing::warn!(
+                    volume = %target.volume,
+                    node = %from,
+                    faulted_for = ?since.elapsed(),
+                    "replacing a replica that stayed faulted"
+                );
+                match target
+                    .replace_automatically(&replacement.discovery, id.0)
+                    .await
+                {
+                    Ok(node) => {
+                        tracing::info!(volume = %target.volume, from = %from, to = %node, "automatic replacement started");
+                        faulted_since.remove(&id.0);
+                        retry.remove(&id.0);
+                    }
+                    Err(err) => {
+                        let wait = retry.get(&id.0).map_or(REPLACE_POLL * 5, |(_, wait)| {
+                            (*wait * 2).min(REPLACE_RETRY_MAX)
+                        });
+                        tracing::warn!(volume = %target.volume, node = %from, %err, ?wait, "could not replace a faulted replica");
+                        retry.insert(id.0, (Instant::now() + wait, wait));
+                    }
+                }
+                // One replacement per round: the config changed.
+                break;
+            }
+        }
+    });
+}

@@ -1,0 +1,314 @@
+//! Replacing a replica by a new one on another node, with real storage node
+//! processes on loopback: on request while fio writes and verifies, and
+//! automatically once a replica stayed faulted long enough; refusals.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{fio_verify, TestCluster};
+use common::nbd_client::NbdClient;
+use common::*;
+use strata_node::cluster::volumes::{self, VolumeReport};
+
+/// Replicas that do not answer within a second are dropped: tests go fast.
+const FAST_TIMEOUT: &[&str] = &["--replica-timeout-ms", "1000"];
+
+fn member_nodes(report: &VolumeReport) -> Vec<String> {
+    let mut nodes: Vec<String> = report.members().into_iter().map(|m| m.node).collect();
+    nodes.sort();
+    nodes
+}
+
+/// The names of a volume's member nodes: the target's, another one's, and
+/// the node that holds no replica.
+fn roles(cluster: &TestCluster, report: &VolumeReport) -> (String, String, String) {
+    let members = member_nodes(report);
+    let spare = cluster
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| !members.contains(n))
+        .expect("a spare node");
+    (members[0].clone(), members[1].clone(), spare)
+}
+
+/// The replicas node `node` holds, as it lists them.
+async fn replicas_on(node: &TestNode) -> Vec<strata_proto::storage::Replica> {
+    node.client()
+        .await
+        .list_replicas(strata_proto::storage::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas
+}
+
+/// Polls `check` until it holds; after a minute, fails saying `what`, with
+/// the log of the target's node.
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    target: &TestNode,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            target.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn connect(uri: &str) -> NbdClient {
+    let rest = uri.strip_prefix("nbd://").unwrap();
+    let (addr, name) = rest.split_once('/').unwrap();
+    NbdClient::connect(addr.parse().unwrap(), name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_is_replaced_under_fio_verify_by_a_full_copy() {
+    let mut cluster = TestCluster::start(4, "512MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("swap", 64 * MIB, 3).await;
+    let (target_node, victim, spare) = roles(&cluster, &report);
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("swap", target).await;
+
+    let fio = fio_verify(uri.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The victim's node dies and stays down.
+    let victim_index = cluster.index_of(&victim);
+    cluster.nodes[victim_index].kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = volumes::replace_replica(&cluster.file(), "swap", &victim, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.planned.node.name, spare, "the only spare node");
+    assert_eq!(outcome.target_node, target_node);
+    assert!(!outcome.old_deleted, "the victim's node is down");
+    // The member list changed at once; the new replica is not in sync yet
+    // unless its copy was already done.
+    let report = cluster.report("swap").await;
+    assert!(member_nodes(&report).contains(&spare));
+    assert!(!member_nodes(&report).contains(&victim));
+    fio.finish().await;
+
+    let report = cluster
+        .wait_in_sync("swap", 3, Duration::from_secs(90))
+        .await;
+    assert!(report.missing.is_empty(), "{:?}", report.missing);
+    let log = cluster.nodes[target].log();
+    assert!(log.contains("replica replaced"), "{log}");
+    assert!(log.contains("replica rebuilt and back in sync"), "{log}");
+    let metrics = &cluster.nodes[target];
+    assert_eq!(
+        metrics.metric("strata_replaced_replicas_total{volume=\"swap\"}"),
+        Some(1.0)
+    );
+    // fio wrote 32 MiB: the copy moved at least that much to the new replica.
+    assert!(
+        metrics
+            .metric("strata_rebuild_copied_bytes_total{volume=\"swap\"}")
+            .unwrap_or(0.0)
+            >= (32 * MIB) as f64
+    );
+    cluster.assert_replicas_identical("swap").await;
+    let (_, target_view) = report.active_target().unwrap();
+    let nodes: Vec<String> = target_view
+        .replicas
+        .iter()
+        .map(|r| r.member.as_ref().unwrap().node.clone())
+        .collect();
+    assert!(nodes.contains(&spare), "{nodes:?}");
+
+    // The old node comes back: its replica is a leftover, not a member. A
+    // target opened there starts from that replica's old member list, finds
+    // the new one, and serves the same data; then the leftover is deleted.
+    let before = connect(&uri).read(0, 4 << 20).unwrap();
+    cluster.nodes[victim_index].spawn();
+    let report = cluster.report("swap").await;
+    assert_eq!(report.retired.len(), 1);
+    assert_eq!(report.retired[0].node.name, victim);
+    let on_old_node = cluster.export("swap", victim_index).await;
+    assert!(connect(&on_old_node).read(0, 4 << 20).unwrap() == before);
+    let log = cluster.nodes[victim_index].log();
+    assert!(log.contains("the volume has other members now"), "{log}");
+    assert_eq!(
+        volumes::delete_retired(&cluster.file(), "swap").await,
+        vec![victim.clone()]
+    );
+    assert!(cluster.report("swap").await.retired.is_empty());
+    let on_new_node = cluster.export("swap", cluster.index_of(&spare)).await;
+    assert!(connect(&on_new_node).read(0, 4 << 20).unwrap() == before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    let mut args = FAST_TIMEOUT.to_vec();
+    args.extend([
+        "--replace-faulted-after-secs",
+        "3",
+        "--cluster-dir",
+        &dir_arg,
+    ]);
+    let mut cluster = TestCluster::start(4, "256MiB", &args);
+    // The nodes find each other through the cluster file, as under `strata up`.
+    cluster.file().save(dir.path()).unwrap();
+    let report = cluster.create_volume("auto", 16 * MIB, 3).await;
+    let (target_node, victim, spare) = roles(&cluster, &report);
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("auto", target).await;
+    let mut client = connect(&uri);
+    let first = random_bytes(2 << 20, 1);
+    client.write(0, &first, true).unwrap();
+
+    // The volume is idle when the victim dies: no write drops it from the
+    // in-sync set, the target finds it unreachable on its own.
+    let victim_index = cluster.index_of(&victim);
+    cluster.nodes[victim_index].kill9();
+
+    wait_until(
+        "no automatic replacement",
+        &cluster.nodes[target],
+        || async { member_nodes(&cluster.report("auto").await).contains(&spare) },
+    )
+    .await;
+    let report = cluster
+        .wait_in_sync("auto", 3, Duration::from_secs(60))
+        .await;
+    assert!(!member_nodes(&report).contains(&victim));
+    let log = cluster.nodes[target].log();
+    assert!(
+        log.contains("replacing a replica that stayed faulted"),
+        "{log}"
+    );
+    // The data written before is on the new replica, and writes go on.
+    let second = random_bytes(1 << 20, 2);
+    client.write(8 << 20, &second, true).unwrap();
+    assert!(client.read(0, 2 << 20).unwrap() == first);
+    assert!(client.read(8 << 20, 1 << 20).unwrap() == second);
+    cluster.assert_replicas_identical("auto").await;
+
+    // The victim's node comes back: the target deletes the old replica.
+    cluster.nodes[victim_index].spawn();
+    wait_until(
+        "the replaced replica was not deleted",
+        &cluster.nodes[target],
+        || async { replicas_on(&cluster.nodes[victim_index]).await.is_empty() },
+    )
+    .await;
+    assert!(cluster.report("auto").await.retired.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacements_that_cannot_be_done_are_refused_with_one_line() {
+    let cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("r", 16 * MIB, 3).await;
+    cluster.create_volume("everywhere", 16 * MIB, 4).await;
+    let (member, other, spare) = roles(&cluster, &report);
+    let file = cluster.file();
+    let refusal = |result: Result<volumes::ReplaceOutcome, volumes::VolumeError>| {
+        let message = result.unwrap_err().to_string();
+        assert_eq!(message.lines().count(), 1, "{message}");
+        message
+    };
+    assert_eq!(
+        refusal(volumes::replace_replica(&file, "nope", &member, None).await),
+        "volume \"nope\" not found"
+    );
+    let message = refusal(volumes::replace_replica(&file, "r", &spare, None).await);
+    assert!(
+        message.starts_with(&format!("node {spare} holds no replica of volume r")),
+        "{message}"
+    );
+    assert_eq!(
+        refusal(volumes::replace_replica(&file, "r", &member, Some(&other)).await),
+        format!("node {other} holds a replica of volume r already")
+    );
+    let message = refusal(volumes::replace_replica(&file, "r", &member, Some("node-9")).await);
+    assert!(message.starts_with("no node named \"node-9\""), "{message}");
+    assert_eq!(
+        refusal(volumes::replace_replica(&file, "everywhere", &member, None).await),
+        "no spare node for a new replica of volume everywhere: every reachable node holds \
+         one already"
+    );
+    // Nothing changed, and no replica was left behind on the spare node.
+    let after = cluster.report("r").await;
+    assert_eq!(member_nodes(&after), member_nodes(&report));
+    assert!(after.retired.is_empty());
+    let listed = volumes::list(&file).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let spare_holds: usize = listed
+        .iter()
+        .flat_map(|v| v.replicas.iter().chain(&v.retired))
+        .filter(|r| r.node.name == spare)
+        .count();
+    assert_eq!(spare_holds, 1, "only its replica of \"everywhere\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_replica_is_replaced_and_deleted_but_never_below_a_majority_in_sync() {
+    let mut cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("live", 16 * MIB, 3).await;
+    let (target_node, leaving, spare) = roles(&cluster, &report);
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("live", target).await;
+    let data = random_bytes(4 << 20, 7);
+    connect(&uri).write(0, &data, true).unwrap();
+
+    // A writer keeps going while the live, in-sync replica is replaced.
+    let writer_uri = uri.clone();
+    let writer = std::thread::spawn(move || {
+        let mut client = connect(&writer_uri);
+        for n in 0..400u64 {
+            let block = random_bytes(4096, 1000 + n);
+            client
+                .write((8 << 20) + n * 4096, &block, n % 8 == 0)
+                .unwrap();
+        }
+        client.flush().unwrap();
+    });
+    let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.planned.node.name, spare);
+    assert!(
+        outcome.old_deleted,
+        "its node answers: the old copy is gone"
+    );
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    let report = cluster
+        .wait_in_sync("live", 3, Duration::from_secs(60))
+        .await;
+    assert!(report.retired.is_empty());
+    assert!(!member_nodes(&report).contains(&leaving));
+    let held = replicas_on(&cluster.nodes[cluster.index_of(&leaving)]).await;
+    assert!(held.is_empty(), "{held:?}");
+    cluster.assert_replicas_identical("live").await;
+    assert!(connect(&uri).read(0, 4 << 20).unwrap() == data);
+
+    // With one member down, replacing another, in-sync one would leave one
+    // of three in sync: refused, nothing changes.
+    let members = member_nodes(&report);
+    let others: Vec<&String> = members.iter().filter(|n| **n != target_node).collect();
+    let down = cluster.index_of(others[0]);
+    cluster.nodes[down].kill9();
+    connect(&uri).write(0, &[9; 4096], true).unwrap();
+    let err = volumes::replace_replica(&cluster.file(), "live", others[1], Some(&leaving))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("would leave 1 of 3 replicas in sync"), "{err}");
+    let after = cluster.report("live").await;
+    assert_eq!(member_nodes(&after), members);
+    assert!(
+        after.retired.is_empty(),
+        "the refused replacement was cleaned up"
+    );
+}
