@@ -5,6 +5,10 @@
 //! foreground. A node that dies is started again after a short delay, as
 //! Kubernetes would restart its Pod. Ctrl-C (or SIGTERM) stops every node
 //! cleanly. Running it again on the same DIR reopens the same pools.
+//!
+//! It also runs the local database controller (`strata db`): the
+//! PostgreSQL clusters recorded in DIR/db run under it, and stop (instances
+//! first, then their volumes detached) before the nodes do.
 
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
 
+use crate::db::controller::DbController;
 use strata_node::cluster::client;
 use strata_node::cluster::{process_alive, ClusterFile, NodeEntry};
 
@@ -130,6 +135,7 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         return Err(err);
     }
     print_endpoints(&dir, &nodes).await;
+    let databases = DbController::start(dir.clone());
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -143,6 +149,8 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // Databases first: their volumes live on the nodes.
+    databases.stop().await;
     println!("stopping {} nodes...", nodes.len());
     stop_all(&mut nodes);
     clear(&dir, &mut nodes)?;
@@ -189,6 +197,9 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
     // makes async-signal-safe system calls.
     unsafe {
         command.pre_exec(move || {
+            // Its own process group: a Ctrl-C in the terminal reaches only
+            // `strata up`, which stops the databases on the nodes first.
+            libc::setpgid(0, 0);
             // A node must not outlive `strata up`, even when it is killed
             // with SIGKILL and cannot stop the nodes itself.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
