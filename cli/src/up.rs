@@ -192,26 +192,7 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let supervisor = std::process::id();
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || {
-            // Its own process group: a Ctrl-C in the terminal reaches only
-            // `strata up`, which stops the databases on the nodes first.
-            libc::setpgid(0, 0);
-            // A node must not outlive `strata up`, even when it is killed
-            // with SIGKILL and cannot stop the nodes itself.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // It may have died before the line above took effect.
-            if libc::getppid() as u32 != supervisor {
-                return Err(std::io::Error::other("strata up exited"));
-            }
-            Ok(())
-        })
-    };
+    supervised_child(&mut command);
     let child = command
         .spawn()
         .with_context(|| format!("starting {}", e.name))?;
@@ -289,6 +270,30 @@ fn supervise(nodes: &mut [RunningNode], dir: &Path, args: &UpArgs) -> anyhow::Re
         }
     }
     Ok(changed)
+}
+
+/// Makes `command` a child that dies with `strata up` (SIGTERM when it
+/// exits, even by SIGKILL) in a process group of its own, so that a Ctrl-C
+/// in the terminal reaches only `strata up`, which stops the databases
+/// before the nodes under their volumes. Must be spawned from the main
+/// thread: PR_SET_PDEATHSIG fires when the forking *thread* exits.
+pub fn supervised_child(command: &mut Command) {
+    let supervisor = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setpgid(0, 0);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // `strata up` may have died before the line above took effect.
+            if libc::getppid() as u32 != supervisor {
+                return Err(std::io::Error::other("strata up exited"));
+            }
+            Ok(())
+        })
+    };
 }
 
 /// While this file exists in a node's directory, `strata up` does not

@@ -56,6 +56,17 @@ pub fn strata_ok(cwd: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `strata ARGS` in `cwd`, which must fail with one line on stderr
+/// that contains `expected`.
+pub fn strata_fails(cwd: &Path, args: &[&str], expected: &str) {
+    let out = strata(cwd, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "strata {args:?} should fail");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+}
+
 /// Runs a client tool, which must succeed; returns stdout and stderr together.
 pub fn tool_ok(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)

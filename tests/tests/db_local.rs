@@ -12,44 +12,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata_system_tests::{strata_bin, strata_instance_bin};
+use strata_system_tests::{
+    strata_bin, strata_fails as fails, strata_instance_bin, strata_ok as ok,
+};
 
 const PATIENCE: Duration = Duration::from_secs(120);
-
-fn strata(dir: &Path, args: &[&str]) -> Output {
-    Command::new(strata_bin())
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("run strata")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = strata(dir, args);
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A command that must fail with one line on stderr containing `expected`.
-fn fails(dir: &Path, args: &[&str], expected: &str) {
-    let out = strata(dir, args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "strata {args:?} should fail");
-    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains(expected), "{args:?}: {stderr}");
-}
 
 fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
@@ -95,8 +67,8 @@ impl Described {
     }
 }
 
-fn describe(dir: &Path, name: &str) -> Described {
-    let text = ok(dir, &["db", "describe", name]);
+fn describe(cwd: &Path, name: &str) -> Described {
+    let text = ok(cwd, &["db", "describe", name]);
     let primary = text
         .lines()
         .find_map(|l| l.strip_prefix("Primary:"))
@@ -124,6 +96,12 @@ fn describe(dir: &Path, name: &str) -> Described {
         primary,
         rows,
     }
+}
+
+fn wait_all_ready(cwd: &Path, name: &str) -> Described {
+    wait_for("every instance ready", || {
+        Some(describe(cwd, name)).filter(Described::all_ready)
+    })
 }
 
 fn process_gone(pid: u32) -> bool {
@@ -262,11 +240,10 @@ struct Up {
 }
 
 impl Up {
-    fn start(dir: &Path) -> Up {
-        let log = std::fs::File::create(dir.with_extension("up.log")).unwrap();
+    fn start(cwd: &Path) -> Up {
+        let log = std::fs::File::create(cwd.join("up.log")).unwrap();
         let mut child = Command::new(strata_bin())
-            .arg("--dir")
-            .arg(dir)
+            .current_dir(cwd)
             .args(["up", "--pool-size", "3GiB"])
             .env("STRATA_INSTANCE_BIN", strata_instance_bin())
             .stdin(Stdio::null())
@@ -312,45 +289,35 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
         0,
         "needs root: loop devices, mounts and FUSE"
     );
+    // Commands run in `cwd`, so they find the cluster in `cwd/.strata`.
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("strata");
+    let cwd = tmp.path();
+    let dir = cwd.join(".strata");
 
-    fails(&dir, &["db", "create", "pg"], "no Strata cluster in");
-    let up = Up::start(&dir);
+    fails(cwd, &["db", "create", "pg"], "no Strata cluster in");
+    let up = Up::start(cwd);
 
     // Bad input: one clear line each, nothing created.
-    fails(
-        &dir,
-        &["db", "create", "pg", "--instances", "0"],
-        "--instances must be at least 1",
-    );
-    fails(
-        &dir,
-        &["db", "create", "pg", "--size", "lots"],
-        "invalid --size \"lots\"",
-    );
-    fails(&dir, &["db", "create", "pg", "--size", "1MiB"], "too small");
-    fails(&dir, &["db", "create", "Pg!"], "invalid database name");
-    fails(
-        &dir,
-        &["db", "describe", "nope"],
-        "no database named \"nope\"",
-    );
-    fails(&dir, &["db", "uri", "nope"], "no database named \"nope\"");
-    fails(
-        &dir,
-        &["db", "switchover", "nope"],
-        "no database named \"nope\"",
-    );
-    fails(&dir, &["db", "rm", "nope"], "no database named \"nope\"");
-    assert_eq!(
-        ok(&dir, &["db", "ls"]).lines().count(),
-        1,
-        "only the header"
-    );
+    let bad: [(&[&str], &str); 4] = [
+        (&["--instances", "0"], "--instances must be at least 1"),
+        (&["--size", "lots"], "invalid --size \"lots\""),
+        (&["--size", "1MiB"], "too small"),
+        (
+            &["--instances", "1", "--sync"],
+            "--sync needs at least 2 instances",
+        ),
+    ];
+    for (flags, expected) in bad {
+        fails(cwd, &[&["db", "create", "pg"], flags].concat(), expected);
+    }
+    fails(cwd, &["db", "create", "Pg!"], "invalid database name");
+    for command in ["describe", "uri", "switchover", "rm"] {
+        fails(cwd, &["db", command, "nope"], "no database named \"nope\"");
+    }
+    assert_eq!(ok(cwd, &["db", "ls"]).lines().count(), 1, "only the header");
 
     let created = ok(
-        &dir,
+        cwd,
         &[
             "db",
             "create",
@@ -364,31 +331,27 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
     );
     assert!(created.contains("database ledger is ready"), "{created}");
     fails(
-        &dir,
+        cwd,
         &["db", "create", "ledger", "--instances", "2"],
         "already exists",
     );
     fails(
-        &dir,
+        cwd,
         &["db", "switchover", "ledger", "--to", "ledger-7"],
         "no instance",
     );
-    let uri = ok(&dir, &["db", "uri", "ledger"]).trim().to_string();
-    let ro_uri = ok(&dir, &["db", "uri", "ledger", "--ro"])
-        .trim()
-        .to_string();
+    let uri = ok(cwd, &["db", "uri", "ledger"]).trim().to_string();
+    let ro_uri = ok(cwd, &["db", "uri", "ledger", "--ro"]).trim().to_string();
     assert!(uri.starts_with("postgres://app:"), "{uri}");
     assert_ne!(uri, ro_uri);
 
-    let before = wait_for("every instance ready", || {
-        Some(describe(&dir, "ledger")).filter(Described::all_ready)
-    });
+    let before = wait_all_ready(cwd, "ledger");
     assert_eq!(before.primary, "ledger-1", "{}", before.text);
     for row in &before.rows {
         assert!(row.device.starts_with("/dev/"), "{}", before.text);
         assert!(row.lsn.contains('/'), "{}", before.text);
     }
-    let listed = ok(&dir, &["db", "ls"]);
+    let listed = ok(cwd, &["db", "ls"]);
     assert!(
         listed.contains("ledger") && listed.contains("3/3"),
         "{listed}"
@@ -403,7 +366,7 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
             point.display()
         );
     }
-    let volumes = ok(&dir, &["volume", "ls"]);
+    let volumes = ok(cwd, &["volume", "ls"]);
     assert_eq!(volumes.matches("3/3 in sync").count(), 3, "{volumes}");
 
     sql(&uri, "CREATE TABLE ledger (n bigint PRIMARY KEY)");
@@ -430,7 +393,7 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
     });
     let failover_time = killed_at.elapsed();
     writer.wait_for_more(100);
-    let after = describe(&dir, "ledger");
+    let after = describe(cwd, "ledger");
     assert_ne!(after.primary, old, "{}", after.text);
     assert_eq!(after.row(&after.primary).role, "primary", "{}", after.text);
     assert!(after.text.contains("Failovers:   1"), "{}", after.text);
@@ -443,21 +406,20 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
     );
 
     // The lost instance comes back as a replica of the new primary (pg_rewind).
-    let rejoined = wait_for("the old primary to rejoin as a replica", || {
-        Some(describe(&dir, "ledger")).filter(Described::all_ready)
-    });
+    // The lost instance is back once all are ready again.
+    let rejoined = wait_all_ready(cwd, "ledger");
     assert_eq!(rejoined.row(&old).role, "replica", "{}", rejoined.text);
     assert_ne!(rejoined.row(&old).pid, Some(old_manager));
 
     // Planned switchover back: nothing lost, the same URI leads to it.
-    let switched = ok(&dir, &["db", "switchover", "ledger", "--to", &old]);
+    let switched = ok(cwd, &["db", "switchover", "ledger", "--to", &old]);
     assert!(
         switched.contains(&format!("{old} is the primary")),
         "{switched}"
     );
-    assert_eq!(describe(&dir, "ledger").primary, old);
+    assert_eq!(describe(cwd, "ledger").primary, old);
     fails(
-        &dir,
+        cwd,
         &["db", "switchover", "ledger", "--to", &old],
         "already the primary",
     );
@@ -470,14 +432,12 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
     assert!(!on_primary, "the read-write address reached a replica");
 
     // Removal: processes, mounts, loop devices and volumes are gone.
-    let last = wait_for("every instance ready", || {
-        Some(describe(&dir, "ledger")).filter(Described::all_ready)
-    });
+    let last = wait_all_ready(cwd, "ledger");
     let managers: Vec<u32> = last.rows.iter().filter_map(|r| r.pid).collect();
     let postmasters: Vec<u32> = (1..=3)
         .map(|i| postmaster_pid(&dir, "ledger", &format!("ledger-{i}")))
         .collect();
-    let removed = ok(&dir, &["db", "rm", "ledger"]);
+    let removed = ok(cwd, &["db", "rm", "ledger"]);
     assert!(removed.contains("deleted database ledger"), "{removed}");
     for pid in managers.iter().chain(&postmasters) {
         assert!(process_gone(*pid), "process {pid} outlived strata db rm");
@@ -490,13 +450,13 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
     let loops = Command::new("losetup").arg("-a").output().unwrap();
     let loops = String::from_utf8_lossy(&loops.stdout);
     assert!(!loops.contains(&dir.display().to_string()), "{loops}");
-    assert!(!ok(&dir, &["volume", "ls"]).contains("db-ledger"));
-    assert_eq!(ok(&dir, &["db", "ls"]).lines().count(), 1);
-    fails(&dir, &["db", "describe", "ledger"], "no database named");
+    assert!(!ok(cwd, &["volume", "ls"]).contains("db-ledger"));
+    assert_eq!(ok(cwd, &["db", "ls"]).lines().count(), 1);
+    fails(cwd, &["db", "describe", "ledger"], "no database named");
 
     up.interrupt();
     fails(
-        &dir,
+        cwd,
         &["db", "create", "pg", "--instances", "2"],
         "strata up is not running",
     );

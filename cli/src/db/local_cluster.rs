@@ -293,6 +293,15 @@ impl LocalCluster {
         self.instances.iter_mut().find(|i| i.name() == name)
     }
 
+    /// The last reports of the running instances.
+    fn reports(&self) -> Vec<InstanceReport> {
+        self.instances
+            .iter()
+            .filter(|i| i.is_running())
+            .filter_map(|i| i.report.clone())
+            .collect()
+    }
+
     fn primary_instance(&self) -> Option<&LocalInstance> {
         self.primary.as_deref().and_then(|p| self.instance(p))
     }
@@ -382,12 +391,7 @@ impl LocalCluster {
             }
             return Ok(());
         };
-        let reports: Vec<InstanceReport> = self
-            .instances
-            .iter()
-            .filter(|i| i.is_running())
-            .filter_map(|i| i.report.clone())
-            .collect();
+        let reports = self.reports();
         let resolution = resolve_primary(&reports, Some(&recorded));
         for name in &resolution.fence {
             eprintln!(
@@ -536,12 +540,7 @@ impl LocalCluster {
                 name.to_string()
             }
             None => {
-                let reports: Vec<InstanceReport> = self
-                    .instances
-                    .iter()
-                    .filter(|i| i.is_running())
-                    .filter_map(|i| i.report.clone())
-                    .collect();
+                let reports = self.reports();
                 choose_promotion(&reports, &old_name)
                     .map(|r| r.name.clone())
                     .context("no ready replica to switch over to")?

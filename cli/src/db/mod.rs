@@ -134,9 +134,16 @@ fn validate_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_local_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
+/// `count` distinct loopback ports that are free now (all held at once, so
+/// none is handed out twice).
+fn free_local_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 /// Checks the request and lays the cluster out: instance names, volumes,
@@ -174,25 +181,26 @@ fn plan(
     if sync && instances < 2 {
         bail!("--sync needs at least 2 instances (a replica to confirm each commit)");
     }
-    let instances = (1..=instances as usize)
-        .map(|i| {
-            Ok(InstanceSpec {
-                name: format!("{name}-{i}"),
-                volume: format!("db-{name}-{i}"),
-                node: cluster.nodes[(i - 1) % nodes].name.clone(),
-                pg_port: free_local_port()?,
-                api_port: free_local_port()?,
-            })
+    let count = instances as usize;
+    // Per instance a PostgreSQL and an API port; then the two stable addresses.
+    let ports = free_local_ports(2 * count + 2)?;
+    let instances = (1..=count)
+        .map(|i| InstanceSpec {
+            name: format!("{name}-{i}"),
+            volume: format!("db-{name}-{i}"),
+            node: cluster.nodes[(i - 1) % nodes].name.clone(),
+            pg_port: ports[2 * (i - 1)],
+            api_port: ports[2 * (i - 1) + 1],
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect();
     Ok(DbSpec {
         name: name.to_string(),
         size_bytes: size,
         volume_replicas,
         sync_replicas: u32::from(sync),
         instances,
-        rw_port: free_local_port()?,
-        ro_port: free_local_port()?,
+        rw_port: ports[2 * count],
+        ro_port: ports[2 * count + 1],
         superuser_password: generate_password(),
         replication_password: generate_password(),
         app_password: generate_password(),
@@ -436,4 +444,66 @@ async fn remove(dir: &Path, name: &str) -> anyhow::Result<()> {
     }
     println!("deleted database {name} and its volumes");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_node::cluster::NodeEntry;
+
+    fn cluster(nodes: usize) -> ClusterFile {
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        ClusterFile {
+            supervisor_pid: None,
+            nodes: (1..=nodes)
+                .map(|i| NodeEntry {
+                    name: format!("node-{i}"),
+                    zone: "zone-a".into(),
+                    grpc: addr,
+                    nbd: addr,
+                    http: addr,
+                    replication: None,
+                    pool: format!("/p{i}").into(),
+                    pid: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_plan_spreads_instances_over_nodes_with_distinct_ports() {
+        let spec = plan(&cluster(2), "orders", 3, "1GiB", true, None).unwrap();
+        let nodes: Vec<&str> = spec.instances.iter().map(|i| i.node.as_str()).collect();
+        assert_eq!(nodes, ["node-1", "node-2", "node-1"]);
+        assert_eq!(spec.volume_replicas, 2);
+        assert_eq!(spec.sync_replicas, 1);
+        assert_eq!(spec.instances[2].volume, "db-orders-3");
+        let mut ports: Vec<u16> = spec
+            .instances
+            .iter()
+            .flat_map(|i| [i.pg_port, i.api_port])
+            .chain([spec.rw_port, spec.ro_port])
+            .collect();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), 8);
+        assert!(spec
+            .uri(false)
+            .ends_with(&format!("@127.0.0.1:{}/app", spec.rw_port)));
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_the_reason() {
+        let c = cluster(3);
+        let err = |r: anyhow::Result<DbSpec>| r.unwrap_err().to_string();
+        assert!(err(plan(&c, "x", 0, "1GiB", false, None)).contains("--instances"));
+        assert!(err(plan(&c, "x", 1, "big", false, None)).contains("invalid --size"));
+        assert!(err(plan(&c, "x", 1, "1MiB", false, None)).contains("too small"));
+        assert!(err(plan(&c, "x", 1, "1GiB", true, None)).contains("--sync"));
+        assert!(err(plan(&c, "x", 1, "1GiB", false, Some(4))).contains("--volume-replicas"));
+        for name in ["", "Upper", "1st", "a_b", "trailing-", &"a".repeat(41)] {
+            assert!(err(plan(&c, name, 1, "1GiB", false, None)).contains("invalid database name"));
+        }
+        assert!(plan(&c, "a-1", 1, "1GiB", false, None).is_ok());
+    }
 }

@@ -5,7 +5,6 @@
 //! so a SIGKILLed instance manager is a lost instance, as a dead Pod is.
 
 use std::fs::OpenOptions;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -79,25 +78,8 @@ pub fn spawn(
         // PostgreSQL refuses to run as root.
         command.args(["--run-as", "postgres"]);
     }
-    let supervisor = std::process::id();
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || {
-            // Its own process group: a Ctrl-C in the terminal of `strata up`
-            // reaches only `strata up`, which stops the instances before the
-            // storage nodes under their volumes.
-            libc::setpgid(0, 0);
-            // An instance must not outlive `strata up`, even a SIGKILLed one.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != supervisor {
-                return Err(std::io::Error::other("strata up exited"));
-            }
-            Ok(())
-        })
-    };
+    // Dies with `strata up`; a Ctrl-C in its terminal reaches only `strata up`.
+    crate::up::supervised_child(&mut command);
     command
         .spawn()
         .with_context(|| format!("starting {} ({})", instance.name, bin.display()))

@@ -93,3 +93,87 @@ async fn forward(
         _ = still_listed => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A backend that answers every connection with its own name, then echoes.
+    async fn named_backend(name: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = stream.write_all(name.as_bytes()).await;
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn free_addr() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    async fn greeting(stream: &mut TcpStream) -> String {
+        let mut buf = [0u8; 1];
+        stream.read_exact(&mut buf).await.unwrap();
+        String::from_utf8(buf.to_vec()).unwrap()
+    }
+
+    /// Reads until EOF or error: true when the proxy closed the connection.
+    async fn closed(stream: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    #[tokio::test]
+    async fn connections_follow_the_backend_and_leave_a_replaced_one() {
+        let (a, b) = (named_backend("a").await, named_backend("b").await);
+        let listen = free_addr().await;
+        let proxy = Proxy::start(listen).await.unwrap();
+
+        // No backend: a connection is closed at once.
+        let mut none = TcpStream::connect(listen).await.unwrap();
+        assert!(closed(&mut none).await);
+
+        proxy.set_backends(vec![a]);
+        let mut to_a = TcpStream::connect(listen).await.unwrap();
+        assert_eq!(greeting(&mut to_a).await, "a");
+        to_a.write_all(b"xyz").await.unwrap();
+        let mut echo = [0u8; 3];
+        to_a.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"xyz");
+
+        // The primary moves: the old connection is cut, new ones reach b.
+        proxy.set_backends(vec![b]);
+        assert!(closed(&mut to_a).await);
+        let mut to_b = TcpStream::connect(listen).await.unwrap();
+        assert_eq!(greeting(&mut to_b).await, "b");
+
+        // Read-only address: new connections take the backends in turn,
+        // and a connection to a backend that stays listed is kept.
+        proxy.set_backends(vec![b, a]);
+        let mut names = Vec::new();
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(listen).await.unwrap();
+            names.push(greeting(&mut c).await);
+        }
+        names.sort();
+        assert_eq!(names, ["a", "b"]);
+        to_b.write_all(b"k").await.unwrap();
+        let mut one = [0u8; 1];
+        to_b.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"k");
+    }
+}
