@@ -56,6 +56,12 @@ struct LocalInstance {
     /// Promotion and demotion wait for postgres.
     api: InstanceClient,
     volume: Option<MountedVolume>,
+    /// The volume of an instance manager that exited, to be attached anew
+    /// before the instance starts again: its target may have died with a
+    /// storage node, leaving a device that only answers I/O errors.
+    stale_volume: Option<MountedVolume>,
+    /// A detach of the stale volume failed already (said once, retried quietly).
+    detach_retrying: bool,
     process: Option<Child>,
     /// Not started again before this instant.
     restart_at: Option<Instant>,
@@ -75,6 +81,8 @@ impl LocalInstance {
             api: InstanceClient::new(base),
             spec,
             volume: None,
+            stale_volume: None,
+            detach_retrying: false,
             process: None,
             restart_at: None,
             starts: 0,
@@ -146,6 +154,7 @@ impl LocalInstance {
         if let Some(mut child) = self.process.take() {
             process::kill(&mut child);
             self.restart_at = Some(Instant::now() + RESTART_DELAY);
+            self.stale_volume = self.volume.take();
         }
         self.report = None;
     }
@@ -307,10 +316,11 @@ impl LocalCluster {
     }
 
     async fn reconcile(&mut self) -> anyhow::Result<()> {
-        self.mount_volumes().await?;
+        // A lost primary is replaced before anything slower (attaching volumes).
         self.reap_exited()?;
         self.poll().await;
         self.keep_a_primary().await?;
+        self.mount_volumes().await?;
         self.start_replicas()?;
         self.update_proxies();
         if let Some(request) =
@@ -333,7 +343,36 @@ impl LocalCluster {
 
     /// Volumes first: an instance starts only on its mounted volume.
     async fn mount_volumes(&mut self) -> anyhow::Result<()> {
-        for instance in self.instances.iter_mut().filter(|i| i.volume.is_none()) {
+        for instance in &mut self.instances {
+            if let Some(stale) = &instance.stale_volume {
+                // Busy while the lost postgres's last processes exit: next tick.
+                match storage::unmount_and_detach(
+                    &self.attacher,
+                    &self.db,
+                    &instance.spec.name,
+                    stale,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        instance.stale_volume = None;
+                        instance.detach_retrying = false;
+                    }
+                    Err(err) => {
+                        if !instance.detach_retrying {
+                            eprintln!("db {}: {err:#}; retrying", self.spec.name);
+                            instance.detach_retrying = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+        }
+        let unmounted = self
+            .instances
+            .iter_mut()
+            .filter(|i| i.volume.is_none() && i.stale_volume.is_none());
+        for instance in unmounted {
             storage::ensure_volume(&self.cluster, &self.spec, &instance.spec).await?;
             let volume =
                 storage::attach_and_mount(&self.cluster, &self.attacher, &self.db, &instance.spec)
@@ -363,6 +402,7 @@ impl LocalCluster {
                 instance.process = None;
                 instance.report = None;
                 instance.restart_at = Some(Instant::now() + RESTART_DELAY);
+                instance.stale_volume = instance.volume.take();
             }
         }
         Ok(())
@@ -590,7 +630,10 @@ impl LocalCluster {
                 }
             }
             instance.report = None;
-            if let Some(volume) = instance.volume.take() {
+            for volume in [instance.volume.take(), instance.stale_volume.take()]
+                .into_iter()
+                .flatten()
+            {
                 if let Err(err) = storage::unmount_and_detach(
                     &self.attacher,
                     &self.db,
@@ -661,7 +704,7 @@ impl LocalCluster {
                 let replayed = report.and_then(|r| r.replayed_lsn);
                 InstanceStatus {
                     name: i.spec.name.clone(),
-                    node: i.spec.node.clone(),
+                    node: i.volume.as_ref().map_or(&i.spec.node, |v| &v.node).clone(),
                     role: report.map(|r| r.role),
                     ready: report.is_some_and(|r| r.ready),
                     streaming: report.is_some_and(|r| r.streaming),

@@ -369,7 +369,7 @@ fn describe(dir: &Path, name: &str) -> anyhow::Result<()> {
             } else {
                 "no"
             },
-            instance.node,
+            observed.map_or(&instance.node, |i| &i.node),
             observed
                 .and_then(|i| i.pid)
                 .map_or_else(dash, |p| p.to_string()),

@@ -22,6 +22,8 @@ const FS_TYPE: &str = "ext4";
 pub struct MountedVolume {
     pub attachment: Attachment,
     pub mount_point: PathBuf,
+    /// The storage node whose target serves it.
+    pub node: String,
 }
 
 impl MountedVolume {
@@ -77,7 +79,7 @@ pub async fn attach_and_mount(
     // connection that is gone serve only I/O errors.
     detach_recorded(attacher, db, &instance.name).await?;
     mount::unmount(&mount_point).await?;
-    let (_, target) = match volumes::open_target(cluster, &instance.volume, Some(&instance.node))
+    let (node, target) = match volumes::open_target(cluster, &instance.volume, Some(&instance.node))
         .await
     {
         Ok(opened) => opened,
@@ -103,6 +105,7 @@ pub async fn attach_and_mount(
     Ok(MountedVolume {
         attachment,
         mount_point,
+        node: node.name,
     })
 }
 
@@ -119,12 +122,25 @@ pub async fn unmount_and_detach(
     Ok(())
 }
 
-/// Deletes the instance's volume from the storage nodes; gone already is fine.
+/// Deletes the instance's volume from the storage nodes; gone already is
+/// fine. While a node holding one of its replicas is down nothing is
+/// deleted (it would stay behind on that node, unseen), and the caller retries.
 pub async fn delete_volume(cluster: &ClusterFile, volume: &str) -> anyhow::Result<()> {
-    match volumes::delete(cluster, volume).await {
-        Ok(()) | Err(VolumeError::NotFound(_)) => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("deleting volume {volume}")),
+    let report = match volumes::get(cluster, volume).await {
+        Ok(report) => report,
+        Err(VolumeError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("deleting volume {volume}")),
+    };
+    if !report.missing.is_empty() {
+        let nodes: Vec<&str> = report.missing.iter().map(|m| m.node.as_str()).collect();
+        anyhow::bail!(
+            "volume {volume} has replicas on {}, which do not answer; waiting for them",
+            nodes.join(", ")
+        );
     }
+    volumes::delete(cluster, volume)
+        .await
+        .with_context(|| format!("deleting volume {volume}"))
 }
 
 /// Takes down the attachment recorded for `instance`, if any.
