@@ -40,6 +40,8 @@ struct Row {
     name: String,
     role: String,
     ready: bool,
+    /// The storage node serving the instance's volume.
+    node: String,
     pid: Option<u32>,
     lsn: String,
     device: String,
@@ -85,6 +87,7 @@ fn describe(cwd: &Path, name: &str) -> Described {
                 name: f[0].to_string(),
                 role: f[1].to_string(),
                 ready: f[2] == "yes",
+                node: f[3].to_string(),
                 pid: f[4].parse().ok(),
                 lsn: f[6].to_string(),
                 device: f[f.len() - 1].to_string(),
@@ -102,6 +105,13 @@ fn wait_all_ready(cwd: &Path, name: &str) -> Described {
     wait_for("every instance ready", || {
         Some(describe(cwd, name)).filter(Described::all_ready)
     })
+}
+
+/// `ledger`: three instances, synchronous replication, 512 MiB volumes.
+fn create_ledger_cluster(cwd: &Path) {
+    let args = "db create ledger --instances 3 --sync --size 512MiB";
+    let created = ok(cwd, &args.split(' ').collect::<Vec<_>>());
+    assert!(created.contains("database ledger is ready"), "{created}");
 }
 
 fn process_gone(pid: u32) -> bool {
@@ -316,20 +326,7 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
     }
     assert_eq!(ok(cwd, &["db", "ls"]).lines().count(), 1, "only the header");
 
-    let created = ok(
-        cwd,
-        &[
-            "db",
-            "create",
-            "ledger",
-            "--instances",
-            "3",
-            "--sync",
-            "--size",
-            "512MiB",
-        ],
-    );
-    assert!(created.contains("database ledger is ready"), "{created}");
+    create_ledger_cluster(cwd);
     fails(
         cwd,
         &["db", "create", "ledger", "--instances", "2"],
@@ -460,4 +457,43 @@ fn local_cluster_fails_over_without_losing_acknowledged_commits() {
         &["db", "create", "pg", "--instances", "2"],
         "strata up is not running",
     );
+}
+
+/// The storage node serving the primary's volume dies (and stays down): the
+/// primary's postgres sees I/O errors and its instance manager exits, a
+/// replica is promoted, and the lost instance comes back on its volume
+/// attached anew through a target on another node. No acknowledged commit is lost.
+#[test]
+fn local_cluster_survives_the_loss_of_the_primarys_storage_node() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let up = Up::start(cwd);
+    create_ledger_cluster(cwd);
+    let before = wait_all_ready(cwd, "ledger");
+    let primary = before.row(&before.primary).clone();
+    let uri = ok(cwd, &["db", "uri", "ledger"]).trim().to_string();
+    sql(&uri, "CREATE TABLE ledger (n bigint PRIMARY KEY)");
+    let writer = LedgerWriter::start(uri.clone(), 1);
+    writer.wait_for_more(100);
+
+    ok(cwd, &["node", "stop", &primary.node, "--kill"]);
+    let after = wait_for("another primary", || {
+        Some(describe(cwd, "ledger")).filter(|d| d.primary != primary.name)
+    });
+    writer.wait_for_more(100);
+    let acknowledged = writer.finish();
+    assert_ledger_complete(&uri, &acknowledged);
+    assert_eq!(after.row(&after.primary).role, "primary", "{}", after.text);
+
+    let back = wait_all_ready(cwd, "ledger");
+    let lost = back.row(&primary.name);
+    assert_eq!(lost.role, "replica", "{}", back.text);
+    assert_ne!(lost.node, primary.node, "{}", back.text);
+
+    ok(cwd, &["node", "start", &primary.node]);
+    ok(cwd, &["db", "rm", "ledger"]);
+    assert!(!ok(cwd, &["volume", "ls"]).contains("db-ledger"));
+    up.interrupt();
 }
