@@ -47,6 +47,8 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Failed reconciles in a row after which a cluster being created is failed;
 /// fewer are retried quietly (a node restarting, a slow attach).
 const FAILURES_BEFORE_FAILED: u32 = 5;
+/// Failed starts of instance managers after which a cluster being created is failed.
+const FAILED_STARTS_BEFORE_FAILED: u32 = 3;
 
 struct LocalInstance {
     spec: InstanceSpec,
@@ -179,6 +181,10 @@ pub struct LocalCluster {
     /// Reconciles in a row that failed: a new cluster whose creation keeps
     /// failing (no room for its volumes...) is reported failed.
     failures: u32,
+    /// Instance managers that failed while the cluster was being created,
+    /// and why the last one did: three of them fail the creation.
+    creation_exits: u32,
+    creation_error: Option<String>,
 }
 
 /// Runs the database `name` of the local cluster in `dir` until `strata up`
@@ -290,6 +296,8 @@ impl LocalCluster {
             message: None,
             created,
             failures: 0,
+            creation_exits: 0,
+            creation_error: None,
             spec,
         })
     }
@@ -395,10 +403,19 @@ impl LocalCluster {
                 continue;
             };
             if let Some(status) = child.try_wait()? {
+                let reason = process::exit_reason(&instance.dir)
+                    .filter(|_| !status.success())
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
                 eprintln!(
-                    "db {}: instance manager of {} exited ({status})",
+                    "db {}: instance manager of {} exited ({status}){reason}",
                     self.spec.name, instance.spec.name
                 );
+                if !self.created && !status.success() {
+                    self.creation_exits += 1;
+                    self.creation_error =
+                        Some(format!("{} exited ({status}){reason}", instance.spec.name));
+                }
                 instance.process = None;
                 instance.report = None;
                 instance.restart_at = Some(Instant::now() + RESTART_DELAY);
@@ -682,7 +699,12 @@ impl LocalCluster {
             self.created = true;
         }
         match (self.created, primary_ready, all_ready) {
-            (false, _, _) if self.failures >= FAILURES_BEFORE_FAILED => Phase::Failed,
+            (false, _, _)
+                if self.failures >= FAILURES_BEFORE_FAILED
+                    || self.creation_exits >= FAILED_STARTS_BEFORE_FAILED =>
+            {
+                Phase::Failed
+            }
             (false, _, _) => Phase::Creating,
             (true, true, true) => Phase::Ready,
             (true, true, false) => Phase::Degraded,
@@ -726,7 +748,10 @@ impl LocalCluster {
                 phase,
                 primary: self.primary.clone(),
                 instances,
-                message: self.message.clone(),
+                message: self
+                    .message
+                    .clone()
+                    .or_else(|| self.creation_error.clone().filter(|_| !self.created)),
                 failovers: self.failovers,
                 last_switchover: self.last_switchover.clone(),
                 supervisor_pid: std::process::id(),

@@ -81,6 +81,7 @@ pub async fn run(dir: &Path, command: DbCommand) -> anyhow::Result<()> {
             timeout,
         } => {
             let cluster = running_cluster(dir)?;
+            process::check_reachable_by_postgres(dir)?;
             let spec = plan(&cluster, &name, instances, &size, sync, volume_replicas)?;
             create(dir, spec, Duration::from_secs(timeout)).await
         }

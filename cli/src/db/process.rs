@@ -140,3 +140,93 @@ fn running(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Why an instance manager failed, from the end of its log: its last
+/// `Error: ...` line and the cause under it (anyhow's report).
+pub fn exit_reason(instance_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log_path(instance_dir)).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().rposition(|l| l.starts_with("Error: "))?;
+    let mut reason = lines[at].trim_start_matches("Error: ").to_string();
+    // The first line under "Caused by:", without its number when there are several.
+    let cause = lines[at + 1..]
+        .iter()
+        .skip_while(|l| l.trim() != "Caused by:")
+        .nth(1)
+        .map(|l| {
+            let l = l.trim();
+            match l.split_once(": ") {
+                Some((n, rest)) if n.parse::<u32>().is_ok() => rest,
+                _ => l,
+            }
+        });
+    if let Some(cause) = cause {
+        reason = format!("{reason}: {cause}");
+    }
+    Some(reason)
+}
+
+/// Searchable by others: PostgreSQL runs as `postgres` when `strata up`
+/// runs as root, and must reach its data and socket folders under DIR.
+pub fn check_reachable_by_postgres(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let dir = dir.canonicalize()?;
+    for folder in dir.ancestors() {
+        let mode = std::fs::metadata(folder)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            anyhow::bail!(
+                "PostgreSQL runs as the postgres user and cannot reach {}: {} is not \
+                 searchable by others (chmod o+x {}, or use a --dir elsewhere)",
+                dir.display(),
+                folder.display(),
+                folder.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_reason_of_a_failed_start_comes_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            log_path(dir.path()),
+            "INFO initdb\nError: bootstrap\n\nCaused by:\n    initdb failed (exit status: 1): \
+             Permission denied\n\nStack backtrace:\n   0: x\n",
+        )
+        .unwrap();
+        assert_eq!(
+            exit_reason(dir.path()).unwrap(),
+            "bootstrap: initdb failed (exit status: 1): Permission denied"
+        );
+        std::fs::write(log_path(dir.path()), "Error: binding the API\n").unwrap();
+        assert_eq!(exit_reason(dir.path()).unwrap(), "binding the API");
+        std::fs::write(log_path(dir.path()), "fine\n").unwrap();
+        assert_eq!(exit_reason(dir.path()), None);
+    }
+
+    #[test]
+    fn a_folder_postgres_cannot_reach_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // PostgreSQL runs as the invoking user: nothing to check.
+        }
+        let outer = tempfile::tempdir().unwrap();
+        let dir = outer.path().join("strata");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = check_reachable_by_postgres(&dir).unwrap_err().to_string();
+        assert!(err.contains("not searchable by others"), "{err}");
+        std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_reachable_by_postgres(&dir).unwrap();
+    }
+}
