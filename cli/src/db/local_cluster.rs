@@ -513,6 +513,10 @@ impl LocalCluster {
                     "db {}: primary {lost} lost; promoted {} (timeline {:?})",
                     self.spec.name, outcome.promoted, outcome.promoted_report.timeline
                 );
+                // Its answer is its new report: the read-write address moves now.
+                if let Some(promoted) = self.instance_mut(&outcome.promoted) {
+                    promoted.report = Some(outcome.promoted_report.clone());
+                }
                 self.primary = Some(outcome.promoted);
                 self.failovers += 1;
                 self.watch.reset();
