@@ -242,7 +242,7 @@ async fn create(dir: &Path, spec: DbSpec, timeout: Duration) -> anyhow::Result<(
                 spec.name
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_a_little(dir).await?;
     }
     println!(
         "database {} is ready: {} instance{}, primary {}",
@@ -256,6 +256,12 @@ async fn create(dir: &Path, spec: DbSpec, timeout: Duration) -> anyhow::Result<(
         println!("read-only:  {}", spec.uri(true));
     }
     Ok(())
+}
+
+/// A pause in a wait for `strata up`'s controller, which must still run.
+async fn wait_a_little(dir: &Path) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    running_cluster(dir).map(|_| ())
 }
 
 /// The status, or why there is none to trust.
@@ -426,7 +432,7 @@ async fn switchover(dir: &Path, name: &str, to: Option<String>) -> anyhow::Resul
             let _ = std::fs::remove_file(db.switchover_path());
             bail!("switchover of {name} did not finish within 120 s");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_a_little(dir).await?;
     }
 }
 
@@ -441,7 +447,7 @@ async fn remove(dir: &Path, name: &str) -> anyhow::Result<()> {
             let message = db.status()?.and_then(|s| s.message).unwrap_or_default();
             bail!("database {name} was not removed within 180 s: {message}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_a_little(dir).await?;
     }
     println!("deleted database {name} and its volumes");
     Ok(())
