@@ -32,6 +32,8 @@
 #   SCALE                pgbench scale factor (x 16 MB) [10]
 #   VOL_SIZE             size of the Strata volume [2GiB]
 #   POOL_SIZE            size of each node's pool file [4GiB]
+#   PREALLOCATE          1: zero-fill the pool files first (strata up --preallocate),
+#                        as a raw device would behave; costs 3 x POOL_SIZE of disk [1]
 #   STRATA_BIN           use this strata instead of building one
 #   STRATA_INSTANCE_BIN  use this strata-instance instead of building one
 #   BENCH_TMPDIR         where the temp dir goes [$TMPDIR or /tmp]; not tmpfs
@@ -49,6 +51,7 @@ CLIENTS=${CLIENTS:-4}
 SCALE=${SCALE:-10}
 VOL_SIZE=${VOL_SIZE:-2GiB}
 POOL_SIZE=${POOL_SIZE:-4GiB}
+PREALLOCATE=${PREALLOCATE:-1}
 
 TMP=""
 UP_PID=""
@@ -101,12 +104,14 @@ TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/strata-pgbench.XXXXXX")
 chmod 755 "$TMP"
 DIR="$TMP/strata"
 
-echo "starting strata up (3 nodes, ${POOL_SIZE} preallocated pools)..."
-"$STRATA_BIN" --dir "$DIR" up --pool-size "$POOL_SIZE" --preallocate >"$TMP/up.log" 2>&1 &
+UP_FLAGS=(--pool-size "$POOL_SIZE")
+[[ "$PREALLOCATE" == 1 ]] && UP_FLAGS+=(--preallocate)
+echo "starting strata up (3 nodes, ${POOL_SIZE} pools, preallocate=$PREALLOCATE)..."
+"$STRATA_BIN" --dir "$DIR" up "${UP_FLAGS[@]}" >"$TMP/up.log" 2>&1 &
 UP_PID=$!
 for _ in $(seq 1 600); do
     grep -q "Press Ctrl-C to stop." "$TMP/up.log" 2>/dev/null && break
-    kill -0 "$UP_PID" 2>/dev/null || fail "strata up exited"
+    kill -0 "$UP_PID" 2>/dev/null || fail "strata up exited (disk space for the pools?)"
     sleep 0.5
 done
 grep -q "Press Ctrl-C to stop." "$TMP/up.log" || fail "strata up did not start"
@@ -160,7 +165,8 @@ TPS_LOCAL=$(measure "$LOCAL_PORT" local)
 TPS_STRATA=$(measure "$STRATA_PORT" strata)
 
 echo
-echo "pgbench (scale $SCALE, $CLIENTS clients, ${DURATION}s, prepared), PostgreSQL 15, one run"
+echo "pgbench (scale $SCALE, $CLIENTS clients, ${DURATION}s, prepared), PostgreSQL 15, one run," \
+    "pools preallocated: $PREALLOCATE"
 printf '%-36s %10s\n' "data directory on" "TPS"
 printf '%-36s %10.0f\n' "local directory" "$TPS_LOCAL"
 printf '%-36s %10.0f\n' "Strata volume, 3 replicas" "$TPS_STRATA"
