@@ -1,6 +1,7 @@
 //! strata: the admin CLI of Strata, and `strata up`, the whole system on one machine.
 
 use strata_node::cluster;
+mod db;
 mod node;
 mod snapshot;
 mod up;
@@ -37,6 +38,9 @@ enum Command {
     /// Snapshots of volumes.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Managed PostgreSQL on Strata volumes, run by `strata up`.
+    #[command(subcommand)]
+    Db(db::DbCommand),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cluster = cluster::ClusterFile::load(&cli.dir)?;
             node::start(&cli.dir, &cluster, &name).await
         }
+        Command::Db(command) => db::run(&cli.dir, command).await,
         Command::Node(NodeCommand::Serve(_)) => unreachable!("handled in main"),
         Command::Snapshot(command) => {
             let cluster = cluster::ClusterFile::load(&cli.dir)?;

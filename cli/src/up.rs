@@ -5,6 +5,10 @@
 //! foreground. A node that dies is started again after a short delay, as
 //! Kubernetes would restart its Pod. Ctrl-C (or SIGTERM) stops every node
 //! cleanly. Running it again on the same DIR reopens the same pools.
+//!
+//! It also runs the local database controller (`strata db`): the
+//! PostgreSQL clusters recorded in DIR/db run under it, and stop (instances
+//! first, then their volumes detached) before the nodes do.
 
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
 
+use crate::db::controller::DbController;
 use strata_node::cluster::client;
 use strata_node::cluster::{process_alive, ClusterFile, NodeEntry};
 
@@ -134,6 +139,7 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         return Err(err);
     }
     print_endpoints(&dir, &nodes).await;
+    let databases = DbController::start(dir.clone());
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -147,6 +153,8 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // Databases first: their volumes live on the nodes.
+    databases.stop().await;
     println!("stopping {} nodes...", nodes.len());
     stop_all(&mut nodes);
     clear(&dir, &mut nodes)?;
@@ -195,23 +203,7 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let supervisor = std::process::id();
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || {
-            // A node must not outlive `strata up`, even when it is killed
-            // with SIGKILL and cannot stop the nodes itself.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // It may have died before the line above took effect.
-            if libc::getppid() as u32 != supervisor {
-                return Err(std::io::Error::other("strata up exited"));
-            }
-            Ok(())
-        })
-    };
+    supervised_child(&mut command);
     let child = command
         .spawn()
         .with_context(|| format!("starting {}", e.name))?;
@@ -289,6 +281,30 @@ fn supervise(nodes: &mut [RunningNode], dir: &Path, args: &UpArgs) -> anyhow::Re
         }
     }
     Ok(changed)
+}
+
+/// Makes `command` a child that dies with `strata up` (SIGTERM when it
+/// exits, even by SIGKILL) in a process group of its own, so that a Ctrl-C
+/// in the terminal reaches only `strata up`, which stops the databases
+/// before the nodes under their volumes. Must be spawned from the main
+/// thread: PR_SET_PDEATHSIG fires when the forking *thread* exits.
+pub fn supervised_child(command: &mut Command) {
+    let supervisor = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setpgid(0, 0);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // `strata up` may have died before the line above took effect.
+            if libc::getppid() as u32 != supervisor {
+                return Err(std::io::Error::other("strata up exited"));
+            }
+            Ok(())
+        })
+    };
 }
 
 /// While this file exists in a node's directory, `strata up` does not
