@@ -6,7 +6,8 @@
 //! snapshot, staged on the other node, has the old content; a three-replica volume whose target moves to
 //! another node when the storage node under it goes down; and a restart
 //! test: the plugin is SIGKILLed between calls and every retried call
-//! succeeds without attaching anything twice.
+//! succeeds without attaching anything twice; and an xfs volume, formatted
+//! once, kept across stages and grown with xfs_growfs.
 //!
 //! CSI node ids are storage node names: each node plugin here is named
 //! after the storage node on "its machine".
@@ -792,4 +793,130 @@ async fn calls_retried_after_the_plugin_is_killed_succeed_and_repeat_nothing() {
         })
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn an_xfs_volume_is_formatted_kept_across_stages_and_grown() {
+    let cluster = StorageCluster::start(&[("node-a", "zone-a")], "1GiB");
+    let work = tempfile::tempdir().unwrap();
+    let _cleanup = HostCleanup {
+        root: work.path().to_path_buf(),
+    };
+    let root = work.path();
+    let dir = cluster.path().to_string_lossy().to_string();
+    let controller =
+        CsiProcess::start(root, "controller", &["--mode", "controller", "--dir", &dir]);
+    let state = root.join("node-a/state").to_string_lossy().to_string();
+    let worker = CsiProcess::start(
+        root,
+        "node-a",
+        &[
+            "--mode",
+            "node",
+            "--node-id",
+            "node-a",
+            "--zone",
+            "zone-a",
+            "--state-dir",
+            &state,
+        ],
+    );
+    let mut c = controller.controller().await;
+    let mut n = worker.node().await;
+    let xfs = mount_capability("xfs");
+    // mkfs.xfs wants at least 300 MB.
+    let id = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-xfs".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 320 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![xfs.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = root.join("node-a/staging");
+    let target = root.join("node-a/pods/p1/mount");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let stage = |context: &HashMap<String, String>| NodeStageVolumeRequest {
+        volume_capability: Some(xfs.clone()),
+        ..stage_request(&id, &staging, context)
+    };
+    let publish = NodePublishVolumeRequest {
+        volume_capability: Some(xfs.clone()),
+        ..publish_request(&id, &staging, &target, false)
+    };
+    let unstage = NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    };
+    let unpublish = NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.to_string_lossy().into(),
+    };
+
+    // Formatted xfs when blank; a file written.
+    let context = publish_to(&mut c, &id, "node-a").await;
+    n.node_stage_volume(stage(&context)).await.unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let staged = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(staging.to_str().unwrap()))
+        .expect("staged");
+    assert_eq!(staged.split(' ').nth(2), Some("xfs"), "{staged}");
+    n.node_publish_volume(publish.clone()).await.unwrap();
+    std::fs::write(target.join("hello.txt"), b"on xfs\n").unwrap();
+    let size_before = bytes_total(&mut n, &id, &target).await;
+    n.node_unpublish_volume(unpublish.clone()).await.unwrap();
+    n.node_unstage_volume(unstage.clone()).await.unwrap();
+    unpublish_from(&mut c, &id, "node-a").await;
+
+    // Grown while detached; staged again, the file is there (not formatted
+    // over), and NodeExpandVolume grows the filesystem with xfs_growfs.
+    c.controller_expand_volume(ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 448 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(xfs.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let context = publish_to(&mut c, &id, "node-a").await;
+    n.node_stage_volume(stage(&context)).await.unwrap();
+    n.node_publish_volume(publish.clone()).await.unwrap();
+    assert_eq!(
+        std::fs::read(target.join("hello.txt")).unwrap(),
+        b"on xfs\n"
+    );
+    n.node_expand_volume(NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: target.to_string_lossy().into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 448 * MIB,
+            limit_bytes: 0,
+        }),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(xfs.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let size_after = bytes_total(&mut n, &id, &target).await;
+    assert!(
+        size_after > size_before + 100 * MIB,
+        "{size_before} -> {size_after}"
+    );
+    n.node_unpublish_volume(unpublish).await.unwrap();
+    n.node_unstage_volume(unstage).await.unwrap();
+    unpublish_from(&mut c, &id, "node-a").await;
 }
