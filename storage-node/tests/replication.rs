@@ -259,15 +259,7 @@ async fn acknowledged_writes_survive_target_failover_20_times() {
 #[test]
 fn a_partition_keeps_io_on_the_majority_fails_it_on_a_minority_and_heals() {
     let lab = NetLab::new(3);
-    lab.enter_client();
-    // Built on this thread after entering the client namespace, so its
-    // workers, and the clients they start, are in it too.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(partition_and_heal(&lab));
+    lab.run(partition_and_heal(&lab));
 }
 
 async fn partition_and_heal(lab: &NetLab) {
@@ -337,6 +329,88 @@ async fn partition_and_heal(lab: &NetLab) {
     let out = fio_verify(&uri, &[FIO_REGION, "--verify_only=1"]);
     assert_fio_ok(&out);
     assert_replicas_identical(&cluster, "split").await;
+}
+
+/// node-1 serves the target and is cut off from both other nodes; the volume
+/// fails over to a target on node-2, on the majority side, as a controller
+/// that cannot reach node-1 either would do it (node-1's target is not told
+/// to close). The old target must stay fenced when the partition heals: it
+/// neither writes nor reads, and the new target keeps every write it
+/// acknowledged.
+#[test]
+fn a_target_cut_off_from_the_majority_stays_fenced_after_the_partition_heals() {
+    let lab = NetLab::new(3);
+    lab.run(failover_across_a_partition(&lab));
+}
+
+async fn failover_across_a_partition(lab: &NetLab) {
+    let cluster = TestCluster::start_in(lab, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("moved", 16 * MIB, 3).await;
+    let old_uri = cluster.export("moved", 0).await;
+    let mut old = connect(&old_uri);
+    old.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    old.write(0, &[1; 4096], true).unwrap();
+
+    lab.cut(0, 1);
+    lab.cut(0, 2);
+    let err = old.write(0, &[2; 4096], true).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The old target keeps trying to reach a majority, as it would through
+    // an outage of some seconds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let seeds: Vec<String> = report
+        .members()
+        .into_iter()
+        .map(|member| member.address)
+        .collect();
+    let opened = cluster.nodes[1]
+        .client()
+        .await
+        .open_target(strata_proto::storage::OpenTargetRequest {
+            volume: "moved".into(),
+            seeds,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut new = connect(&opened.export_uri);
+    new.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    assert!(new.read(0, 4096).unwrap() == vec![1; 4096]);
+    new.write(0, &[3; 4096], true).unwrap();
+    new.write(4096, &[3; 4096], true).unwrap();
+
+    lab.heal(0, 1);
+    lab.heal(0, 2);
+    // Long enough for the old target to reconnect and try its changes again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for attempt in 0..5 {
+        assert!(
+            old.write(0, &[4; 4096], true).is_err(),
+            "attempt {attempt}: the deposed target took a write after the partition healed:\n{}\n{}", cluster.nodes[0].log(), cluster.nodes[1].log()
+        );
+        assert!(
+            old.read(0, 4096).is_err(),
+            "attempt {attempt}: the deposed target served a read after the partition healed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        new.read(0, 4096).unwrap() == vec![3; 4096],
+        "the new target lost a write it acknowledged:\n{}",
+        cluster.nodes[0].log()
+    );
+    new.write(8192, &[5; 4096], true).unwrap_or_else(|err| {
+        panic!(
+            "the new target was deposed: {err}\n{}",
+            cluster.nodes[0].log()
+        )
+    });
+    cluster
+        .wait_in_sync("moved", 3, Duration::from_secs(60))
+        .await;
+    assert!(new.read(4096, 4096).unwrap() == vec![3; 4096]);
+    assert_replicas_identical(&cluster, "moved").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ impl NetLab {
     /// Moves the calling thread into the client namespace. Threads it starts
     /// afterwards (a tokio runtime's workers, say) and processes they spawn
     /// are in it too; other threads of the test binary are not affected.
-    pub fn enter_client(&self) {
+    fn enter_client(&self) {
         let path = format!("/var/run/netns/{}", self.client_netns());
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         // SAFETY: a valid namespace fd; setns only changes this thread.
@@ -106,6 +106,18 @@ impl NetLab {
             "setns into {path}: {}",
             std::io::Error::last_os_error()
         );
+    }
+
+    /// Runs `test` in the client namespace, on a runtime built there (its
+    /// workers, and the clients they start, are in the namespace too).
+    pub fn run<F: std::future::Future>(&self, test: F) -> F::Output {
+        self.enter_client();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(test)
     }
 
     /// Cuts the link between nodes `a` and `b`: both ends go down, so

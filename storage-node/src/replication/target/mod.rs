@@ -124,6 +124,8 @@ pub struct VolumeTarget {
     fenced: AtomicBool,
     /// The highest epoch this target asked replicas to prepare.
     max_prepared: AtomicU64,
+    /// The highest epoch this target sent a config for (round 2).
+    max_persisted: AtomicU64,
     on_epoch_change: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Set when the target is closed: background work stops.
     closed: AtomicBool,
@@ -181,6 +183,7 @@ impl VolumeTarget {
             gate: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
             max_prepared: AtomicU64::new(0),
+            max_persisted: AtomicU64::new(0),
             on_epoch_change: Mutex::new(None),
             closed: AtomicBool::new(false),
             size: AtomicU64::new(state.size),
@@ -299,6 +302,7 @@ impl VolumeTarget {
     /// Round 2 of a configuration change: `config` must be taken by a
     /// majority and by every replica it names in sync.
     async fn persist(&self, config: &Config) -> Result<(), PersistError> {
+        self.max_persisted.fetch_max(config.epoch, Ordering::AcqRel);
         let payload = serde_json::to_vec(&ConfigRecord::from(config)).expect("config serializes");
         let all: Vec<usize> = (0..self.members.len()).collect();
         let answers = self
@@ -615,6 +619,64 @@ impl VolumeTarget {
         }
     }
 
+    /// Round 1 of a change to this target's own config (shrink, grow) at
+    /// `epoch`: the members that granted it, or `None` when the target
+    /// turned out to be fenced (a replica refused, or one that granted holds
+    /// a config this target did not persist).
+    async fn prepare_own_change(&self, epoch: u64) -> Option<BTreeSet<ReplicaId>> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        if epoch > self.current().epoch + 1 {
+            // Changes of this target failed before, so its epoch may be
+            // above that of a target opened since. Reading the states
+            // changes nothing: a target that was cut off and comes back
+            // finds the newer target's config here and stops before its
+            // promise fences that target.
+            let states = self.ask(&all, |_| Request::new(Op::GetState, 0, 0)).await;
+            self.own_change_allowed(&states)?;
+        }
+        self.note_prepared(epoch);
+        let answers = self
+            .ask(&all, |_| Request::new(Op::Prepare, 0, epoch))
+            .await;
+        if answers
+            .values()
+            .any(|answer| matches!(answer, Answer::Refused(Status::Fenced, _)))
+        {
+            self.set_fenced();
+            return None;
+        }
+        self.own_change_allowed(&answers)
+    }
+
+    /// The members whose answers carry a state, if none holds a config this
+    /// target did not persist; otherwise the target is fenced.
+    fn own_change_allowed(&self, answers: &BTreeMap<usize, Answer>) -> Option<BTreeSet<ReplicaId>> {
+        let mut configs = Vec::new();
+        for (index, answer) in answers {
+            if let Answer::Done(payload) = answer {
+                match serde_json::from_slice::<StateRecord>(payload) {
+                    Ok(state) => configs.push((
+                        ReplicaId(self.members[*index].id),
+                        Config::from(&state.config),
+                    )),
+                    Err(err) => tracing::warn!(
+                        volume = %self.volume,
+                        node = %self.members[*index].node,
+                        %err,
+                        "bad replica state"
+                    ),
+                }
+            }
+        }
+        let own = self.max_persisted.load(Ordering::Acquire);
+        if let Err(deposed) = membership::check_own_change(own, &configs) {
+            tracing::error!(volume = %self.volume, %deposed, "stopping this target");
+            self.set_fenced();
+            return None;
+        }
+        Some(configs.into_iter().map(|(id, _)| id).collect())
+    }
+
     /// Drops `failed` from the in-sync set: both rounds at a new epoch.
     async fn shrink(&self, failed: &BTreeSet<ReplicaId>) -> BlockResult<()> {
         let _exclusive = self.gate.write().await;
@@ -638,24 +700,9 @@ impl VolumeTarget {
             next.epoch = next
                 .epoch
                 .max(self.max_prepared.load(Ordering::Acquire) + 1);
-            self.note_prepared(next.epoch);
-            let all: Vec<usize> = (0..self.members.len()).collect();
-            let answers = self
-                .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
-                .await;
-            let mut prepared = BTreeSet::new();
-            for (index, answer) in &answers {
-                match answer {
-                    Answer::Done(_) => {
-                        prepared.insert(ReplicaId(self.members[*index].id));
-                    }
-                    Answer::Refused(Status::Fenced, _) => {
-                        self.set_fenced();
-                        return Err(self.fenced_error());
-                    }
-                    _ => {}
-                }
-            }
+            let Some(prepared) = self.prepare_own_change(next.epoch).await else {
+                return Err(self.fenced_error());
+            };
             if !membership::quorum_reached(&next.members, &prepared) {
                 return Err(BlockError::Io(format!(
                     "volume {}: only {} of {} replicas reachable, a majority is needed",
