@@ -448,10 +448,14 @@ impl VolumeTarget {
         *self.on_epoch_change.lock().expect("listener lock") = Some(listener);
     }
 
-    /// The highest epoch this target asked for; no other target can have
-    /// opened the volume while every replica's promise is at most this.
-    pub fn max_prepared_epoch(&self) -> u64 {
-        self.max_prepared.load(Ordering::Acquire)
+    /// The highest epoch this target sent a config for. A target that
+    /// opened the volume since did so at a higher epoch, promised by a
+    /// majority, so a reopen conditional on promises at most this one sees
+    /// it. (The highest epoch this target prepared is no such bound: while
+    /// cut off, its changes prepare epochs on a minority only, which can be
+    /// above the epoch of a target opened on the majority side.)
+    pub fn max_persisted_epoch(&self) -> u64 {
+        self.max_persisted.load(Ordering::Acquire)
     }
 
     /// The replication addresses of the members.
