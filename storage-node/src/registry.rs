@@ -96,7 +96,7 @@ impl NodeRegistry {
             .filter(|t| !t.is_fenced())
             .map(|t| TargetRecord {
                 volume: t.volume().to_string(),
-                epoch: t.max_prepared_epoch(),
+                epoch: t.max_persisted_epoch(),
                 seeds: t.member_addresses(),
             })
             .collect();

@@ -1,15 +1,18 @@
-//! Replicated volumes with real storage node processes on loopback: replica
-//! loss and delta rebuild under fio, fencing of an older target, target
-//! failover with a ledger of acknowledged writes, loss of the majority, and
-//! self-healing reads of a corrupt copy.
+//! Replicated volumes with real storage node processes: replica loss and
+//! delta rebuild under fio, fencing of an older target, target failover with
+//! a ledger of acknowledged writes, self-healing reads of a corrupt copy (on
+//! loopback); network partitions that cut the target off from a minority and
+//! from a majority of the replicas (nodes in network namespaces).
 
 mod common;
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use common::cluster::{fio_verify, TestCluster};
+use common::cluster::TestCluster;
 use common::nbd_client::NbdClient;
+use common::netns::NetLab;
 use common::*;
 use rand::{Rng, SeedableRng};
 
@@ -27,6 +30,17 @@ fn connect(uri: &str) -> NbdClient {
     NbdClient::connect(addr, &name).unwrap()
 }
 
+/// fio's verifying random writes (`fio_verify_args`) over `size` of the
+/// export, plus `extra` arguments; its output.
+fn fio_verify_over(uri: &str, size: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new("fio")
+        .args(fio_verify_args(uri, size))
+        .args(extra)
+        .process_group(0)
+        .output()
+        .expect("fio (see .ci/install-test-deps)")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
     let mut cluster = TestCluster::start(3, "512MiB", FAST_TIMEOUT);
@@ -34,12 +48,15 @@ async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
     assert_eq!(report.replicas.len(), 3);
     let uri = cluster.export("fio", 0).await;
 
-    let fio = fio_verify(uri);
+    let fio = std::thread::spawn(move || fio_verify_over(&uri, "32M", &["--loops=3"]));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.nodes[2].kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.nodes[2].spawn();
-    fio.finish().await;
+    let out = tokio::task::spawn_blocking(move || fio.join().unwrap())
+        .await
+        .unwrap();
+    fio_report(&out);
 
     // The killed replica was dropped, then caught up and taken back.
     let log = cluster.nodes[0].log();
@@ -179,51 +196,164 @@ async fn acknowledged_writes_survive_target_failover_20_times() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn io_continues_on_a_majority_and_fails_without_one() {
-    let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
-    cluster.create_volume("quorum", 16 * MIB, 3).await;
-    let uri = cluster.export("quorum", 0).await;
+/// Partitions through network namespaces (see `common::netns`): node-1
+/// serves the target and is cut off from node-3, then from node-2 too, then
+/// both links are restored.
+#[test]
+fn a_partition_keeps_io_on_the_majority_fails_it_on_a_minority_and_heals() {
+    let lab = NetLab::new(3);
+    lab.run(partition_and_heal(&lab));
+}
+
+async fn partition_and_heal(lab: &NetLab) {
+    const FIO_REGION: &str = "32M";
+    let cluster = TestCluster::start_in(lab, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("split", 64 * MIB, 3).await;
+    let uri = cluster.export("split", 0).await;
+
+    // Cut off from one replica: fio keeps writing and verifying on the two
+    // the target still reaches.
+    let fio_uri = uri.clone();
+    let fio = std::thread::spawn(move || fio_verify_over(&fio_uri, FIO_REGION, &[]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lab.cut(0, 2);
+    let out = tokio::task::spawn_blocking(move || fio.join().unwrap())
+        .await
+        .unwrap();
+    fio_report(&out);
+    let report = cluster.report("split").await;
+    assert_eq!(
+        report.in_sync().len(),
+        2,
+        "node-3 was not dropped: {:?}",
+        report.in_sync()
+    );
+
+    // Cut off from both: one of three is no majority. Writes fail with an
+    // error, in bounded time; none is acknowledged on the minority.
+    lab.cut(0, 1);
     let mut client = connect(&uri);
-    client.write(0, &[1; 4096], true).unwrap();
-
-    // Freeze node-3 (it stops answering, as behind a partition): the target
-    // drops it and goes on with two of three.
-    let pid = |i: usize| cluster.nodes[i].pid().unwrap() as i32;
-    unsafe { libc::kill(pid(2), libc::SIGSTOP) };
-    client.write(4096, &[2; 4096], true).unwrap();
-    assert_eq!(cluster.report("quorum").await.in_sync().len(), 2);
-
-    // Freeze node-2 too: one of three is no majority; writes fail, never
-    // acknowledged on a minority.
-    unsafe { libc::kill(pid(1), libc::SIGSTOP) };
-    let err = client.write(8192, &[3; 4096], true).unwrap_err();
+    client.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    let late = 48 * MIB;
+    for attempt in 0..3 {
+        let err = client
+            .write(late, &[3; 4096], true)
+            .expect_err("a write acknowledged by a minority");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EIO),
+            "attempt {attempt}: {err}"
+        );
+    }
+    let err = client
+        .flush()
+        .expect_err("a flush acknowledged by a minority");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 
-    // Heal: both answer again; the volume recovers without manual steps.
-    unsafe {
-        libc::kill(pid(1), libc::SIGCONT);
-        libc::kill(pid(2), libc::SIGCONT);
-    }
-    let mut recovered = false;
-    for _ in 0..50 {
-        if client.write(8192, &[4; 4096], true).is_ok() {
-            recovered = true;
-            break;
-        }
+    // Heal: nothing but the network changes. Writes succeed again, the
+    // replicas left behind are rebuilt and rejoin.
+    lab.heal(0, 1);
+    lab.heal(0, 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(err) = client.write(late, &[4; 4096], true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes did not recover after the partition healed: {err}\n{}",
+            cluster.nodes[0].log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        recovered,
-        "writes did not recover after the partition healed"
-    );
-    assert!(client.read(0, 4096).unwrap() == vec![1; 4096]);
-    assert!(client.read(4096, 4096).unwrap() == vec![2; 4096]);
-    assert!(client.read(8192, 4096).unwrap() == vec![4; 4096]);
     cluster
-        .wait_in_sync("quorum", 3, Duration::from_secs(60))
+        .wait_in_sync("split", 3, Duration::from_secs(60))
         .await;
-    cluster.assert_replicas_identical("quorum").await;
+    assert!(client.read(late, 4096).unwrap() == vec![4; 4096]);
+    // What fio wrote while node-3 was cut off is all there, read from the
+    // rebuilt replicas too (reads rotate over the in-sync set).
+    let out = fio_verify_over(&uri, FIO_REGION, &["--verify_only=1"]);
+    fio_report(&out);
+    cluster.assert_replicas_identical("split").await;
+}
+
+/// node-1 serves the target and is cut off from both other nodes; the volume
+/// fails over to a target on node-2, on the majority side, as a controller
+/// that cannot reach node-1 either would do it (node-1's target is not told
+/// to close). The old target must stay fenced when the partition heals: it
+/// neither writes nor reads, and the new target keeps every write it
+/// acknowledged.
+#[test]
+fn a_target_cut_off_from_the_majority_stays_fenced_after_the_partition_heals() {
+    let lab = NetLab::new(3);
+    lab.run(failover_across_a_partition(&lab));
+}
+
+async fn failover_across_a_partition(lab: &NetLab) {
+    let cluster = TestCluster::start_in(lab, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("moved", 16 * MIB, 3).await;
+    let old_uri = cluster.export("moved", 0).await;
+    let mut old = connect(&old_uri);
+    old.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    old.write(0, &[1; 4096], true).unwrap();
+
+    lab.cut(0, 1);
+    lab.cut(0, 2);
+    let err = old.write(0, &[2; 4096], true).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The old target keeps trying to reach a majority, as it would through
+    // an outage of some seconds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let seeds: Vec<String> = report
+        .members()
+        .into_iter()
+        .map(|member| member.address)
+        .collect();
+    let opened = cluster.nodes[1]
+        .client()
+        .await
+        .open_target(strata_proto::storage::OpenTargetRequest {
+            volume: "moved".into(),
+            seeds,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut new = connect(&opened.export_uri);
+    new.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    assert!(new.read(0, 4096).unwrap() == vec![1; 4096]);
+    new.write(0, &[3; 4096], true).unwrap();
+    new.write(4096, &[3; 4096], true).unwrap();
+
+    lab.heal(0, 1);
+    lab.heal(0, 2);
+    // Long enough for the old target to reconnect and try its changes again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for attempt in 0..5 {
+        assert!(
+            old.write(0, &[4; 4096], true).is_err(),
+            "attempt {attempt}: the deposed target took a write after the partition healed:\n{}\n{}", cluster.nodes[0].log(), cluster.nodes[1].log()
+        );
+        assert!(
+            old.read(0, 4096).is_err(),
+            "attempt {attempt}: the deposed target served a read after the partition healed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        new.read(0, 4096).unwrap() == vec![3; 4096],
+        "the new target lost a write it acknowledged:\n{}",
+        cluster.nodes[0].log()
+    );
+    new.write(8192, &[5; 4096], true).unwrap_or_else(|err| {
+        panic!(
+            "the new target was deposed: {err}\n{}",
+            cluster.nodes[0].log()
+        )
+    });
+    cluster
+        .wait_in_sync("moved", 3, Duration::from_secs(60))
+        .await;
+    assert!(new.read(4096, 4096).unwrap() == vec![3; 4096]);
+    cluster.assert_replicas_identical("moved").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

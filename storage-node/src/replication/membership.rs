@@ -129,6 +129,23 @@ pub fn replica_prepare(state: &mut ReplicaState, epoch: u64) -> PrepareReply {
     }
 }
 
+/// Round 1 of a reopen, on the replica: a node that restarted reopens the
+/// target it served only if no replica promised an epoch above `at_most`,
+/// the highest that target had prepared; a higher promise means another
+/// target opened the volume, or is opening it, since.
+pub fn replica_prepare_if_promise_at_most(
+    state: &mut ReplicaState,
+    epoch: u64,
+    at_most: u64,
+) -> PrepareReply {
+    if state.promised_epoch > at_most {
+        return PrepareReply::Fenced {
+            promised_epoch: state.promised_epoch,
+        };
+    }
+    replica_prepare(state, epoch)
+}
+
 /// Round 2 of a configuration change, on the replica: returns whether the
 /// config was accepted (the caller then persists `state`). A refusal means a
 /// newer epoch was granted: the sender is fenced.
@@ -358,6 +375,48 @@ pub fn plan_replace(
     })
 }
 
+/// A serving target found, in round 1 of a change to its own config, that
+/// another target opened the volume after it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "replica {replica} holds the config of epoch {seen}, which this target did not persist \
+     (its newest is {own}): another target opened the volume"
+)]
+pub struct Deposed {
+    pub replica: ReplicaId,
+    pub seen: u64,
+    pub own: u64,
+}
+
+/// Round 1 of a change a serving target makes to its own config (a shrink
+/// or a grow), checked before round 2: such a target plans from its own
+/// config, which is only right while no other target has installed one.
+/// `own_persisted` is the highest epoch this target sent a config for (its
+/// current config's at least); `prepared` holds the configs the replicas
+/// that granted the change's epoch answered with.
+///
+/// Comparing epochs is not enough: a target cut off from a majority goes on
+/// preparing epochs on the replicas it still reaches (each failed change
+/// takes a higher one), so its next epoch may be above that of a target
+/// opened on the majority side meanwhile. That target's config is on a
+/// majority, so some replica that granted this change reports it.
+pub fn check_own_change(
+    own_persisted: u64,
+    prepared: &[(ReplicaId, Config)],
+) -> Result<(), Deposed> {
+    match prepared
+        .iter()
+        .find(|(_, config)| config.epoch > own_persisted)
+    {
+        Some((replica, config)) => Err(Deposed {
+            replica: *replica,
+            seen: config.epoch,
+            own: own_persisted,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What a target does with a write once the in-sync replicas answered or
 /// timed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -461,6 +520,22 @@ mod tests {
                 );
                 assert_eq!(replica, state(promised, 0), "a refusal changes nothing");
             }
+        }
+    }
+
+    #[test]
+    fn a_conditional_prepare_is_refused_above_the_bound() {
+        // (promised, at most) -> granted
+        for (promised, at_most, granted) in [(3, 3, true), (3, 4, true), (3, 2, false)] {
+            let mut replica = state(promised, 0);
+            let reply = replica_prepare_if_promise_at_most(&mut replica, 5, at_most);
+            assert_eq!(
+                matches!(reply, PrepareReply::Prepared { .. }),
+                granted,
+                "promised {promised}, at most {at_most}"
+            );
+            let expected = if granted { 5 } else { promised };
+            assert_eq!(replica.promised_epoch, expected);
         }
     }
 
@@ -726,6 +801,39 @@ mod tests {
         assert_eq!(
             plan_open(&ids(&[1, 2, 4]), 7, &answers),
             Ok(config(7, &[1, 2, 4], &[1]))
+        );
+    }
+
+    #[test]
+    fn a_change_of_its_own_config_stops_at_a_config_it_did_not_persist() {
+        let own = config(4, &[1, 2, 3], &[1, 2]);
+        let foreign = config(3, &[1, 2, 3], &[2, 3]);
+        let answers = |configs: &[(u32, &Config)]| -> Vec<(ReplicaId, Config)> {
+            configs
+                .iter()
+                .map(|(id, config)| (ReplicaId(*id), (*config).clone()))
+                .collect()
+        };
+        // Its own config, and older ones a replica left behind still holds.
+        assert_eq!(
+            check_own_change(4, &answers(&[(1, &own), (3, &foreign)])),
+            Ok(())
+        );
+        // A config persisted by a change of its own that failed counts as
+        // its own.
+        assert_eq!(check_own_change(6, &answers(&[(1, &own)])), Ok(()));
+        // A target still at epoch 2 whose epochs ran ahead during a
+        // partition: epoch 3 is another target's.
+        assert_eq!(
+            check_own_change(
+                2,
+                &answers(&[(1, &config(2, &[1, 2, 3], &[1])), (2, &foreign)])
+            ),
+            Err(Deposed {
+                replica: ReplicaId(2),
+                seen: 3,
+                own: 2
+            })
         );
     }
 

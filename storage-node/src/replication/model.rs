@@ -2,8 +2,12 @@
 //!
 //! A small world, 3 replicas, 2 volume targets and a few client writes, is
 //! explored breadth-first over every ordering of message deliveries, timeouts,
-//! replica crashes and restarts, target crashes and (re)opens, within a budget
-//! of faults. Every decision goes through `membership`, so the test checks the
+//! replica crashes and restarts, target crashes and (re)opens, partitions
+//! that cut a target's node (the target and its local replica) off from the
+//! others, the changes a serving target makes to its own config (shrink after
+//! a failed write, a retry after a failed change, the grow that takes a
+//! rebuilt replica back), and the conditional reopen of a restarted node's
+//! target, within a budget of faults. Every decision goes through `membership`, so the test checks the
 //! code the real target will call, not a copy of it. Checked on every step:
 //!
 //! * no lost write: every acknowledged write is on every replica of the in-sync
@@ -17,7 +21,21 @@
 //!   replica that promised the newer epoch refuses its I/O, and the lost-write
 //!   check (against the config of the highest epoch) covers what it acknowledges;
 //! * no stale overwrite: a replica never takes a write of an older epoch after
-//!   one of a newer epoch (the old target overwriting the new one's data).
+//!   one of a newer epoch (the old target overwriting the new one's data);
+//! * own config only: a change a serving target makes to its own config (it
+//!   plans from that config) becomes the newest installed config only over
+//!   a config of its own;
+//! * no takeover on reopen: a restarted node's target reopens only if no
+//!   other target installed a config since the restarted one last did.
+//!
+//! A serving target behaves as the real one: the epoch of a change of its own
+//! config is above every epoch it prepared (a failed change leaves promises
+//! behind), and a change that finds no majority leaves it serving its
+//! current config, from which it tries again. A rebuild joins the replica
+//! (round 1 and 2 at the target's epoch, on that replica), sends it every
+//! write from then on, copies the in-sync data to it in one step (the real
+//! copy is per extent under range locks, which the model does not cover),
+//! then grows the in-sync set by a change at a new epoch.
 //!
 //! Messages: each (target, replica) pair carries at most one request; delivery
 //! is one atomic step (the replica acts, persists, answers). A request not yet
@@ -139,6 +157,13 @@ enum Msg {
     ReadState,
     Prepare {
         epoch: u8,
+        /// The conditional prepare of a reopen: refused above this promise.
+        at_most: Option<u8>,
+    },
+    /// A rebuild's join: prepare the target's epoch and persist its config
+    /// on the rebuilt replica.
+    Join {
+        cfg: Cfg,
     },
     Persist {
         cfg: Cfg,
@@ -160,12 +185,29 @@ enum Io {
 /// Why a target runs a configuration change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Purpose {
-    Open,
+    /// `at_most`: a reopen, conditional on the promises.
+    Open { at_most: Option<u8> },
     /// Drop failed replicas, then acknowledge `write`.
-    Shrink {
-        write: u8,
-        next: Cfg,
-    },
+    Shrink { write: u8, next: Cfg },
+    /// Move the same in-sync set above the epochs a failed change prepared.
+    Retry { next: Cfg },
+    /// Take a rebuilt replica back into the in-sync set.
+    Grow { next: Cfg },
+}
+
+impl Purpose {
+    /// Whether the change is one a serving target makes to its own config.
+    fn own_change(self) -> bool {
+        !matches!(self, Purpose::Open { .. })
+    }
+}
+
+/// A replica being rebuilt by a target: it takes every write, and once the
+/// in-sync data was copied to it, it can be grown into the in-sync set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Rebuild {
+    replica: u8,
+    copied: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -198,6 +240,12 @@ enum Target {
         write: u8,
         replies: [Option<Io>; REPLICAS],
     },
+    /// Joining `replica` for a rebuild (no writes meanwhile, as the real
+    /// target holds its gate).
+    Joining {
+        cfg: Cfg,
+        replica: u8,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +261,22 @@ enum Action {
     CrashTarget(usize),
     CrashReplica(usize),
     RestartReplica(usize),
+    /// Cut target `t`'s node (the target and replica `t`) off from the rest.
+    Isolate(usize),
+    Heal,
+    /// A serving target retries a failed change (the rebuilder does).
+    RetryChange(usize),
+    /// A serving target starts rebuilding a replica out of sync.
+    StartRebuild(usize, usize),
+    /// A rebuilding target copies the in-sync data to the replica.
+    CopyToRebuilt(usize),
+    /// A rebuilding target starts growing the in-sync set.
+    Grow(usize),
+    /// The node of a crashed target restarts and reopens it.
+    Reopen(usize),
+    /// The node saves its target records (on any epoch change of any of
+    /// its targets): the highest epoch the target sent a config for.
+    SaveRecord(usize),
 }
 
 /// A broken rule, to show that the explorer finds what it breaks.
@@ -235,6 +299,16 @@ enum Mutation {
     AckBeforeShrinkPersisted,
     /// A round succeeds with a single acceptance.
     QuorumOfOne,
+    /// A change of a serving target's own config ignores the configs the
+    /// replicas answer round 1 with (the code before the partition test
+    /// found it).
+    OwnChangeIgnoresNewerConfigs,
+    /// A rebuilt replica is grown into the in-sync set without the copy.
+    GrowWithoutCopy,
+    /// Writes during a rebuild go to the in-sync replicas only.
+    RebuildMissesWrites,
+    /// A reopen prepares without the condition on the promises.
+    UnconditionalReopen,
 }
 
 /// Every decision of the world, through `membership` unless mutated.
@@ -263,6 +337,18 @@ impl Rules {
             };
         }
         membership::replica_prepare(state, epoch)
+    }
+
+    fn prepare_if(self, state: &mut ReplicaState, epoch: u64, at_most: u64) -> PrepareReply {
+        if self.is(Mutation::UnconditionalReopen) {
+            return self.prepare(state, epoch);
+        }
+        membership::replica_prepare_if_promise_at_most(state, epoch, at_most)
+    }
+
+    fn own_change_allowed(self, own_persisted: u8, answers: &[(ReplicaId, Config)]) -> bool {
+        self.is(Mutation::OwnChangeIgnoresNewerConfigs)
+            || membership::check_own_change(own_persisted.into(), answers).is_ok()
     }
 
     fn accept_config(self, state: &mut ReplicaState, config: &Config) -> bool {
@@ -322,10 +408,21 @@ impl Rules {
 struct Bounds {
     /// Client writes, over all targets.
     writes: u8,
+    /// Targets that may open the volume (1 or 2).
+    targets: usize,
     /// Opens each target may start (the first, and reopens after a failure).
     opens_per_target: u8,
-    /// Replica crashes, target crashes and timeouts of live replicas.
+    /// Replica crashes, target crashes, partitions and timeouts of live
+    /// replicas.
     faults: u8,
+    /// Retries of failed changes, over all targets.
+    retries: u8,
+    /// Rebuilds started, over all targets.
+    rebuilds: u8,
+    /// Reopens of crashed targets, over all targets.
+    reopens: u8,
+    /// Whether a fault may be a partition.
+    partitions: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,6 +440,16 @@ enum Violation {
         write: u8,
         epoch: u8,
         newer_epoch: u8,
+    },
+    ChangeOverForeignConfig {
+        target: usize,
+        installed: Cfg,
+        newest: Cfg,
+    },
+    ReopenOverNewerTarget {
+        target: usize,
+        installed: Cfg,
+        newest: Cfg,
     },
 }
 
@@ -374,6 +481,25 @@ impl fmt::Display for Violation {
                 "stale overwrite: {} took w{write} of epoch {epoch} after a write of epoch {newer_epoch}",
                 replica_id(replica)
             ),
+            Violation::ChangeOverForeignConfig {
+                target,
+                installed,
+                newest,
+            } => write!(
+                f,
+                "split brain: {} changed its own config to {installed} after another target \
+                 installed {newest}",
+                target_name(target)
+            ),
+            Violation::ReopenOverNewerTarget {
+                target,
+                installed,
+                newest,
+            } => write!(
+                f,
+                "takeover: {} reopened with {installed} after another target installed {newest}",
+                target_name(target)
+            ),
         }
     }
 }
@@ -393,10 +519,28 @@ struct World {
     /// The config of the highest epoch a target installed; the fresh
     /// volume's config at first.
     newest: Cfg,
+    /// The target that installed `newest` (none for the fresh volume's).
+    newest_owner: Option<u8>,
     /// Bit e is set once a config of epoch e has been installed.
     installed_epochs: u64,
+    /// The highest epoch each target prepared, and sent a config for.
+    prepared_max: [u8; TARGETS],
+    persisted_max: [u8; TARGETS],
+    /// What each target's node recorded for a reopen: the highest epoch
+    /// the target had sent a config for when the record was saved.
+    record: [Option<u8>; TARGETS],
+    /// The replica each target rebuilds, if any.
+    rebuild: [Option<Rebuild>; TARGETS],
+    /// The config each target serves: the last it installed.
+    served: [Option<Cfg>; TARGETS],
+    /// The target whose node is cut off (with its local replica, the
+    /// replica of the same index).
+    isolated: Option<u8>,
     faults_left: u8,
     opens_left: [u8; TARGETS],
+    retries_left: u8,
+    rebuilds_left: u8,
+    reopens_left: u8,
 }
 
 impl World {
@@ -418,9 +562,25 @@ impl World {
             issued: 0,
             write_epochs: [0; MAX_WRITES],
             newest: cfg,
+            newest_owner: None,
             installed_epochs: 1,
+            prepared_max: [0; TARGETS],
+            persisted_max: [0; TARGETS],
+            record: [None; TARGETS],
+            rebuild: [None; TARGETS],
+            served: [None; TARGETS],
+            isolated: None,
             faults_left: bounds.faults,
-            opens_left: [bounds.opens_per_target; TARGETS],
+            opens_left: std::array::from_fn(|t| {
+                if t < bounds.targets {
+                    bounds.opens_per_target
+                } else {
+                    0
+                }
+            }),
+            retries_left: bounds.retries,
+            rebuilds_left: bounds.rebuilds,
+            reopens_left: bounds.reopens,
         }
     }
 
@@ -430,12 +590,23 @@ impl World {
             .fold(0, |set, r| set | (1 << r))
     }
 
-    /// Sends `msg` from `target` to every replica of `to`; a down replica
-    /// refuses the connection, so nothing is left in flight to it.
+    /// The replicas target `t` can reach: all, unless a partition cuts
+    /// one node off from the others.
+    fn reachable(&self, t: usize) -> Set {
+        match self.isolated {
+            None => ALL_REPLICAS,
+            Some(i) if usize::from(i) == t => 1 << i,
+            Some(i) => ALL_REPLICAS & !(1 << i),
+        }
+    }
+
+    /// Sends `msg` from `target` to every replica of `to`; a replica that is
+    /// down or cut off gets nothing, so nothing is left in flight to it.
     fn send(&mut self, target: usize, to: Set, msg: Msg) {
+        let open = self.up() & self.reachable(target);
         for r in 0..REPLICAS {
             if to & (1 << r) != 0 {
-                self.channels[target][r] = self.replicas[r].up.then_some(msg);
+                self.channels[target][r] = (open & (1 << r) != 0).then_some(msg);
             }
         }
     }
@@ -443,7 +614,8 @@ impl World {
     /// Faults a `Decide` costs, or `None` if the target has no round to end.
     /// Ending a round early is free when the outcome cannot change (everyone
     /// answered, a quorum accepted, someone fenced us) or the silent replicas
-    /// are down; otherwise it is a timeout on a live replica: a lost message.
+    /// are down or cut off; otherwise it is a timeout on a live replica: a
+    /// lost message.
     fn decide_cost(&self, rules: Rules, target: usize) -> Option<u8> {
         let (expected, answered, outcome_known) = match self.targets[target] {
             Target::Preparing {
@@ -464,26 +636,39 @@ impl World {
                 rules.quorum(accepted) || answered != accepted,
             ),
             Target::Writing { cfg, replies, .. } => (
-                cfg.in_sync,
+                cfg.in_sync | self.rebuilding_set(target, rules),
                 answered_set(&replies),
                 replies.contains(&Some(Io::Fenced)),
             ),
+            Target::Joining { replica, .. } => (1 << replica, 0, false),
             Target::Closed | Target::Reading { .. } | Target::Serving { .. } => return None,
         };
         let silent = expected & !answered;
-        if silent == 0 || outcome_known || silent & self.up() == 0 {
+        if silent == 0 || outcome_known || silent & self.up() & self.reachable(target) == 0 {
             Some(0)
         } else {
             Some(1)
         }
     }
 
+    /// The replica target `t` sends writes to besides the in-sync ones.
+    fn rebuilding_set(&self, t: usize, rules: Rules) -> Set {
+        match self.rebuild[t] {
+            Some(rebuild) if !rules.is(Mutation::RebuildMissesWrites) => 1 << rebuild.replica,
+            _ => 0,
+        }
+    }
+
     fn actions(&self, rules: Rules, bounds: Bounds, out: &mut Vec<Action>) {
+        let can_partition = bounds.partitions && self.faults_left > 0;
         for t in 0..TARGETS {
             match self.targets[t] {
                 Target::Closed => {
                     if self.opens_left[t] > 0 {
                         out.push(Action::StartOpen(t));
+                    }
+                    if self.reopens_left > 0 && self.record[t].is_some() {
+                        out.push(Action::Reopen(t));
                     }
                 }
                 Target::Reading { answers } => {
@@ -492,12 +677,43 @@ impl World {
                         out.push(Action::Plan(t));
                     }
                 }
-                Target::Serving { .. } => {
+                Target::Serving { cfg } => {
                     if self.issued < bounds.writes {
                         out.push(Action::IssueWrite(t));
                     }
+                    if self.retries_left > 0 && self.prepared_max[t] > cfg.epoch {
+                        out.push(Action::RetryChange(t));
+                    }
+                    match self.rebuild[t] {
+                        None if self.rebuilds_left > 0 => {
+                            let candidates =
+                                !cfg.in_sync & ALL_REPLICAS & self.up() & self.reachable(t);
+                            for r in 0..REPLICAS {
+                                if candidates & (1 << r) != 0 && self.channels[t][r].is_none() {
+                                    out.push(Action::StartRebuild(t, r));
+                                }
+                            }
+                        }
+                        None => {}
+                        Some(Rebuild { copied: false, .. }) => {
+                            out.push(Action::CopyToRebuilt(t));
+                            if rules.is(Mutation::GrowWithoutCopy) {
+                                out.push(Action::Grow(t));
+                            }
+                        }
+                        Some(Rebuild { copied: true, .. }) => out.push(Action::Grow(t)),
+                    }
+                    if self.reopens_left > 0
+                        && self.record[t].is_some()
+                        && self.record[t] != Some(self.persisted_max[t])
+                    {
+                        out.push(Action::SaveRecord(t));
+                    }
                 }
-                Target::Preparing { .. } | Target::Persisting { .. } | Target::Writing { .. } => {}
+                Target::Preparing { .. }
+                | Target::Persisting { .. }
+                | Target::Writing { .. }
+                | Target::Joining { .. } => {}
             }
             if let Some(cost) = self.decide_cost(rules, t) {
                 if cost <= self.faults_left {
@@ -520,6 +736,29 @@ impl World {
                 out.push(Action::CrashReplica(r));
             }
         }
+        match self.isolated {
+            Some(_) => out.push(Action::Heal),
+            None if can_partition => out.extend((0..TARGETS).map(Action::Isolate)),
+            None => {}
+        }
+    }
+
+    /// The epoch an opening target asks for: above the promises it read
+    /// from the replicas it reaches. Which epoch does not matter to safety,
+    /// only that each replica grants it once; it matters to whether a
+    /// target cut off before can tell the new one's configs from its own.
+    fn open_epoch(&self, t: usize) -> u8 {
+        let reached = self.up() & self.reachable(t);
+        let promises = (0..REPLICAS)
+            .filter(|&r| reached & (1 << r) != 0)
+            .map(|r| u64::from(self.replicas[r].promised));
+        epoch_u8(membership::next_epoch(promises))
+    }
+
+    /// The epoch of a change of target `t`'s own config: above its config
+    /// and every epoch it prepared, as the real target does.
+    fn change_epoch(&self, t: usize, cfg: Cfg) -> u8 {
+        cfg.epoch.max(self.prepared_max[t]) + 1
     }
 
     /// The world after `action`, and the first invariant it broke if any.
@@ -534,17 +773,18 @@ impl World {
                     };
                     next.send(t, ALL_REPLICAS, Msg::ReadState);
                 } else {
-                    // A real target learns the promises from a state read or
-                    // from refusals; which epoch it asks for does not matter
-                    // to safety, only that each replica grants it once.
-                    let promises = self
-                        .replicas
-                        .iter()
-                        .filter(|r| r.up)
-                        .map(|r| u64::from(r.promised));
-                    let epoch = epoch_u8(membership::next_epoch(promises));
-                    next.start_prepare(t, epoch, Purpose::Open);
+                    let epoch = self.open_epoch(t);
+                    next.start_prepare(t, epoch, Purpose::Open { at_most: None });
                 }
+                None
+            }
+            Action::Reopen(t) => {
+                next.reopens_left -= 1;
+                if next.reopens_left == 0 {
+                    next.record = [None; TARGETS];
+                }
+                let at_most = self.record[t];
+                next.start_prepare(t, self.open_epoch(t), Purpose::Open { at_most });
                 None
             }
             Action::Deliver(t, r) => next.deliver(rules, t, r),
@@ -563,7 +803,9 @@ impl World {
                     .map(|&(id, _, cfg)| (id, cfg.config()))
                     .collect();
                 match rules.plan_open(epoch_u8(epoch), &configs) {
-                    Ok(config) => next.start_persist(t, Cfg::of(&config), Purpose::Open),
+                    Ok(config) => {
+                        next.start_persist(t, Cfg::of(&config), Purpose::Open { at_most: None })
+                    }
                     Err(_) => next.targets[t] = Target::Closed,
                 }
                 None
@@ -586,7 +828,7 @@ impl World {
                 };
                 next.send(
                     t,
-                    cfg.in_sync,
+                    cfg.in_sync | self.rebuilding_set(t, rules),
                     Msg::Write {
                         write,
                         epoch: cfg.epoch,
@@ -595,9 +837,10 @@ impl World {
                 None
             }
             Action::CrashTarget(t) => {
-                // Requests it sent are still in the network.
+                // Requests it sent are still in the network; its node's
+                // record of it survives.
                 next.faults_left -= 1;
-                next.targets[t] = Target::Closed;
+                next.close(t);
                 None
             }
             Action::CrashReplica(r) => {
@@ -613,22 +856,129 @@ impl World {
                 next.replicas[r].up = true;
                 None
             }
+            Action::Isolate(i) => {
+                // Requests in flight across the cut are lost.
+                next.faults_left -= 1;
+                next.isolated = Some(i as u8);
+                for t in 0..TARGETS {
+                    let cut = !next.reachable(t);
+                    for r in 0..REPLICAS {
+                        if cut & (1 << r) != 0 {
+                            next.channels[t][r] = None;
+                        }
+                    }
+                }
+                None
+            }
+            Action::Heal => {
+                next.isolated = None;
+                None
+            }
+            Action::RetryChange(t) => {
+                let Target::Serving { cfg } = self.targets[t] else {
+                    unreachable!("RetryChange is only enabled while serving")
+                };
+                next.retries_left -= 1;
+                let next_cfg = Cfg {
+                    epoch: self.change_epoch(t, cfg),
+                    in_sync: cfg.in_sync,
+                };
+                next.start_prepare(t, next_cfg.epoch, Purpose::Retry { next: next_cfg });
+                None
+            }
+            Action::StartRebuild(t, r) => {
+                let Target::Serving { cfg } = self.targets[t] else {
+                    unreachable!("StartRebuild is only enabled while serving")
+                };
+                next.rebuilds_left -= 1;
+                next.targets[t] = Target::Joining {
+                    cfg,
+                    replica: r as u8,
+                };
+                next.send(t, 1 << r, Msg::Join { cfg });
+                None
+            }
+            Action::CopyToRebuilt(t) => {
+                next.copy_to_rebuilt(rules, t);
+                None
+            }
+            Action::Grow(t) => {
+                let (Target::Serving { cfg }, Some(rebuild)) = (self.targets[t], self.rebuild[t])
+                else {
+                    unreachable!("Grow is only enabled while rebuilding")
+                };
+                let next_cfg = Cfg {
+                    epoch: self.change_epoch(t, cfg),
+                    in_sync: cfg.in_sync | (1 << rebuild.replica),
+                };
+                next.start_prepare(t, next_cfg.epoch, Purpose::Grow { next: next_cfg });
+                None
+            }
+            Action::SaveRecord(t) => {
+                next.record[t] = Some(self.persisted_max[t]);
+                None
+            }
         };
         let violation = violation.or_else(|| next.lost_write());
         (next, violation)
     }
 
+    /// The target stops: it serves nothing and rebuilds nothing.
+    fn close(&mut self, t: usize) {
+        self.targets[t] = Target::Closed;
+        self.rebuild[t] = None;
+        self.served[t] = None;
+    }
+
+    /// The target found a newer one: it stops, and its node drops its
+    /// record (it will not reopen it).
+    fn fence(&mut self, t: usize) {
+        self.close(t);
+        self.record[t] = None;
+    }
+
+    /// Copies what the first in-sync replica that takes the target's epoch
+    /// holds to the rebuilt replica, which must take the epoch too.
+    fn copy_to_rebuilt(&mut self, rules: Rules, t: usize) {
+        let (Target::Serving { cfg }, Some(rebuild)) = (self.targets[t], self.rebuild[t]) else {
+            unreachable!("CopyToRebuilt is only enabled while rebuilding")
+        };
+        let open = self.up() & self.reachable(t);
+        let takes = |r: usize| {
+            open & (1 << r) != 0
+                && rules.io(&self.replicas[r].state(), cfg.epoch.into()) == Io::Accepted
+        };
+        let dest = usize::from(rebuild.replica);
+        let source = (0..REPLICAS).find(|&r| cfg.in_sync & (1 << r) != 0 && takes(r));
+        match source {
+            Some(source) if takes(dest) => {
+                self.replicas[dest].applied |= self.replicas[source].applied;
+                self.rebuild[t] = Some(Rebuild {
+                    copied: true,
+                    ..rebuild
+                });
+            }
+            _ => self.rebuild[t] = None,
+        }
+    }
+
     fn start_prepare(&mut self, t: usize, epoch: u8, purpose: Purpose) {
+        self.prepared_max[t] = self.prepared_max[t].max(epoch);
         self.targets[t] = Target::Preparing {
             epoch,
             purpose,
             answered: 0,
             prepared: [None; REPLICAS],
         };
-        self.send(t, ALL_REPLICAS, Msg::Prepare { epoch });
+        let at_most = match purpose {
+            Purpose::Open { at_most } => at_most,
+            _ => None,
+        };
+        self.send(t, ALL_REPLICAS, Msg::Prepare { epoch, at_most });
     }
 
     fn start_persist(&mut self, t: usize, cfg: Cfg, purpose: Purpose) {
+        self.persisted_max[t] = self.persisted_max[t].max(cfg.epoch);
         self.targets[t] = Target::Persisting {
             cfg,
             purpose,
@@ -651,8 +1001,11 @@ impl World {
                     answers[r] = Some((replica.promised, replica.cfg));
                 }
             }
-            Msg::Prepare { epoch } => {
-                let reply = rules.prepare(&mut state, epoch.into());
+            Msg::Prepare { epoch, at_most } => {
+                let reply = match at_most {
+                    Some(at_most) => rules.prepare_if(&mut state, epoch.into(), at_most.into()),
+                    None => rules.prepare(&mut state, epoch.into()),
+                };
                 replica.store(&state);
                 if let Target::Preparing {
                     epoch: waiting,
@@ -666,6 +1019,35 @@ impl World {
                         if let PrepareReply::Prepared { config } = reply {
                             prepared[r] = Some(Cfg::of(&config));
                         }
+                    }
+                }
+            }
+            Msg::Join { cfg } => {
+                // Round 1 at the target's own epoch (granted already if the
+                // replica answered its prepare), then round 2.
+                let _ = rules.prepare(&mut state, cfg.epoch.into());
+                let joined = rules.accept_config(&mut state, &cfg.config());
+                replica.store(&state);
+                let (promised, replica_cfg) = (replica.promised, replica.cfg);
+                if self.targets[t]
+                    == (Target::Joining {
+                        cfg,
+                        replica: r as u8,
+                    })
+                {
+                    if joined {
+                        self.targets[t] = Target::Serving { cfg };
+                        self.rebuild[t] = Some(Rebuild {
+                            replica: r as u8,
+                            copied: false,
+                        });
+                    } else if replica_cfg.epoch > self.persisted_max[t] {
+                        self.fence(t);
+                    } else {
+                        // A promise with no newer config: the next change
+                        // goes above it (see rebuild.rs).
+                        self.prepared_max[t] = self.prepared_max[t].max(promised);
+                        self.targets[t] = Target::Serving { cfg };
                     }
                 }
             }
@@ -719,6 +1101,21 @@ impl World {
         None
     }
 
+    /// A change that found no majority: the target serves its current
+    /// config on (the write that needed the change fails) and tries again
+    /// later at a higher epoch.
+    fn change_failed(&mut self, t: usize, purpose: Purpose) {
+        match (purpose, self.served[t]) {
+            (Purpose::Open { .. }, _) | (_, None) => self.fence(t),
+            (_, Some(cfg)) => {
+                if let Purpose::Grow { .. } = purpose {
+                    self.rebuild[t] = None;
+                }
+                self.targets[t] = Target::Serving { cfg };
+            }
+        }
+    }
+
     fn decide(&mut self, rules: Rules, t: usize) -> Option<Violation> {
         match self.targets[t] {
             Target::Preparing {
@@ -728,21 +1125,35 @@ impl World {
                 prepared,
             } => {
                 let granted = granted_set(&prepared);
-                if answered != granted || !rules.quorum(granted) {
-                    self.targets[t] = Target::Closed;
+                if answered != granted {
+                    // Refused: a newer epoch was granted (or, to a reopen,
+                    // promised). The target stops.
+                    self.fence(t);
                     return None;
                 }
+                if !rules.quorum(granted) {
+                    self.change_failed(t, purpose);
+                    return None;
+                }
+                let answers: Vec<(ReplicaId, Config)> = (0..REPLICAS)
+                    .filter_map(|r| prepared[r].map(|cfg| (replica_id(r), cfg.config())))
+                    .collect();
                 match purpose {
-                    Purpose::Open => {
-                        let answers: Vec<(ReplicaId, Config)> = (0..REPLICAS)
-                            .filter_map(|r| prepared[r].map(|cfg| (replica_id(r), cfg.config())))
-                            .collect();
-                        match rules.plan_open(epoch, &answers) {
-                            Ok(config) => self.start_persist(t, Cfg::of(&config), purpose),
-                            Err(_) => self.targets[t] = Target::Closed,
+                    Purpose::Open { .. } => match rules.plan_open(epoch, &answers) {
+                        Ok(config) => self.start_persist(t, Cfg::of(&config), purpose),
+                        Err(_) => self.fence(t),
+                    },
+                    Purpose::Shrink { next, .. }
+                    | Purpose::Retry { next }
+                    | Purpose::Grow { next } => {
+                        if !rules.own_change_allowed(self.persisted_max[t], &answers) {
+                            self.fence(t);
+                        } else if next.in_sync & !granted != 0 {
+                            self.change_failed(t, purpose);
+                        } else {
+                            self.start_persist(t, next, purpose);
                         }
                     }
-                    Purpose::Shrink { next, .. } => self.start_persist(t, next, purpose),
                 }
                 None
             }
@@ -752,15 +1163,45 @@ impl World {
                 answered,
                 accepted,
             } => {
-                if answered != accepted || !rules.quorum(accepted) {
-                    self.targets[t] = Target::Closed;
+                if answered != accepted {
+                    self.fence(t);
                     return None;
                 }
-                let violation = self.install(cfg);
-                if let Purpose::Shrink { write, .. } = purpose {
+                if !rules.quorum(accepted) || cfg.in_sync & !accepted != 0 {
+                    self.change_failed(t, purpose);
+                    return None;
+                }
+                let owner = self.newest_owner;
+                let newest = self.newest;
+                let violation = self.install(t, cfg);
+                // Becoming the newest over another target's config. (A
+                // deposed target may still install an older epoch late:
+                // harmless, every replica that promised the newer one
+                // refuses its I/O.)
+                let foreign = owner != Some(t as u8) && cfg.epoch > newest.epoch;
+                let violation = violation.or(match purpose {
+                    _ if purpose.own_change() && foreign => {
+                        Some(Violation::ChangeOverForeignConfig {
+                            target: t,
+                            installed: cfg,
+                            newest,
+                        })
+                    }
+                    Purpose::Open { at_most: Some(_) } if foreign => {
+                        Some(Violation::ReopenOverNewerTarget {
+                            target: t,
+                            installed: cfg,
+                            newest,
+                        })
+                    }
+                    _ => None,
+                });
+                match purpose {
                     // Every replica of the new in-sync set took the write:
                     // the failed ones are exactly those that did not.
-                    self.acked |= 1 << write;
+                    Purpose::Shrink { write, .. } => self.acked |= 1 << write,
+                    Purpose::Grow { .. } => self.rebuild[t] = None,
+                    Purpose::Open { .. } | Purpose::Retry { .. } => {}
                 }
                 self.targets[t] = Target::Serving { cfg };
                 violation
@@ -770,7 +1211,16 @@ impl World {
                 write,
                 replies,
             } => {
+                // The replica being rebuilt missed the write: the rebuild
+                // is given up (and started again later).
+                let rebuilt = self.rebuilding_set(t, rules) & !cfg.in_sync;
+                if (0..REPLICAS)
+                    .any(|r| rebuilt & (1 << r) != 0 && replies[r] != Some(Io::Accepted))
+                {
+                    self.rebuild[t] = None;
+                }
                 let replies: BTreeMap<ReplicaId, IoReply> = (0..REPLICAS)
+                    .filter(|&r| cfg.in_sync & (1 << r) != 0)
                     .filter_map(|r| replies[r].map(|io| (replica_id(r), io_reply(io))))
                     .collect();
                 match membership::decide_write(&cfg.config(), &replies) {
@@ -778,12 +1228,15 @@ impl World {
                         self.acked |= 1 << write;
                         self.targets[t] = Target::Serving { cfg };
                     }
-                    WriteOutcome::Fenced => self.targets[t] = Target::Closed,
+                    WriteOutcome::Fenced => self.fence(t),
                     WriteOutcome::Shrink { failed } => {
                         match membership::plan_shrink(&cfg.config(), &failed) {
-                            Err(_) => self.targets[t] = Target::Closed,
+                            Err(_) => self.close(t),
                             Ok(planned) => {
-                                let next = Cfg::of(&planned);
+                                let next = Cfg {
+                                    epoch: self.change_epoch(t, cfg),
+                                    in_sync: set_of(&planned.in_sync),
+                                };
                                 let purpose = Purpose::Shrink { write, next };
                                 if rules.is(Mutation::AckBeforeShrinkPersisted) {
                                     self.acked |= 1 << write;
@@ -804,18 +1257,29 @@ impl World {
                 }
                 None
             }
+            Target::Joining { cfg, .. } => {
+                // The replica did not answer: no rebuild this time.
+                self.targets[t] = Target::Serving { cfg };
+                None
+            }
             Target::Closed | Target::Reading { .. } | Target::Serving { .. } => {
                 unreachable!("Decide is only enabled during a round")
             }
         }
     }
 
-    /// Records a config a target installed; its epoch must be new.
-    fn install(&mut self, cfg: Cfg) -> Option<Violation> {
+    /// Records a config target `t` installed; its epoch must be new. The
+    /// target's node saves its record then.
+    fn install(&mut self, t: usize, cfg: Cfg) -> Option<Violation> {
         assert!(
             cfg.epoch < 64,
             "epochs beyond the bounds of the exploration"
         );
+        self.served[t] = Some(cfg);
+        if self.reopens_left > 0 {
+            // Records matter only while a reopen may come.
+            self.record[t] = Some(self.persisted_max[t]);
+        }
         let bit = 1u64 << cfg.epoch;
         if self.installed_epochs & bit != 0 {
             return Some(Violation::EpochInstalledTwice { installed: cfg });
@@ -823,6 +1287,7 @@ impl World {
         self.installed_epochs |= bit;
         if cfg.epoch > self.newest.epoch {
             self.newest = cfg;
+            self.newest_owner = Some(t as u8);
         }
         None
     }
@@ -874,18 +1339,15 @@ fn describe_target(target: &Target) -> String {
     match *target {
         Target::Closed => "closed".to_string(),
         Target::Reading { .. } => "reading states".to_string(),
-        Target::Preparing { epoch, purpose, .. } => match purpose {
-            Purpose::Open => format!("opening: Prepare(e{epoch}) to all"),
-            Purpose::Shrink { write, next } => {
-                format!("shrinking to {next} before acking w{write}: Prepare(e{epoch}) to all")
-            }
-        },
-        Target::Persisting { cfg, purpose, .. } => match purpose {
-            Purpose::Open => format!("opening: Persist({cfg}) to all"),
-            Purpose::Shrink { write, .. } => {
-                format!("shrinking before acking w{write}: Persist({cfg}) to all")
-            }
-        },
+        Target::Preparing { epoch, purpose, .. } => {
+            format!("{}: Prepare(e{epoch}) to all", describe_purpose(purpose))
+        }
+        Target::Persisting { cfg, purpose, .. } => {
+            format!("{}: Persist({cfg}) to all", describe_purpose(purpose))
+        }
+        Target::Joining { cfg, replica } => {
+            format!("rebuilding {}: Join({cfg})", replica_id(replica.into()))
+        }
         Target::Serving { cfg } => format!("serving {cfg}"),
         Target::Writing { cfg, write, .. } => {
             format!(
@@ -894,6 +1356,18 @@ fn describe_target(target: &Target) -> String {
                 SetDisplay(cfg.in_sync)
             )
         }
+    }
+}
+
+fn describe_purpose(purpose: Purpose) -> String {
+    match purpose {
+        Purpose::Open { at_most: None } => "opening".to_string(),
+        Purpose::Open {
+            at_most: Some(at_most),
+        } => format!("reopening if no promise is above e{at_most}"),
+        Purpose::Shrink { write, next } => format!("shrinking to {next} before acking w{write}"),
+        Purpose::Retry { next } => format!("retrying a failed change with {next}"),
+        Purpose::Grow { next } => format!("growing to {next}"),
     }
 }
 
@@ -917,9 +1391,17 @@ fn describe_writes(writes: u8) -> String {
 /// One line of a trace: what happened, and the state it changed.
 fn describe(action: Action, before: &World, after: &World) -> String {
     match action {
-        Action::StartOpen(t) | Action::Plan(t) | Action::IssueWrite(t) | Action::CrashTarget(t) => {
+        Action::StartOpen(t)
+        | Action::Plan(t)
+        | Action::IssueWrite(t)
+        | Action::CrashTarget(t)
+        | Action::Reopen(t)
+        | Action::RetryChange(t)
+        | Action::StartRebuild(t, _)
+        | Action::Grow(t) => {
             let verb = match action {
                 Action::CrashTarget(_) => "crashes",
+                Action::Reopen(_) => "restarts →",
                 _ => "→",
             };
             format!(
@@ -950,7 +1432,15 @@ fn describe(action: Action, before: &World, after: &World) -> String {
             let msg = before.channels[t][r].expect("delivered a request");
             let msg = match msg {
                 Msg::ReadState => "ReadState".to_string(),
-                Msg::Prepare { epoch } => format!("Prepare(e{epoch})"),
+                Msg::Prepare {
+                    epoch,
+                    at_most: None,
+                } => format!("Prepare(e{epoch})"),
+                Msg::Prepare {
+                    epoch,
+                    at_most: Some(at_most),
+                } => format!("Prepare(e{epoch}, if promised at most e{at_most})"),
+                Msg::Join { cfg } => format!("Join({cfg})"),
                 Msg::Persist { cfg } => format!("Persist({cfg})"),
                 Msg::Write { write, epoch } => format!("Write(w{write}, e{epoch})"),
             };
@@ -963,6 +1453,26 @@ fn describe(action: Action, before: &World, after: &World) -> String {
         }
         Action::CrashReplica(r) => format!("{} crashes", replica_id(r)),
         Action::RestartReplica(r) => format!("{} restarts", replica_id(r)),
+        Action::Isolate(t) => format!(
+            "partition: {}'s node (with {}) is cut off from the others",
+            target_name(t),
+            replica_id(t)
+        ),
+        Action::Heal => "the partition heals".to_string(),
+        Action::CopyToRebuilt(t) => match after.rebuild[t] {
+            Some(rebuild) => format!(
+                "{} copies the in-sync data to {}: now {}",
+                target_name(t),
+                replica_id(rebuild.replica.into()),
+                describe_replica(&after.replicas[usize::from(rebuild.replica)])
+            ),
+            None => format!("{} fails to copy and gives the rebuild up", target_name(t)),
+        },
+        Action::SaveRecord(t) => format!(
+            "{}'s node saves its record: reopen if no promise is above e{}",
+            target_name(t),
+            after.persisted_max[t]
+        ),
     }
 }
 
@@ -1042,19 +1552,68 @@ fn report(violation: &Violation, trace: &[String]) -> String {
     format!("{violation}\nafter:\n{}", steps.join("\n"))
 }
 
-/// One write, one open per target (two competing targets) and one fault: the
-/// whole space is about 1.4 million states, half a minute in a debug build.
-/// (One more write, open or fault multiplies it by 3 to 10.)
+/// One write, one open per target (two competing targets) and one fault
+/// (a crash or a timeout): about a million states, half a minute in a debug
+/// build. (One more write, open or fault multiplies it by 3 to 10.) The
+/// mutations of the open, shrink and write rules are caught within it.
 const BOUNDS: Bounds = Bounds {
     writes: 1,
+    targets: TARGETS,
     opens_per_target: 1,
     faults: 1,
+    retries: 0,
+    rebuilds: 0,
+    reopens: 0,
+    partitions: false,
+};
+
+/// `BOUNDS` with partitions among the faults, and a retry of a failed
+/// change: everything `BOUNDS` explores and more.
+const RETRIES: Bounds = Bounds {
+    retries: 1,
+    partitions: true,
+    ..BOUNDS
+};
+
+/// A rebuild (join, copy, grow) by one target, with two writes and two
+/// faults (a replica can fail during the rebuild): 185 thousand states. A
+/// competing target meets a grow only through the rule every change of a
+/// serving target's own config follows, which `RETRIES` explores with two
+/// targets and partitions; `BOUNDS` with a rebuild and two targets is 6.7
+/// million states, five minutes in a debug build.
+const REBUILDS: Bounds = Bounds {
+    rebuilds: 1,
+    targets: 1,
+    writes: 2,
+    faults: 2,
+    ..BOUNDS
+};
+
+/// `BOUNDS` with a reopen of a crashed target (with one fault, the crash,
+/// there is none left for a partition).
+const REOPENS: Bounds = Bounds {
+    reopens: 1,
+    ..BOUNDS
 };
 
 #[test]
 fn correct_rules_keep_every_invariant() {
+    assert_correct_within(RETRIES);
+}
+
+#[test]
+fn correct_rules_keep_every_invariant_through_rebuilds() {
+    assert_correct_within(REBUILDS);
+}
+
+#[test]
+fn correct_rules_keep_every_invariant_through_reopens() {
+    assert_correct_within(REOPENS);
+}
+
+fn assert_correct_within(bounds: Bounds) {
     let started = Instant::now();
-    let exploration = explore(Rules::CORRECT, BOUNDS);
+    let exploration = explore(Rules::CORRECT, bounds);
     if let Some((violation, trace)) = &exploration.violation {
         panic!("{}", report(violation, trace));
     }
@@ -1135,4 +1694,29 @@ fn catches_ack_before_the_shrink_is_persisted() {
 #[test]
 fn catches_a_quorum_of_one() {
     assert_caught(Mutation::QuorumOfOne);
+}
+
+/// The bug the partition test found in the real target: cut off from the
+/// majority, a target's failed changes prepared ever higher epochs on its
+/// own replica; a target opened on the majority side took a lower one; when
+/// the partition healed, the old target's retry was granted everywhere and
+/// installed its stale config over the new target's.
+#[test]
+fn catches_an_own_change_that_ignores_newer_configs() {
+    assert_caught_within(Mutation::OwnChangeIgnoresNewerConfigs, RETRIES);
+}
+
+#[test]
+fn catches_a_grow_without_the_copy() {
+    assert_caught_within(Mutation::GrowWithoutCopy, REBUILDS);
+}
+
+#[test]
+fn catches_a_rebuild_that_misses_writes() {
+    assert_caught_within(Mutation::RebuildMissesWrites, REBUILDS);
+}
+
+#[test]
+fn catches_an_unconditional_reopen() {
+    assert_caught_within(Mutation::UnconditionalReopen, REOPENS);
 }

@@ -231,13 +231,18 @@ impl Replica {
             Op::GetState => Ok(json(&self.state().await)),
             Op::Prepare => {
                 let mut state = self.state.write().await;
-                if request.flags & FLAG_ONLY_IF_PROMISE_AT_MOST != 0
-                    && state.promised_epoch > request.length
-                {
-                    return Err((Status::Fenced, json(&self.record(&state))));
-                }
                 let mut next = state.clone();
-                match membership::replica_prepare(&mut next, request.epoch) {
+                let reply = if request.flags & FLAG_ONLY_IF_PROMISE_AT_MOST != 0 {
+                    // The bound travels in the length field.
+                    membership::replica_prepare_if_promise_at_most(
+                        &mut next,
+                        request.epoch,
+                        request.length,
+                    )
+                } else {
+                    membership::replica_prepare(&mut next, request.epoch)
+                };
+                match reply {
                     PrepareReply::Prepared { .. } => {
                         self.persist(&next).await.map_err(block_status)?;
                         *state = next;

@@ -9,6 +9,7 @@ use strata_node::replication::client::ReplicaClient;
 use strata_node::replication::replica::{extent_count, StateRecord};
 use strata_node::replication::wire::{Op, Request, Status};
 
+use super::netns::{self, NetLab};
 use super::TestNode;
 
 pub struct TestCluster {
@@ -25,6 +26,24 @@ impl TestCluster {
                     &format!("zone-{i}"),
                     pool_size,
                     extra_args,
+                )
+            })
+            .collect();
+        TestCluster { nodes }
+    }
+
+    /// `lab.nodes()` nodes, each in its namespace of `lab`. The calling
+    /// thread must be in the lab's client namespace (`NetLab::enter_client`).
+    pub fn start_in(lab: &NetLab, pool_size: &str, extra_args: &[&str]) -> TestCluster {
+        let nodes = (0..lab.nodes())
+            .map(|i| {
+                TestNode::start_in_netns(
+                    &format!("node-{}", i + 1),
+                    &format!("zone-{}", i + 1),
+                    pool_size,
+                    extra_args,
+                    &lab.node_netns(i),
+                    netns::node_ip(i).into(),
                 )
             })
             .collect();

@@ -3,9 +3,10 @@
 
 pub mod cluster;
 pub mod nbd_client;
+pub mod netns;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -23,6 +24,14 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// The addresses a node listens on.
+struct Listen {
+    grpc: SocketAddr,
+    nbd: SocketAddr,
+    http: SocketAddr,
+    replication: SocketAddr,
+}
+
 /// A storage node process with its own pool file and ports.
 pub struct TestNode {
     pub dir: tempfile::TempDir,
@@ -34,6 +43,8 @@ pub struct TestNode {
     pub replication: SocketAddr,
     extra_args: Vec<String>,
     pool_size: String,
+    /// The network namespace the process runs in (`ip netns exec`), if any.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -47,16 +58,54 @@ impl TestNode {
     }
 
     pub fn start_named(name: &str, zone: &str, pool_size: &str, extra_args: &[&str]) -> TestNode {
-        let mut node = TestNode {
-            dir: tempfile::tempdir().unwrap(),
-            name: name.to_string(),
-            zone: zone.to_string(),
+        let listen = Listen {
             grpc: free_addr(),
             nbd: free_addr(),
             http: free_addr(),
             replication: free_addr(),
+        };
+        Self::start_on(name, zone, pool_size, extra_args, listen, None)
+    }
+
+    /// A node in network namespace `netns`, listening on `ip` (the
+    /// namespace is its own, so fixed ports are free). The caller must
+    /// reach `ip` from its own namespace.
+    pub fn start_in_netns(
+        name: &str,
+        zone: &str,
+        pool_size: &str,
+        extra_args: &[&str],
+        netns: &str,
+        ip: IpAddr,
+    ) -> TestNode {
+        let listen = Listen {
+            grpc: SocketAddr::new(ip, 7400),
+            nbd: SocketAddr::new(ip, 10809),
+            http: SocketAddr::new(ip, 7480),
+            replication: SocketAddr::new(ip, 7410),
+        };
+        Self::start_on(name, zone, pool_size, extra_args, listen, Some(netns))
+    }
+
+    fn start_on(
+        name: &str,
+        zone: &str,
+        pool_size: &str,
+        extra_args: &[&str],
+        listen: Listen,
+        netns: Option<&str>,
+    ) -> TestNode {
+        let mut node = TestNode {
+            dir: tempfile::tempdir().unwrap(),
+            name: name.to_string(),
+            zone: zone.to_string(),
+            grpc: listen.grpc,
+            nbd: listen.nbd,
+            http: listen.http,
+            replication: listen.replication,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             pool_size: pool_size.to_string(),
+            netns: netns.map(str::to_string),
             child: None,
         };
         node.spawn();
@@ -79,7 +128,16 @@ impl TestNode {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_strata-node"));
+        let binary = env!("CARGO_BIN_EXE_strata-node");
+        // `ip netns exec` execs the node in place: the child is the node.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, binary]);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .args(["--name", &self.name, "--zone", &self.zone])
             .arg("--pool")

@@ -76,6 +76,12 @@ impl NbdClient {
         })
     }
 
+    /// Makes a reply that does not come within `timeout` an error, so a
+    /// server that hangs fails the test instead of hanging it.
+    pub fn set_reply_timeout(&self, timeout: std::time::Duration) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))
+    }
+
     fn request(
         &mut self,
         cmd: u16,

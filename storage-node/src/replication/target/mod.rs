@@ -149,6 +149,8 @@ pub struct VolumeTarget {
     fenced: AtomicBool,
     /// The highest epoch this target asked replicas to prepare.
     max_prepared: AtomicU64,
+    /// The highest epoch this target sent a config for (round 2).
+    max_persisted: AtomicU64,
     on_epoch_change: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Set when the target is closed: background work stops.
     closed: AtomicBool,
@@ -228,6 +230,7 @@ impl VolumeTarget {
             gate: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
             max_prepared: AtomicU64::new(0),
+            max_persisted: AtomicU64::new(0),
             on_epoch_change: Mutex::new(None),
             closed: AtomicBool::new(false),
             size: AtomicU64::new(state.size),
@@ -407,6 +410,7 @@ impl VolumeTarget {
     /// taken by a majority of both member lists and by every replica it
     /// names in sync.
     async fn persist(&self, before: &Config, config: &Config) -> Result<(), PersistError> {
+        self.max_persisted.fetch_max(config.epoch, Ordering::AcqRel);
         let request = self.persist_request(config);
         let all = self.change_indexes(before, config);
         let answers = self.ask(&all, |_| request.clone()).await;
@@ -564,10 +568,14 @@ impl VolumeTarget {
         *self.on_epoch_change.lock().expect("listener lock") = Some(listener);
     }
 
-    /// The highest epoch this target asked for; no other target can have
-    /// opened the volume while every replica's promise is at most this.
-    pub fn max_prepared_epoch(&self) -> u64 {
-        self.max_prepared.load(Ordering::Acquire)
+    /// The highest epoch this target sent a config for. A target that
+    /// opened the volume since did so at a higher epoch, promised by a
+    /// majority, so a reopen conditional on promises at most this one sees
+    /// it. (The highest epoch this target prepared is no such bound: while
+    /// cut off, its changes prepare epochs on a minority only, which can be
+    /// above the epoch of a target opened on the majority side.)
+    pub fn max_persisted_epoch(&self) -> u64 {
+        self.max_persisted.load(Ordering::Acquire)
     }
 
     /// The replication addresses of the members.
@@ -742,6 +750,60 @@ impl VolumeTarget {
         }
     }
 
+    /// Round 1 of a change to this target's own config (shrink, grow) at
+    /// `epoch`: the members that granted it, or `None` when the target
+    /// turned out to be fenced (a replica refused, or one that granted holds
+    /// a config this target did not persist).
+    async fn prepare_own_change(&self, all: &[usize], epoch: u64) -> Option<BTreeSet<ReplicaId>> {
+        if epoch > self.current().epoch + 1 {
+            // Changes of this target failed before, so its epoch may be
+            // above that of a target opened since. Reading the states
+            // changes nothing: a target that was cut off and comes back
+            // finds the newer target's config here and stops before its
+            // promise fences that target.
+            let states = self.ask(all, |_| Request::new(Op::GetState, 0, 0)).await;
+            self.own_change_allowed(&states)?;
+        }
+        self.note_prepared(epoch);
+        let answers = self.ask(all, |_| Request::new(Op::Prepare, 0, epoch)).await;
+        if answers
+            .values()
+            .any(|answer| matches!(answer, Answer::Refused(Status::Fenced, _)))
+        {
+            self.set_fenced();
+            return None;
+        }
+        self.own_change_allowed(&answers)
+    }
+
+    /// The members whose answers carry a state, if none holds a config this
+    /// target did not persist; otherwise the target is fenced.
+    fn own_change_allowed(&self, answers: &BTreeMap<usize, Answer>) -> Option<BTreeSet<ReplicaId>> {
+        let mut configs = Vec::new();
+        for (index, answer) in answers {
+            if let Answer::Done(payload) = answer {
+                match serde_json::from_slice::<StateRecord>(payload) {
+                    Ok(state) => {
+                        configs.push((ReplicaId(self.id_of(*index)), Config::from(&state.config)))
+                    }
+                    Err(err) => tracing::warn!(
+                        volume = %self.volume,
+                        node = %self.node_of(*index),
+                        %err,
+                        "bad replica state"
+                    ),
+                }
+            }
+        }
+        let own = self.max_persisted.load(Ordering::Acquire);
+        if let Err(deposed) = membership::check_own_change(own, &configs) {
+            tracing::error!(volume = %self.volume, %deposed, "stopping this target");
+            self.set_fenced();
+            return None;
+        }
+        Some(configs.into_iter().map(|(id, _)| id).collect())
+    }
+
     /// Drops `failed` from the in-sync set: both rounds at a new epoch.
     async fn shrink(&self, failed: &BTreeSet<ReplicaId>) -> BlockResult<()> {
         let _exclusive = self.gate.write().await;
@@ -765,24 +827,10 @@ impl VolumeTarget {
             next.epoch = next
                 .epoch
                 .max(self.max_prepared.load(Ordering::Acquire) + 1);
-            self.note_prepared(next.epoch);
             let all = self.member_indexes(&next);
-            let answers = self
-                .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
-                .await;
-            let mut prepared = BTreeSet::new();
-            for (index, answer) in &answers {
-                match answer {
-                    Answer::Done(_) => {
-                        prepared.insert(ReplicaId(self.id_of(*index)));
-                    }
-                    Answer::Refused(Status::Fenced, _) => {
-                        self.set_fenced();
-                        return Err(self.fenced_error());
-                    }
-                    _ => {}
-                }
-            }
+            let Some(prepared) = self.prepare_own_change(&all, next.epoch).await else {
+                return Err(self.fenced_error());
+            };
             if !membership::quorum_reached(&next.members, &prepared) {
                 return Err(BlockError::Io(format!(
                     "volume {}: only {} of {} replicas reachable, a majority is needed",

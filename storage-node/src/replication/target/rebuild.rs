@@ -255,17 +255,26 @@ impl VolumeTarget {
             Answer::Done(_) => {}
             // Granted already (it answered our own prepare of this epoch).
             Answer::Refused(Status::Fenced, payload) => {
-                let promised = serde_json::from_slice::<StateRecord>(payload.as_bytes())
-                    .map(|s| s.promised_epoch)
-                    .unwrap_or(u64::MAX);
-                if promised > config.epoch {
-                    return match self.fence_kind(&payload) {
-                        super::Fence::Own => Err("promised an epoch of a failed change".into()),
-                        super::Fence::Foreign(_) => {
-                            self.set_fenced();
-                            Err("a newer target owns the volume".into())
-                        }
-                    };
+                let Ok(state) = serde_json::from_slice::<StateRecord>(payload.as_bytes()) else {
+                    self.set_fenced();
+                    return Err("a newer target owns the volume".into());
+                };
+                if state.promised_epoch > config.epoch {
+                    if state.config.epoch > self.max_persisted.load(Ordering::Acquire) {
+                        self.set_fenced();
+                        return Err("a newer target owns the volume".into());
+                    }
+                    // A promise with no newer config behind it: a change of
+                    // ours that failed, or a target that prepared while cut
+                    // off from the majority (it never installed a config,
+                    // and stops when it sees ours). The next round of the
+                    // rebuilder makes a change above it first; that change
+                    // stops this target if a newer one did install a config.
+                    self.note_prepared(state.promised_epoch);
+                    return Err(format!(
+                        "the replica promised epoch {} with no newer config; changing epoch first",
+                        state.promised_epoch
+                    ));
                 }
             }
             other => return Err(format!("prepare: {other:?}")),
@@ -313,24 +322,10 @@ impl VolumeTarget {
                 .max(self.max_prepared.load(std::sync::atomic::Ordering::Acquire) + 1),
             ..next
         };
-        self.note_prepared(next.epoch);
         let all = self.change_indexes(current, &next);
-        let answers = self
-            .ask(&all, |_| Request::new(Op::Prepare, 0, next.epoch))
-            .await;
-        let mut prepared = BTreeSet::new();
-        for (i, answer) in &answers {
-            match answer {
-                Answer::Done(_) => {
-                    prepared.insert(ReplicaId(self.id_of(*i)));
-                }
-                Answer::Refused(Status::Fenced, _) => {
-                    self.set_fenced();
-                    return Err("a newer target owns the volume".into());
-                }
-                _ => {}
-            }
-        }
+        let Some(prepared) = self.prepare_own_change(&all, next.epoch).await else {
+            return Err("a newer target owns the volume".into());
+        };
         if !membership::change_quorum_reached(&current.members, &next.members, &prepared) {
             return Err(format!(
                 "only {} of the replicas took epoch {}, a majority is needed",
