@@ -53,16 +53,6 @@ struct Cli {
     max_volumes: i64,
 }
 
-async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     strata_node::daemon::init_logging();
@@ -96,7 +86,12 @@ async fn main() -> anyhow::Result<()> {
     let path = server::socket_path(&cli.endpoint)?;
     let listener = server::bind(&path)?;
     tracing::info!(mode = ?cli.mode, socket = %path.display(), "strata-csi serving");
-    server::serve(listener, Services { controller, node }, termination()).await?;
+    server::serve(
+        listener,
+        Services { controller, node },
+        strata_node::daemon::termination(),
+    )
+    .await?;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }

@@ -116,6 +116,31 @@ fn sync_filesystem(path: &Path) {
     assert!(status.success());
 }
 
+/// The controller plugin, against the cluster `strata up` described in `dir`.
+fn controller_plugin(root: &Path, dir: &str) -> CsiProcess {
+    CsiProcess::start(root, "controller", &["--mode", "controller", "--dir", dir])
+}
+
+/// The node plugin of the machine of storage node `name`, with its state
+/// under `root/name`.
+fn node_plugin(root: &Path, name: &str, zone: &str) -> CsiProcess {
+    let state = root.join(name).join("state").to_string_lossy().to_string();
+    CsiProcess::start(
+        root,
+        name,
+        &[
+            "--mode",
+            "node",
+            "--node-id",
+            name,
+            "--zone",
+            zone,
+            "--state-dir",
+            &state,
+        ],
+    )
+}
+
 fn kernel_nbd() -> bool {
     Path::new("/sys/module/nbd").exists()
 }
@@ -129,27 +154,9 @@ async fn a_volume_is_staged_written_moved_to_another_node_and_grown() {
     };
     let root = work.path();
     let dir = cluster.path().to_string_lossy().to_string();
-    let controller =
-        CsiProcess::start(root, "controller", &["--mode", "controller", "--dir", &dir]);
-    let node_process = |name: &str| {
-        let state = root.join(name).join("state").to_string_lossy().to_string();
-        CsiProcess::start(
-            root,
-            name,
-            &[
-                "--mode",
-                "node",
-                "--node-id",
-                name,
-                "--zone",
-                "zone-a",
-                "--state-dir",
-                &state,
-            ],
-        )
-    };
-    let worker1 = node_process("node-a");
-    let worker2 = node_process("node-b");
+    let controller = controller_plugin(root, &dir);
+    let worker1 = node_plugin(root, "node-a", "zone-a");
+    let worker2 = node_plugin(root, "node-b", "zone-a");
     let mut c = controller.controller().await;
 
     let volume = c
@@ -464,27 +471,9 @@ async fn a_three_replica_volume_moves_to_another_node_when_its_storage_node_dies
     };
     let root = work.path();
     let dir = cluster.path().to_string_lossy().to_string();
-    let controller =
-        CsiProcess::start(root, "controller", &["--mode", "controller", "--dir", &dir]);
-    let node_process = |name: &str, zone: &str| {
-        let state = root.join(name).join("state").to_string_lossy().to_string();
-        CsiProcess::start(
-            root,
-            name,
-            &[
-                "--mode",
-                "node",
-                "--node-id",
-                name,
-                "--zone",
-                zone,
-                "--state-dir",
-                &state,
-            ],
-        )
-    };
-    let plugin_a = node_process("node-a", "zone-a");
-    let plugin_b = node_process("node-b", "zone-b");
+    let controller = controller_plugin(root, &dir);
+    let plugin_a = node_plugin(root, "node-a", "zone-a");
+    let plugin_b = node_plugin(root, "node-b", "zone-b");
     let mut c = controller.controller().await;
 
     let volume = c
@@ -804,23 +793,8 @@ async fn an_xfs_volume_is_formatted_kept_across_stages_and_grown() {
     };
     let root = work.path();
     let dir = cluster.path().to_string_lossy().to_string();
-    let controller =
-        CsiProcess::start(root, "controller", &["--mode", "controller", "--dir", &dir]);
-    let state = root.join("node-a/state").to_string_lossy().to_string();
-    let worker = CsiProcess::start(
-        root,
-        "node-a",
-        &[
-            "--mode",
-            "node",
-            "--node-id",
-            "node-a",
-            "--zone",
-            "zone-a",
-            "--state-dir",
-            &state,
-        ],
-    );
+    let controller = controller_plugin(root, &dir);
+    let worker = node_plugin(root, "node-a", "zone-a");
     let mut c = controller.controller().await;
     let mut n = worker.node().await;
     let xfs = mount_capability("xfs");

@@ -196,7 +196,8 @@ pub fn main_with(args: NodeArgs) -> anyhow::Result<()> {
     runtime.block_on(run(args, termination()))
 }
 
-async fn termination() {
+/// Resolves at the first SIGTERM or SIGINT: how Strata's daemons learn to stop.
+pub async fn termination() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
