@@ -18,35 +18,7 @@ use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 use strata_csi::DRIVER_NAME;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn kubectl() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("kubectl"))
-        .find(|p| p.is_file())
-}
-
-/// Parses `value` as `T` and checks nothing was dropped on the way (the
-/// k8s-openapi types ignore unknown fields, so a misspelt one would pass).
-fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value) -> T {
-    let object: T = serde_json::from_value(value.clone()).unwrap_or_else(|e| {
-        panic!("{} {}: {e}", value["kind"], value["metadata"]["name"]);
-    });
-    let back = serde_json::to_value(&object).unwrap();
-    assert_eq!(
-        &back, value,
-        "{} {} has fields its type does not know",
-        value["kind"], value["metadata"]["name"]
-    );
-    object
-}
+use strata_system_tests::manifests::{kustomize, repo_root, typed};
 
 /// snapshot.storage.k8s.io/v1 VolumeSnapshotClass: a custom resource of
 /// the snapshot add-on, so not in k8s-openapi; its fields as the CRD has them.
@@ -79,20 +51,8 @@ struct Rendered {
     snapshot_classes: Vec<VolumeSnapshotClass>,
 }
 
-fn render(kubectl: &Path, overlay: &Path) -> Rendered {
-    let out = Command::new(kubectl)
-        .arg("kustomize")
-        .arg(overlay)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {}: {}",
-        overlay.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let objects: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+fn render(overlay: &Path) -> Rendered {
+    let objects = kustomize(overlay);
     let mut r = Rendered::default();
     for object in &objects {
         match object["kind"].as_str().unwrap_or_default() {
@@ -161,7 +121,7 @@ fn strata_binary(image: &str) -> Option<String> {
     if !name.starts_with("strata-") {
         return None;
     }
-    let dockerfile = repo().join(format!("deploy/docker/{name}.Dockerfile"));
+    let dockerfile = repo_root().join(format!("deploy/docker/{name}.Dockerfile"));
     let text = std::fs::read_to_string(&dockerfile)
         .unwrap_or_else(|_| panic!("image {image}: no {}", dockerfile.display()));
     assert!(
@@ -670,7 +630,7 @@ fn check_rbac(r: &Rendered) {
     // That the driver and the node make no API calls rests on this: neither
     // crate has a Kubernetes client.
     for manifest in ["csi-driver/Cargo.toml", "storage-node/Cargo.toml"] {
-        let text = std::fs::read_to_string(repo().join(manifest)).unwrap();
+        let text = std::fs::read_to_string(repo_root().join(manifest)).unwrap();
         let deps = text.split("[dev-dependencies]").next().unwrap();
         assert!(
             !deps.lines().any(|l| l.trim_start().starts_with("kube")),
@@ -747,17 +707,14 @@ fn check_overlay(overlay: &Path, r: &Rendered) {
 
 #[test]
 fn every_overlay_renders_into_valid_objects_that_match_the_binaries() {
-    // CI installs kubectl (.ci/install-test-deps); a test that skipped without
-    // it would vouch for manifests nobody rendered.
-    let kubectl = kubectl().expect("kubectl is not installed: run .ci/install-test-deps");
-    let overlays: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/overlays"))
+    let overlays: Vec<PathBuf> = std::fs::read_dir(repo_root().join("deploy/overlays"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("kustomization.yaml").exists())
         .collect();
     assert!(overlays.len() >= 2, "{overlays:?}");
     for overlay in &overlays {
-        let rendered = render(&kubectl, overlay);
+        let rendered = render(overlay);
         check_overlay(overlay, &rendered);
     }
 }
