@@ -471,10 +471,21 @@ impl VolumeTarget {
         indexes: &[usize],
         make: impl Fn(usize) -> Request,
     ) -> BTreeMap<usize, Answer> {
+        self.call_each(indexes, true, make).await
+    }
+
+    /// Sends `make(index)` to each replica in `indexes` at once and collects
+    /// the answers; `wait` as for [`VolumeTarget::connect`].
+    async fn call_each(
+        &self,
+        indexes: &[usize],
+        wait: bool,
+        make: impl Fn(usize) -> Request,
+    ) -> BTreeMap<usize, Answer> {
         let calls = indexes.iter().map(|&index| {
             let request = make(index);
             async move {
-                let answer = match self.connect(index, true).await {
+                let answer = match self.connect(index, wait).await {
                     Ok(link) => match link.call(request, self.options.timeout).await {
                         Ok(reply) if reply.status == Status::Ok => Answer::Done(reply.payload),
                         Ok(reply) => Answer::Refused(
@@ -721,27 +732,7 @@ impl VolumeTarget {
         indexes: &[usize],
         make: impl Fn(usize) -> Request,
     ) -> BTreeMap<usize, Answer> {
-        let calls = indexes.iter().map(|&index| {
-            let request = make(index);
-            async move {
-                let answer = match self.connect(index, false).await {
-                    Ok(link) => match link.call(request, self.options.timeout).await {
-                        Ok(reply) if reply.status == Status::Ok => Answer::Done(reply.payload),
-                        Ok(reply) => Answer::Refused(
-                            reply.status,
-                            String::from_utf8_lossy(&reply.payload).into_owned(),
-                        ),
-                        Err(err) => {
-                            self.drop_link(index);
-                            Answer::Lost(err)
-                        }
-                    },
-                    Err(err) => Answer::Lost(err),
-                };
-                (index, answer)
-            }
-        });
-        join_all(calls).await.into_iter().collect()
+        self.call_each(indexes, false, make).await
     }
 
     fn set_fenced(&self) {
