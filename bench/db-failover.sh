@@ -37,66 +37,16 @@
 
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+# shellcheck source=bench/local-db.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local-db.sh"
 RUNS=${RUNS:-10}
-
-TMP=""
-UP_PID=""
-
-cleanup() {
-    set +e
-    if [[ -n "$UP_PID" ]]; then
-        # strata up stops the database (and detaches its volumes), then the nodes.
-        kill -INT "$UP_PID" 2>/dev/null
-        wait "$UP_PID" 2>/dev/null
-    fi
-    if [[ -n "$TMP" && -z "${KEEP_TMP:-}" ]]; then
-        rm -rf "$TMP"
-    elif [[ -n "$TMP" ]]; then
-        echo "kept $TMP" >&2
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-fail() {
-    echo "error: $*" >&2
-    if [[ -n "$TMP" && -f "$TMP/up.log" ]]; then
-        echo "--- strata up log (tail)" >&2
-        tail -20 "$TMP/up.log" >&2
-    fi
-    exit 1
-}
 
 [[ $(id -u) == 0 ]] || fail "needs root (loop devices and mounts)"
 [[ -x "$PG_BIN/psql" ]] || fail "no psql in $PG_BIN (.ci/install-test-deps)"
 
-if [[ -z "${STRATA_BIN:-}" || -z "${STRATA_INSTANCE_BIN:-}" ]]; then
-    echo "building strata and strata-instance..."
-    (cd "$ROOT" && cargo build -q -p strata-cli -p strata-operator \
-        --bin strata --bin strata-instance)
-    TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-    STRATA_BIN=${STRATA_BIN:-$TARGET/debug/strata}
-    STRATA_INSTANCE_BIN=${STRATA_INSTANCE_BIN:-$TARGET/debug/strata-instance}
-fi
-export STRATA_INSTANCE_BIN
-
-TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/strata-failover.XXXXXX")
-# PostgreSQL runs as the postgres user and must reach its folders in there.
-chmod 755 "$TMP"
-DIR="$TMP/strata"
+build_db_binaries dev
+start_strata_up failover --pool-size 2GiB
 strata() { "$STRATA_BIN" --dir "$DIR" "$@"; }
-
-echo "starting strata up (3 nodes)..."
-"$STRATA_BIN" --dir "$DIR" up --pool-size 2GiB >"$TMP/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq 1 600); do
-    grep -q "Press Ctrl-C to stop." "$TMP/up.log" 2>/dev/null && break
-    kill -0 "$UP_PID" 2>/dev/null || fail "strata up exited"
-    sleep 0.5
-done
-grep -q "Press Ctrl-C to stop." "$TMP/up.log" || fail "strata up did not start"
 
 echo "creating a 3-instance cluster with synchronous replication..."
 strata db create ha --instances 3 --size 256MiB --sync >/dev/null || fail "strata db create failed"

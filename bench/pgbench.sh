@@ -44,8 +44,8 @@
 
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+# shellcheck source=bench/local-db.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local-db.sh"
 DURATION=${DURATION:-60}
 CLIENTS=${CLIENTS:-4}
 SCALE=${SCALE:-10}
@@ -53,68 +53,14 @@ VOL_SIZE=${VOL_SIZE:-2GiB}
 POOL_SIZE=${POOL_SIZE:-4GiB}
 PREALLOCATE=${PREALLOCATE:-1}
 
-TMP=""
-UP_PID=""
-LOCAL_PID=""
-
-cleanup() {
-    set +e
-    if [[ -n "$LOCAL_PID" ]]; then
-        kill -TERM "$LOCAL_PID" 2>/dev/null
-        wait "$LOCAL_PID" 2>/dev/null
-    fi
-    if [[ -n "$UP_PID" ]]; then
-        # strata up stops the database (and detaches its volume), then the nodes.
-        kill -INT "$UP_PID" 2>/dev/null
-        wait "$UP_PID" 2>/dev/null
-    fi
-    if [[ -n "$TMP" && -z "${KEEP_TMP:-}" ]]; then
-        rm -rf "$TMP"
-    elif [[ -n "$TMP" ]]; then
-        echo "kept $TMP" >&2
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-fail() {
-    echo "error: $*" >&2
-    if [[ -n "$TMP" && -f "$TMP/up.log" ]]; then
-        echo "--- strata up log (tail)" >&2
-        tail -20 "$TMP/up.log" >&2
-    fi
-    exit 1
-}
-
 [[ $(id -u) == 0 ]] || fail "needs root (loop devices and mounts)"
 [[ -x "$PG_BIN/pgbench" ]] || fail "no pgbench in $PG_BIN (.ci/install-test-deps)"
 
-if [[ -z "${STRATA_BIN:-}" || -z "${STRATA_INSTANCE_BIN:-}" ]]; then
-    echo "building strata and strata-instance (release)..."
-    (cd "$ROOT" && cargo build --release -q -p strata-cli -p strata-operator \
-        --bin strata --bin strata-instance)
-    TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-    STRATA_BIN=${STRATA_BIN:-$TARGET/release/strata}
-    STRATA_INSTANCE_BIN=${STRATA_INSTANCE_BIN:-$TARGET/release/strata-instance}
-fi
-export STRATA_INSTANCE_BIN
-
-TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/strata-pgbench.XXXXXX")
-# PostgreSQL runs as the postgres user and must reach its folders in there.
-chmod 755 "$TMP"
-DIR="$TMP/strata"
+build_db_binaries release
 
 UP_FLAGS=(--pool-size "$POOL_SIZE")
 [[ "$PREALLOCATE" == 1 ]] && UP_FLAGS+=(--preallocate)
-echo "starting strata up (3 nodes, ${POOL_SIZE} pools, preallocate=$PREALLOCATE)..."
-"$STRATA_BIN" --dir "$DIR" up "${UP_FLAGS[@]}" >"$TMP/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq 1 600); do
-    grep -q "Press Ctrl-C to stop." "$TMP/up.log" 2>/dev/null && break
-    kill -0 "$UP_PID" 2>/dev/null || fail "strata up exited (disk space for the pools?)"
-    sleep 0.5
-done
-grep -q "Press Ctrl-C to stop." "$TMP/up.log" || fail "strata up did not start"
+start_strata_up pgbench "${UP_FLAGS[@]}"
 
 echo "creating the database on a ${VOL_SIZE} volume with 3 replicas..."
 "$STRATA_BIN" --dir "$DIR" db create bench --instances 1 --size "$VOL_SIZE" \
