@@ -87,19 +87,21 @@ STRATA_APP_PASSWORD="$APP_PASSWORD" \
     --api-listen "127.0.0.1:$(free_port)" --peers local-1 "${RUN_AS[@]}" \
     >"$TMP/local.log" 2>&1 &
 LOCAL_PID=$!
+export PGPASSWORD="$APP_PASSWORD"
+# Ready once the application role exists: the instance manager creates it
+# after postgres accepts connections, so pg_isready alone is too early.
 for _ in $(seq 1 240); do
-    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$LOCAL_PORT" && break
+    "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$LOCAL_PORT" -U app -d app -c "SELECT 1" \
+        >/dev/null 2>&1 && break
     kill -0 "$LOCAL_PID" 2>/dev/null || { tail -20 "$TMP/local.log" >&2; fail "local instance exited"; }
     sleep 0.5
 done
-
-export PGPASSWORD="$APP_PASSWORD"
 # Prints the TPS of one measured run against 127.0.0.1:PORT.
 measure() {
     local port=$1 label=$2
     echo "[$label] pgbench -i -s $SCALE" >&2
-    "$PG_BIN/pgbench" -h 127.0.0.1 -p "$port" -U app -i -s "$SCALE" -q app >/dev/null 2>&1 \
-        || fail "pgbench -i on $label failed"
+    "$PG_BIN/pgbench" -h 127.0.0.1 -p "$port" -U app -i -s "$SCALE" -q app >/dev/null 2>"$TMP/$label-init.err" \
+        || fail "pgbench -i on $label failed: $(cat "$TMP/$label-init.err")"
     echo "[$label] pgbench -c $CLIENTS -j 2 -T $DURATION -M prepared" >&2
     "$PG_BIN/pgbench" -h 127.0.0.1 -p "$port" -U app -c "$CLIENTS" -j 2 -T "$DURATION" \
         -M prepared app 2>/dev/null | tee "$TMP/$label.out" >&2 \
