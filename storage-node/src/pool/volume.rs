@@ -318,7 +318,7 @@ impl Volume {
             return res;
         }
         let writes = runs.iter().map(|&(start, len)| {
-            let mut part = engine.buffer(len * BLOCK_SIZE);
+            let mut part = engine.write_buffer(len * BLOCK_SIZE);
             part.copy_from_slice(&buf[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE]);
             engine.write_at(part, pbas[start] as u64 * BLOCK_SIZE_U64)
         });
