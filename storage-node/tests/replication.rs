@@ -252,6 +252,7 @@ async fn partition_and_heal(lab: &NetLab) {
 
     // Heal: nothing but the network changes. Writes succeed again, the
     // replicas left behind are rebuilt and rejoin.
+    let log_before_heal = cluster.nodes[0].log().len();
     lab.heal(0, 1);
     lab.heal(0, 2);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -263,6 +264,13 @@ async fn partition_and_heal(lab: &NetLab) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // node-2 was in sync through the partition and answers again: the
+    // target reconnects it rather than going on with one copy.
+    let after_heal = cluster.nodes[0].log()[log_before_heal..].to_string();
+    assert!(
+        !after_heal.contains("in-sync set shrunk"),
+        "the in-sync set shrank after the partition healed:\n{after_heal}"
+    );
     cluster
         .wait_in_sync("split", 3, Duration::from_secs(60))
         .await;
@@ -323,6 +331,13 @@ async fn failover_across_a_partition(lab: &NetLab) {
     new.write(0, &[3; 4096], true).unwrap();
     new.write(4096, &[3; 4096], true).unwrap();
 
+    // The old target's local replica still holds 1 there, but it cannot
+    // confirm it is still the target: its read fails rather than go stale.
+    let err = old
+        .read(0, 4096)
+        .expect_err("a stale read from the deposed target");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
     lab.heal(0, 1);
     lab.heal(0, 2);
     // Long enough for the old target to reconnect and try its changes again.
@@ -354,6 +369,90 @@ async fn failover_across_a_partition(lab: &NetLab) {
         .await;
     assert!(new.read(4096, 4096).unwrap() == vec![3; 4096]);
     cluster.assert_replicas_identical("moved").await;
+}
+
+/// node-1's target is serving reads when it is cut off from both other
+/// nodes, with its read lease fresh; a target opened at once on node-2
+/// writes new data. No read the old target starts after that write was
+/// acknowledged may return the old data: the old target's lease ends first,
+/// because the new one waits out what is left of it before it serves.
+#[test]
+fn a_deposed_target_serves_no_read_older_than_an_acknowledged_write() {
+    let lab = NetLab::new(3);
+    lab.run(reads_across_a_failover(&lab));
+}
+
+async fn reads_across_a_failover(lab: &NetLab) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let cluster = TestCluster::start_in(lab, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("leased", 16 * MIB, 3).await;
+    let old_uri = cluster.export("leased", 0).await;
+    connect(&old_uri).write(0, &[1; 4096], true).unwrap();
+
+    // A reader on the old target, as a client that has not noticed anything.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut old = connect(&old_uri);
+            old.set_reply_timeout(Duration::from_secs(60)).unwrap();
+            let mut reads = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = old.read(0, 4096).map(|data| data[0]);
+                reads.push((started, result.map_err(|err| err.to_string())));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            reads
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    lab.cut(0, 1);
+    lab.cut(0, 2);
+    let seeds: Vec<String> = report
+        .members()
+        .into_iter()
+        .map(|member| member.address)
+        .collect();
+    let opened = cluster.nodes[1]
+        .client()
+        .await
+        .open_target(strata_proto::storage::OpenTargetRequest {
+            volume: "leased".into(),
+            seeds,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut new = connect(&opened.export_uri);
+    new.write(0, &[3; 4096], true).unwrap();
+    let acknowledged = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let reads = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+
+    let before = reads.iter().filter(|(at, _)| *at < acknowledged).count();
+    let after: Vec<_> = reads.iter().filter(|(at, _)| *at > acknowledged).collect();
+    assert!(
+        before > 0 && !after.is_empty(),
+        "the reader did not run throughout"
+    );
+    for (_, result) in &after {
+        assert!(
+            result.is_err(),
+            "the deposed target returned {result:?} after a newer write was acknowledged:\n{}",
+            cluster.nodes[1].log()
+        );
+    }
+    assert!(new.read(0, 4096).unwrap() == vec![3; 4096]);
+    lab.heal(0, 1);
+    lab.heal(0, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,6 +518,40 @@ async fn a_returning_replica_never_serves_stale_data() {
     for _ in 0..20 {
         assert!(client.read(0, 4096).unwrap() == vec![0xbb; 4096]);
     }
+}
+
+/// node-2 restarts while its connection to the target is idle: nothing in
+/// flight fails, but the restart lost a write that was not flushed yet. The
+/// target must notice the new process when it reconnects and rebuild it
+/// before trusting it, or the client's next FLUSH would make a write durable
+/// on two copies and the reads that go to node-2 would return the old data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_between_requests_is_rebuilt_before_it_serves() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("restarted", 16 * MIB, 3).await;
+    let uri = cluster.export("restarted", 0).await;
+    let mut client = connect(&uri);
+    client.write(0, &[0xaa; 4096], true).unwrap();
+    client.write(0, &[0xbb; 4096], false).unwrap();
+
+    cluster.nodes[1].kill9();
+    cluster.nodes[1].spawn();
+    // Past the target's reconnect back-off, so the flush reconnects.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.flush().unwrap();
+    for attempt in 0..20 {
+        assert!(
+            client.read(0, 4096).unwrap() == vec![0xbb; 4096],
+            "read {attempt} returned what the restart lost"
+        );
+    }
+    cluster
+        .wait_in_sync("restarted", 3, Duration::from_secs(60))
+        .await;
+    cluster.assert_replicas_identical("restarted").await;
+    // The volume moves to node-2 and reads its own copy first.
+    let mut moved = connect(&cluster.export("restarted", 1).await);
+    assert!(moved.read(0, 4096).unwrap() == vec![0xbb; 4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

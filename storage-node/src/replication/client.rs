@@ -32,6 +32,7 @@ pub struct ReplicaClient {
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
+    incarnation: Option<u64>,
 }
 
 impl ReplicaClient {
@@ -72,15 +73,20 @@ impl ReplicaClient {
         .await
         .map_err(|_| connect_error(format!("no answer within {timeout:?}")))?
         .map_err(|err| connect_error(err.to_string()))?;
-        match answer {
-            Some(reply) if reply.status == Status::Ok => {}
+        let incarnation = match answer {
+            Some(reply) if reply.status == Status::Ok => {
+                // Older nodes answer Hello with nothing.
+                <[u8; 8]>::try_from(reply.payload.as_slice())
+                    .ok()
+                    .map(u64::from_le_bytes)
+            }
             Some(reply) => {
                 return Err(LinkError::Refused(
                     String::from_utf8_lossy(&reply.payload).into_owned(),
                 ))
             }
             None => return Err(connect_error("closed during hello".into())),
-        }
+        };
 
         let writer_alive = alive.clone();
         tokio::spawn(async move {
@@ -134,11 +140,18 @@ impl ReplicaClient {
             pending,
             next_id: AtomicU64::new(1),
             alive,
+            incarnation,
         })
     }
 
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The replica's incarnation from its Hello reply: it changes when the
+    /// replica's process restarts.
+    pub fn incarnation(&self) -> Option<u64> {
+        self.incarnation
     }
 
     pub fn is_alive(&self) -> bool {
@@ -154,19 +167,33 @@ impl ReplicaClient {
         request.id = id;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
+        // Whatever ends this call (a reply, an error, a timeout, or the
+        // caller dropping it), its waiter does not stay behind.
+        let _waiter = PendingGuard {
+            pending: &self.pending,
+            id,
+        };
         let mut frame = Vec::with_capacity(wire::REQUEST_HEADER_LEN + request.payload.len() + 4);
         wire::encode_request(&request, &mut frame);
         if self.frames.send(frame).is_err() {
-            self.pending.lock().expect("pending lock").remove(&id);
             return Err(LinkError::Closed("connection is down".into()));
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(LinkError::Closed("connection lost".into())),
-            Err(_) => {
-                self.pending.lock().expect("pending lock").remove(&id);
-                Err(LinkError::Timeout(timeout))
-            }
+            Err(_) => Err(LinkError::Timeout(timeout)),
         }
+    }
+}
+
+/// Removes a call's waiter from the pending map when the call ends.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().expect("pending lock").remove(&self.id);
     }
 }

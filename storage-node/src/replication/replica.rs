@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
+use super::lease::LastAccepted;
 use super::membership::{self, Config, IoReply, PrepareReply, ReplicaId, ReplicaState};
 use super::wire::{
     Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
@@ -94,6 +95,11 @@ pub struct StateRecord {
     pub size: u64,
     pub promised_epoch: u64,
     pub config: ConfigRecord,
+    /// In the answer to a Prepare: how long the target that used this
+    /// replica before may still serve reads (see `lease`). A newer target
+    /// waits that long before it serves.
+    #[serde(default)]
+    pub lease_remaining_ms: u64,
 }
 
 /// This node's copy of a snapshot of a replicated volume.
@@ -150,6 +156,13 @@ pub struct Replica {
     /// configuration change holds it exclusively, so no request of an older
     /// epoch lands after a newer epoch was granted.
     state: RwLock<ReplicaState>,
+    /// Chosen at random when this process loads or creates the replica, and
+    /// told to every target in the Hello reply. A target that sees it change
+    /// knows the replica restarted, and may have lost writes it took but had
+    /// not made durable yet.
+    incarnation: u64,
+    /// When this replica last accepted a data request (see `lease`).
+    last_accepted: LastAccepted,
 }
 
 impl Replica {
@@ -188,6 +201,7 @@ impl Replica {
             size: self.size(),
             promised_epoch: state.promised_epoch,
             config: ConfigRecord::from(&state.config),
+            lease_remaining_ms: 0,
         }
     }
 
@@ -227,7 +241,7 @@ impl Replica {
 
     async fn execute(&self, request: Request) -> Result<Vec<u8>, (Status, Vec<u8>)> {
         match request.op {
-            Op::Hello => Ok(Vec::new()),
+            Op::Hello => Ok(self.incarnation.to_le_bytes().to_vec()),
             Op::GetState => Ok(json(&self.state().await)),
             Op::Prepare => {
                 let mut state = self.state.write().await;
@@ -246,7 +260,14 @@ impl Replica {
                     PrepareReply::Prepared { .. } => {
                         self.persist(&next).await.map_err(block_status)?;
                         *state = next;
-                        Ok(json(&self.record(&state)))
+                        let mut record = self.record(&state);
+                        // Rounded up: the new target must not start early.
+                        record.lease_remaining_ms =
+                            self.last_accepted
+                                .lease_remaining()
+                                .as_micros()
+                                .div_ceil(1000) as u64;
+                        Ok(json(&record))
                     }
                     PrepareReply::Fenced { .. } => {
                         Err((Status::Fenced, json(&self.record(&state))))
@@ -315,6 +336,7 @@ impl Replica {
                     }
                     IoReply::Behind { .. } => return Err((Status::Behind, Vec::new())),
                 }
+                self.last_accepted.touch();
                 let pool_name = format!("{POOL_VOLUME_PREFIX}{name}");
                 match self
                     .pool
@@ -338,6 +360,7 @@ impl Replica {
                     }
                     IoReply::Behind { .. } => return Err((Status::Behind, Vec::new())),
                 }
+                self.last_accepted.touch();
                 self.data_request(&request).await.map_err(block_status)
             }
         }
@@ -492,6 +515,8 @@ impl Replicas {
                             promised_epoch: header.promised_epoch,
                             config: Config::from(&header.config),
                         }),
+                        incarnation: uuid::Uuid::new_v4().as_u64_pair().0,
+                        last_accepted: LastAccepted::default(),
                     };
                     by_volume.insert(volume_name.to_string(), Arc::new(replica));
                 }
@@ -598,6 +623,8 @@ impl Replicas {
             members: std::sync::RwLock::new(members),
             data,
             state: RwLock::new(state.clone()),
+            incarnation: uuid::Uuid::new_v4().as_u64_pair().0,
+            last_accepted: LastAccepted::never(),
         });
         if let Err(err) = replica.persist(&state).await {
             let _ = self.pool.delete_volume(&pool_name).await;

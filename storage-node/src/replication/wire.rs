@@ -41,7 +41,9 @@ pub const FLAG_ONLY_IF_PROMISE_AT_MOST: u8 = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Op {
-    /// First request on a connection: the payload names the volume.
+    /// First request on a connection: the payload names the volume. The
+    /// reply carries the replica's incarnation (8 bytes, little-endian),
+    /// which changes when its process restarts.
     Hello = 1,
     /// The replica's membership state (no epoch check).
     GetState = 2,
@@ -63,6 +65,21 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the request reads or changes the volume's data (or takes a
+    /// copy of it), as opposed to membership and connection requests.
+    pub fn carries_data(self) -> bool {
+        matches!(
+            self,
+            Op::Read
+                | Op::Write
+                | Op::Flush
+                | Op::Trim
+                | Op::WriteZeroes
+                | Op::Digest
+                | Op::Snapshot
+        )
+    }
+
     pub fn from_u8(raw: u8) -> Option<Op> {
         Some(match raw {
             1 => Op::Hello,

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 mod rebuild;
 mod replace;
@@ -36,6 +37,7 @@ pub use rebuild::RebuildProgress;
 pub use replace::{ReplaceError, Replacement};
 
 use super::client::{LinkError, ReplicaClient};
+use super::lease::{self, ReadLease};
 use super::membership::{self, Config, IoReply, ReplicaId, WriteOutcome};
 use super::range_lock::RangeLock;
 use super::replica::{ConfigRecord, Member, PersistRecord, Replica, Replicas, StateRecord};
@@ -116,6 +118,12 @@ impl Slot {
 struct LinkSlot {
     link: Option<Arc<Link>>,
     last_attempt: Option<Instant>,
+    /// The replica's incarnation as of the last connection to it.
+    incarnation: Option<u64>,
+    /// The replica restarted while in sync: whatever it had not made durable
+    /// is gone, so it takes no data request until it has left the in-sync
+    /// set and been rebuilt. Connecting again does not clear this.
+    restarted: bool,
 }
 
 /// What one replica made of a request.
@@ -169,6 +177,8 @@ pub struct VolumeTarget {
     /// Replicas this target replaced whose data may still be on their node
     /// (it was down): node name by replica id, for the replacer to delete.
     replaced: Mutex<BTreeMap<u32, String>>,
+    /// Until when this target may serve reads (see `lease`).
+    lease: ReadLease,
 }
 
 /// Counts a request in [`VolumeTarget::unsettled`] while it lives.
@@ -241,6 +251,7 @@ impl VolumeTarget {
             rebuilding: Mutex::new(BTreeMap::new()),
             unsettled: AtomicUsize::new(0),
             replaced: Mutex::new(BTreeMap::new()),
+            lease: ReadLease::default(),
             options,
             local,
         });
@@ -254,6 +265,7 @@ impl VolumeTarget {
             })?;
         rebuild::spawn_rebuilder(&target);
         scrub::spawn_scrubber(&target);
+        spawn_lease_keeper(&target);
         replace::spawn_replacer(&target);
         Ok(target)
     }
@@ -292,11 +304,14 @@ impl VolumeTarget {
             let mut prepared = Vec::new();
             let mut rosters = Vec::new();
             let mut fenced = false;
+            let mut serve_after = Instant::now();
             for (index, answer) in &answers {
                 match answer {
                     Answer::Done(payload) => {
                         let state: StateRecord = serde_json::from_slice(payload)
                             .map_err(|e| membership_error(format!("bad state: {e}")))?;
+                        serve_after = serve_after
+                            .max(Instant::now() + Duration::from_millis(state.lease_remaining_ms));
                         prepared.push((ReplicaId(self.id_of(*index)), Config::from(&state.config)));
                         rosters.push(state);
                     }
@@ -339,6 +354,16 @@ impl VolumeTarget {
             };
             match self.persist(&config, &config).await {
                 Ok(()) => {
+                    // The previous target may still serve reads until then.
+                    let wait = serve_after.saturating_duration_since(Instant::now());
+                    if !wait.is_zero() {
+                        tracing::info!(
+                            volume = %self.volume,
+                            ?wait,
+                            "waiting out the previous target's read lease"
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
                     tracing::info!(
                         volume = %self.volume,
                         epoch,
@@ -484,25 +509,34 @@ impl VolumeTarget {
     ) -> BTreeMap<usize, Answer> {
         let calls = indexes.iter().map(|&index| {
             let request = make(index);
-            async move {
-                let answer = match self.connect(index, wait).await {
-                    Ok(link) => match link.call(request, self.options.timeout).await {
-                        Ok(reply) if reply.status == Status::Ok => Answer::Done(reply.payload),
-                        Ok(reply) => Answer::Refused(
-                            reply.status,
-                            String::from_utf8_lossy(&reply.payload).into_owned(),
-                        ),
-                        Err(err) => {
-                            self.drop_link(index);
-                            Answer::Lost(err)
-                        }
-                    },
-                    Err(err) => Answer::Lost(err),
-                };
-                (index, answer)
-            }
+            async move { (index, self.call_one(index, wait, request).await) }
         });
         join_all(calls).await.into_iter().collect()
+    }
+
+    /// Sends `request` to member `index`; `wait` as for [`VolumeTarget::connect`].
+    async fn call_one(&self, index: usize, wait: bool, request: Request) -> Answer {
+        match self.connect(index, wait).await {
+            // Checked once connected: connecting is what finds out.
+            Ok(_) if request.op.carries_data() && self.restarted(index) => {
+                Answer::Lost(LinkError::Closed(format!(
+                    "replica on {} restarted and may have lost writes; it serves again once rebuilt",
+                    self.node_of(index)
+                )))
+            }
+            Ok(link) => match link.call(request, self.options.timeout).await {
+                Ok(reply) if reply.status == Status::Ok => Answer::Done(reply.payload),
+                Ok(reply) => Answer::Refused(
+                    reply.status,
+                    String::from_utf8_lossy(&reply.payload).into_owned(),
+                ),
+                Err(err) => {
+                    self.drop_link(index);
+                    Answer::Lost(err)
+                }
+            },
+            Err(err) => Answer::Lost(err),
+        }
     }
 
     /// The link to member `index`, (re)connected if needed. Without `wait`
@@ -545,9 +579,32 @@ impl VolumeTarget {
                 ReplicaClient::connect(&member.address, &self.volume, self.options.timeout).await?,
             )
         };
+        let incarnation = match &link {
+            Link::Local(_) => None,
+            Link::Remote(client) => client.incarnation(),
+        };
         let link = Arc::new(link);
-        self.slot(index).link.lock().expect("link lock").link = Some(link.clone());
+        let in_sync = self.current().in_sync.contains(&ReplicaId(member.id));
+        let slot = self.slot(index);
+        let mut slot = slot.link.lock().expect("link lock");
+        if let (Some(known), Some(now)) = (slot.incarnation, incarnation) {
+            if known != now && in_sync && !slot.restarted {
+                tracing::warn!(
+                    volume = %self.volume,
+                    node = %member.node,
+                    "replica restarted; it is dropped from the in-sync set and rebuilt"
+                );
+                slot.restarted = true;
+            }
+        }
+        slot.incarnation = incarnation.or(slot.incarnation);
+        slot.link = Some(link.clone());
         Ok(link)
+    }
+
+    /// Whether member `index` restarted while in sync (see [`LinkSlot`]).
+    fn restarted(&self, index: usize) -> bool {
+        self.slot(index).link.lock().expect("link lock").restarted
     }
 
     fn drop_link(&self, index: usize) {
@@ -567,6 +624,13 @@ impl VolumeTarget {
             .target_epoch
             .get_or_create(&labels)
             .set(config.epoch as i64);
+        // A restarted replica is trusted again once it is out of sync: from
+        // there, only a rebuild brings it back.
+        for slot in self.slots.read().expect("slots lock").iter() {
+            if !config.in_sync.contains(&ReplicaId(slot.member.id)) {
+                slot.link.lock().expect("link lock").restarted = false;
+            }
+        }
         *self.config.write().expect("config lock") = Arc::new(config);
         let listener = self.on_epoch_change.lock().expect("listener lock").clone();
         if let Some(listener) = listener {
@@ -617,6 +681,7 @@ impl VolumeTarget {
     /// Sends a modifying request to every in-sync replica; returns once all
     /// have it, after shrinking out those that failed.
     async fn replicate(&self, make: impl Fn(u64) -> Request) -> BlockResult<()> {
+        let mut reconnected = false;
         loop {
             if self.fenced.load(Ordering::Acquire) {
                 return Err(self.fenced_error());
@@ -627,7 +692,9 @@ impl VolumeTarget {
             let rebuilding = self.rebuilding_indexes();
             let mut fan_out = in_sync.clone();
             fan_out.extend(rebuilding.iter().filter(|i| !in_sync.contains(i)));
+            let sent = Instant::now();
             let mut answers = self.send_io(&fan_out, |_| make(config.epoch)).await;
+            self.renew_lease_if_majority(&config, sent, &answers);
             let _unsettled = answers
                 .iter()
                 .any(|(i, a)| in_sync.contains(i) && !matches!(a, Answer::Done(_)))
@@ -694,11 +761,26 @@ impl VolumeTarget {
                                 volume = %self.volume,
                                 node = %self.node_of(*index),
                                 ?answer,
-                                "replica failed a request; dropping it from the in-sync set"
+                                "replica failed a request"
                             );
                         }
                     }
-                    self.shrink(&failed).await?;
+                    // Once per request, a replica that only lost its
+                    // connection may be kept (see `shrink_or_keep`).
+                    let reconnectable: BTreeSet<ReplicaId> = answers
+                        .iter()
+                        .filter(|(_, answer)| {
+                            !reconnected
+                                && matches!(answer, Answer::Lost(err) if !matches!(err, LinkError::Timeout(_)))
+                        })
+                        .map(|(index, _)| ReplicaId(self.id_of(*index)))
+                        .collect();
+                    let kept = self.shrink_or_keep(&failed, &reconnectable).await?;
+                    if !kept.is_empty() {
+                        // They missed the request: send it again.
+                        reconnected = true;
+                        continue;
+                    }
                     if own_epoch_refusals.is_empty() {
                         // Every replica still in sync took the request.
                         return Ok(());
@@ -797,6 +879,24 @@ impl VolumeTarget {
 
     /// Drops `failed` from the in-sync set: both rounds at a new epoch.
     async fn shrink(&self, failed: &BTreeSet<ReplicaId>) -> BlockResult<()> {
+        self.shrink_or_keep(failed, &BTreeSet::new())
+            .await
+            .map(|_| ())
+    }
+
+    /// Like [`shrink`](Self::shrink), but keeps in sync the replicas of
+    /// `reconnectable` (they failed a request by a lost connection, not by a
+    /// timeout or a refusal) that take part in the change's first round from
+    /// the same process as before: they have every write they acknowledged,
+    /// and a connection that dropped, or was not re-made yet after a
+    /// partition healed, is no reason to leave the volume with fewer copies.
+    /// Returns those kept; the caller sends its request to them again.
+    async fn shrink_or_keep(
+        &self,
+        failed: &BTreeSet<ReplicaId>,
+        reconnectable: &BTreeSet<ReplicaId>,
+    ) -> BlockResult<BTreeSet<ReplicaId>> {
+        let mut kept = BTreeSet::new();
         let _exclusive = self.gate.write().await;
         if self.fenced.load(Ordering::Acquire) {
             return Err(self.fenced_error());
@@ -810,11 +910,14 @@ impl VolumeTarget {
         let epoch_behind_promises = self.max_prepared.load(Ordering::Acquire) > current.epoch;
         if failed.is_empty() && !epoch_behind_promises {
             // Another request's change already dropped them.
-            return Ok(());
+            return Ok(kept);
         }
+        let plan = |failed: &BTreeSet<ReplicaId>| {
+            membership::plan_shrink(&current, failed)
+                .map_err(|err| BlockError::Io(format!("volume {}: {err}", self.volume)))
+        };
         loop {
-            let mut next = membership::plan_shrink(&current, &failed)
-                .map_err(|err| BlockError::Io(format!("volume {}: {err}", self.volume)))?;
+            let mut next = plan(&failed)?;
             next.epoch = next
                 .epoch
                 .max(self.max_prepared.load(Ordering::Acquire) + 1);
@@ -822,6 +925,22 @@ impl VolumeTarget {
             let Some(prepared) = self.prepare_own_change(&all, next.epoch).await else {
                 return Err(self.fenced_error());
             };
+            let back: BTreeSet<ReplicaId> = failed
+                .iter()
+                .filter(|id| {
+                    reconnectable.contains(id)
+                        && prepared.contains(id)
+                        && !self.restarted(self.index_of(**id))
+                })
+                .copied()
+                .collect();
+            if !back.is_empty() {
+                failed.retain(|id| !back.contains(id));
+                let epoch = next.epoch;
+                next = plan(&failed)?;
+                next.epoch = epoch;
+                kept.extend(back);
+            }
             if !membership::quorum_reached(&next.members, &prepared) {
                 return Err(BlockError::Io(format!(
                     "volume {}: only {} of {} replicas reachable, a majority is needed",
@@ -843,14 +962,23 @@ impl VolumeTarget {
             }
             match self.persist(&current, &next).await {
                 Ok(()) => {
-                    tracing::warn!(
-                        volume = %self.volume,
-                        epoch = next.epoch,
-                        in_sync = ?next.in_sync,
-                        "in-sync set shrunk"
-                    );
+                    if failed.is_empty() {
+                        tracing::info!(
+                            volume = %self.volume,
+                            epoch = next.epoch,
+                            reconnected = ?kept,
+                            "replicas reconnected; in-sync set unchanged"
+                        );
+                    } else {
+                        tracing::warn!(
+                            volume = %self.volume,
+                            epoch = next.epoch,
+                            in_sync = ?next.in_sync,
+                            "in-sync set shrunk"
+                        );
+                    }
                     self.install(next);
-                    return Ok(());
+                    return Ok(kept);
                 }
                 Err(PersistError::Fenced) => {
                     self.set_fenced();
@@ -861,6 +989,65 @@ impl VolumeTarget {
                 }
             }
         }
+    }
+
+    /// Extends the read lease when a majority of the members accepted a
+    /// request sent at `sent`.
+    fn renew_lease_if_majority(
+        &self,
+        config: &Config,
+        sent: Instant,
+        answers: &BTreeMap<usize, Answer>,
+    ) {
+        let accepted: BTreeSet<ReplicaId> = answers
+            .iter()
+            .filter(|(_, answer)| matches!(answer, Answer::Done(_)))
+            .map(|(index, _)| ReplicaId(self.id_of(*index)))
+            .collect();
+        if membership::quorum_reached(&config.members, &accepted) {
+            self.lease.extend(sent);
+        }
+    }
+
+    /// Renews the read lease with a request that reads nothing (digests of
+    /// no extents) to every member; fails when no majority accepts it.
+    async fn renew_lease(&self) -> BlockResult<()> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(self.fenced_error());
+        }
+        let config = self.current();
+        let epoch = config.epoch;
+        let sent = Instant::now();
+        // Done at the first majority: a member that does not answer (cut
+        // off, say) must not hold reads up until its timeout.
+        let mut calls: FuturesUnordered<_> = self
+            .member_indexes(&config)
+            .into_iter()
+            .map(|index| async move {
+                let request = Request::new(Op::Digest, 0, epoch);
+                (index, self.call_one(index, true, request).await)
+            })
+            .collect();
+        let mut answers = BTreeMap::new();
+        while let Some((index, answer)) = calls.next().await {
+            answers.insert(index, answer);
+            self.renew_lease_if_majority(&config, sent, &answers);
+            if self.lease.is_valid() {
+                return Ok(());
+            }
+        }
+        let newer = answers.values().any(|answer| {
+            matches!(answer, Answer::Refused(Status::Fenced, payload)
+                if matches!(self.fence_kind(payload), Fence::Foreign(_)))
+        });
+        if newer {
+            self.set_fenced();
+            return Err(self.fenced_error());
+        }
+        Err(BlockError::Io(format!(
+            "volume {}: no majority of replicas confirms this target still serves it",
+            self.volume
+        )))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -888,6 +1075,9 @@ impl VolumeTarget {
 
     async fn read_impl(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
         self.check_range(offset, len as u64)?;
+        if !self.lease.is_valid() {
+            self.renew_lease().await?;
+        }
         let mut bad_copies = Vec::new();
         let mut failed = BTreeSet::new();
         loop {
@@ -1225,6 +1415,24 @@ async fn find_state(
         }
     }
     Err(OpenError::NoReplica(volume.to_string()))
+}
+
+/// Keeps an idle target's read lease renewed, so reads do not wait for it.
+/// Ends when the target is closed, fenced or dropped.
+fn spawn_lease_keeper(target: &Arc<VolumeTarget>) {
+    let weak = Arc::downgrade(target);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(lease::LEASE / 5).await;
+            let Some(target) = weak.upgrade() else { return };
+            if target.is_fenced() || target.is_closed() {
+                return;
+            }
+            if target.lease.ends_within(lease::LEASE / 2) {
+                let _ = target.renew_lease().await;
+            }
+        }
+    });
 }
 
 impl BlockTarget for VolumeTarget {

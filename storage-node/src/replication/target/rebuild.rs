@@ -72,6 +72,20 @@ pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
                 let _ = target.shrink(&BTreeSet::new()).await;
                 continue;
             }
+            // An in-sync replica found restarted (by any request, the read
+            // lease's included) leaves the in-sync set even when no write
+            // comes to fail on it; then it is rebuilt like any other.
+            let restarted: BTreeSet<ReplicaId> = target
+                .member_indexes(&config)
+                .into_iter()
+                .filter(|&index| target.restarted(index))
+                .map(|index| ReplicaId(target.id_of(index)))
+                .filter(|id| config.in_sync.contains(id))
+                .collect();
+            if !restarted.is_empty() {
+                let _ = target.shrink(&restarted).await;
+                continue;
+            }
             for index in target.member_indexes(&config) {
                 let id = ReplicaId(target.id_of(index));
                 if config.in_sync.contains(&id) {
