@@ -355,7 +355,12 @@ impl VolumeTarget {
             match self.persist(&config, &config).await {
                 Ok(()) => {
                     // The previous target may still serve reads until then.
-                    let wait = serve_after.saturating_duration_since(Instant::now());
+                    // Not on a reopen: the previous target was this node's
+                    // own, in the process that died.
+                    let wait = match promise_at_most {
+                        Some(_) => Duration::ZERO,
+                        None => serve_after.saturating_duration_since(Instant::now()),
+                    };
                     if !wait.is_zero() {
                         tracing::info!(
                             volume = %self.volume,
