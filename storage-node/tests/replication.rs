@@ -15,6 +15,7 @@ use common::nbd_client::NbdClient;
 use common::netns::NetLab;
 use common::*;
 use rand::{Rng, SeedableRng};
+use strata_node::cluster::volumes::VolumeReport;
 
 /// Replicas that do not answer within a second are dropped: tests go fast.
 const FAST_TIMEOUT: &[&str] = &["--replica-timeout-ms", "1000"];
@@ -28,6 +29,30 @@ fn nbd_addr(uri: &str) -> (SocketAddr, String) {
 fn connect(uri: &str) -> NbdClient {
     let (addr, name) = nbd_addr(uri);
     NbdClient::connect(addr, &name).unwrap()
+}
+
+/// Opens the volume of `report` on node `index` the way a controller would
+/// that cannot reach its current target (the old target is not told to
+/// close), and connects to the new export.
+async fn open_target_on(cluster: &TestCluster, report: &VolumeReport, index: usize) -> NbdClient {
+    let seeds: Vec<String> = report
+        .members()
+        .into_iter()
+        .map(|member| member.address)
+        .collect();
+    let opened = cluster.nodes[index]
+        .client()
+        .await
+        .open_target(strata_proto::storage::OpenTargetRequest {
+            volume: report.name.clone(),
+            seeds,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let client = connect(&opened.export_uri);
+    client.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    client
 }
 
 /// fio's verifying random writes (`fio_verify_args`) over `size` of the
@@ -310,23 +335,7 @@ async fn failover_across_a_partition(lab: &NetLab) {
     // an outage of some seconds.
     tokio::time::sleep(Duration::from_secs(4)).await;
 
-    let seeds: Vec<String> = report
-        .members()
-        .into_iter()
-        .map(|member| member.address)
-        .collect();
-    let opened = cluster.nodes[1]
-        .client()
-        .await
-        .open_target(strata_proto::storage::OpenTargetRequest {
-            volume: "moved".into(),
-            seeds,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut new = connect(&opened.export_uri);
-    new.set_reply_timeout(Duration::from_secs(60)).unwrap();
+    let mut new = open_target_on(&cluster, &report, 1).await;
     assert!(new.read(0, 4096).unwrap() == vec![1; 4096]);
     new.write(0, &[3; 4096], true).unwrap();
     new.write(4096, &[3; 4096], true).unwrap();
@@ -413,22 +422,7 @@ async fn reads_across_a_failover(lab: &NetLab) {
 
     lab.cut(0, 1);
     lab.cut(0, 2);
-    let seeds: Vec<String> = report
-        .members()
-        .into_iter()
-        .map(|member| member.address)
-        .collect();
-    let opened = cluster.nodes[1]
-        .client()
-        .await
-        .open_target(strata_proto::storage::OpenTargetRequest {
-            volume: "leased".into(),
-            seeds,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut new = connect(&opened.export_uri);
+    let mut new = open_target_on(&cluster, &report, 1).await;
     new.write(0, &[3; 4096], true).unwrap();
     let acknowledged = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
