@@ -329,14 +329,7 @@ impl Replica {
                 crate::pool::validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
                 // Shared, like a write: no configuration change meanwhile.
                 let state = self.state.read().await;
-                match membership::replica_io(&state, request.epoch) {
-                    IoReply::Accepted => {}
-                    IoReply::Fenced { .. } => {
-                        return Err((Status::Fenced, json(&self.record(&state))))
-                    }
-                    IoReply::Behind { .. } => return Err((Status::Behind, Vec::new())),
-                }
-                self.last_accepted.touch();
+                self.accept_io(&state, request.epoch)?;
                 let pool_name = format!("{POOL_VOLUME_PREFIX}{name}");
                 match self
                     .pool
@@ -353,16 +346,23 @@ impl Replica {
             }
             Op::Read | Op::Write | Op::Flush | Op::Trim | Op::WriteZeroes | Op::Digest => {
                 let state = self.state.read().await;
-                match membership::replica_io(&state, request.epoch) {
-                    IoReply::Accepted => {}
-                    IoReply::Fenced { .. } => {
-                        return Err((Status::Fenced, json(&self.record(&state))))
-                    }
-                    IoReply::Behind { .. } => return Err((Status::Behind, Vec::new())),
-                }
-                self.last_accepted.touch();
+                self.accept_io(&state, request.epoch)?;
                 self.data_request(&request).await.map_err(block_status)
             }
+        }
+    }
+
+    /// Whether a request at `epoch` may touch the data (see
+    /// `membership::replica_io`): the refusal to answer if not. An accepted
+    /// one counts for the read lease.
+    fn accept_io(&self, state: &ReplicaState, epoch: u64) -> Result<(), (Status, Vec<u8>)> {
+        match membership::replica_io(state, epoch) {
+            IoReply::Accepted => {
+                self.last_accepted.touch();
+                Ok(())
+            }
+            IoReply::Fenced { .. } => Err((Status::Fenced, json(&self.record(state)))),
+            IoReply::Behind { .. } => Err((Status::Behind, Vec::new())),
         }
     }
 
