@@ -699,7 +699,11 @@ impl VolumeTarget {
             fan_out.extend(rebuilding.iter().filter(|i| !in_sync.contains(i)));
             let sent = Instant::now();
             let mut answers = self.send_io(&fan_out, |_| make(config.epoch)).await;
-            self.renew_lease_if_majority(&config, sent, &answers);
+            // Most writes find the lease far from its end: no count for them.
+            if self.lease.ends_within(lease::LEASE / 2) && self.majority_accepted(&config, &answers)
+            {
+                self.lease.extend(sent);
+            }
             let _unsettled = answers
                 .iter()
                 .any(|(i, a)| in_sync.contains(i) && !matches!(a, Answer::Done(_)))
@@ -996,26 +1000,14 @@ impl VolumeTarget {
         }
     }
 
-    /// Extends the read lease when a majority of the members accepted a
-    /// request sent at `sent`.
-    fn renew_lease_if_majority(
-        &self,
-        config: &Config,
-        sent: Instant,
-        answers: &BTreeMap<usize, Answer>,
-    ) {
-        // Most writes find the lease far from its end: no work for them.
-        if !self.lease.ends_within(lease::LEASE / 2) {
-            return;
-        }
+    /// Whether a majority of the members of `config` accepted a request.
+    fn majority_accepted(&self, config: &Config, answers: &BTreeMap<usize, Answer>) -> bool {
         let accepted: BTreeSet<ReplicaId> = answers
             .iter()
             .filter(|(_, answer)| matches!(answer, Answer::Done(_)))
             .map(|(index, _)| ReplicaId(self.id_of(*index)))
             .collect();
-        if membership::quorum_reached(&config.members, &accepted) {
-            self.lease.extend(sent);
-        }
+        membership::quorum_reached(&config.members, &accepted)
     }
 
     /// Renews the read lease with a request that reads nothing (digests of
@@ -1040,8 +1032,8 @@ impl VolumeTarget {
         let mut answers = BTreeMap::new();
         while let Some((index, answer)) = calls.next().await {
             answers.insert(index, answer);
-            self.renew_lease_if_majority(&config, sent, &answers);
-            if self.lease.is_valid() {
+            if self.majority_accepted(&config, &answers) {
+                self.lease.extend(sent);
                 return Ok(());
             }
         }
