@@ -326,7 +326,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .context("stopping NBD threads")?;
     // Writes that completed but were never flushed become durable on a clean stop.
-    let committed = pool.commit().await.context("final commit");
+    let committed = pool.close().await.context("final commit");
     match drained {
         Ok((nbd, grpc, http)) => {
             nbd?.context("NBD server")?;

@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod nbd;
 pub mod pool;
+pub mod range_lock;
 pub mod registry;
 pub mod replication;
 pub mod target;

@@ -17,17 +17,32 @@
 //! started as a copy of a snapshot's. Snapshots are created and deleted by
 //! writing a checkpoint, never through the journal.
 //!
-//! Versions: version 1 pools (no snapshots) open in this build; their
-//! superblock is rewritten as version 2 at open, before the first version-2
-//! checkpoint, so an older build refuses the pool by its version number
-//! instead of misreading it. Checkpoints say their own version by their magic.
+//! Versions: version 1 and 2 pools open in this build; their superblock is
+//! rewritten as version 3 at open, before the first version-3 checkpoint, so
+//! an older build refuses the pool by its version number instead of misreading
+//! it. Checkpoints say their own version by their magic. Version 3 added
+//! overwrite regions (below): the journal's region records and the
+//! checkpoint's list of open regions.
 //!
-//! Crash consistency: data is never overwritten in place. A write goes to a
-//! free block and the volume's map is pointed at it; the map change is made
-//! durable by a journal batch at the next FLUSH (or FUA write). The newest valid
-//! checkpoint plus the unbroken run of valid journal batches after it is the
-//! pool's state; a torn batch fails its CRC and is ignored, which is correct
-//! because its FLUSH never completed. Every metadata block carries a CRC32.
+//! Crash consistency: the volume's map is pointed at a block's data, with its
+//! CRC, once the data is on the device, and map changes are made durable by a
+//! journal batch at the next FLUSH (or FUA write). The newest valid checkpoint
+//! plus the unbroken run of valid journal batches after it is the pool's
+//! state; a torn batch fails its CRC and is ignored, which is correct because
+//! its FLUSH never completed. Every metadata block carries a CRC32.
+//!
+//! A write goes to a free block (copy-on-write) unless its block can be
+//! overwritten in place: mapped, named by no snapshot, and inside an *open
+//! overwrite region*. The data area is divided into regions of
+//! [`REGION_BLOCKS`]; a region is opened by a journal record that is durable
+//! before the first in-place write into it, and closed by a later record (or
+//! by leaving it out of a checkpoint's open list) once every in-place write
+//! into it is in a durable batch. After an unclean stop a block in a region
+//! still open may hold data newer than its durable CRC: written but never
+//! flushed, perhaps torn, as a disk may return after power loss. Opening the
+//! pool reads the mapped blocks of the open regions and records the CRC of
+//! what is there. Outside open regions a mismatch can only be corruption. At
+//! most [`MAX_OPEN_REGIONS`] are open, which bounds that scan (4 GiB).
 
 use crate::pool::PoolError;
 
@@ -38,9 +53,11 @@ const SUPERBLOCK_MAGIC: &[u8; 8] = b"STRATAPL";
 /// Version 1 checkpoints: volumes only.
 const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"STRATACK";
 /// Version 2 checkpoints: volumes, then snapshots.
-const CHECKPOINT_MAGIC: &[u8; 8] = b"STRATAC2";
+const CHECKPOINT_MAGIC_V2: &[u8; 8] = b"STRATAC2";
+/// Version 3 checkpoints: volumes, snapshots, then the open overwrite regions.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"STRATAC3";
 const JOURNAL_MAGIC: u32 = 0x534a_4e4c; // "SJNL"
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this build opens (and upgrades).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -54,6 +71,16 @@ const CHECKPOINT_ENTRIES_PER_BLOCK: u64 = 2;
 const CHECKPOINT_VOLUME_TABLE_BYTES: u64 = 1 << 20;
 /// Pools are addressed with 32-bit block numbers: 16 TiB at 4 KiB blocks.
 pub const MAX_POOL_BLOCKS: u64 = u32::MAX as u64;
+/// Blocks per overwrite region (64 MiB), counted from block 0 of the device.
+pub const REGION_BLOCKS: u32 = 16384;
+/// Overwrite regions open at once, at most: an unclean stop costs opening the
+/// pool a read of this many regions (4 GiB) at most.
+pub const MAX_OPEN_REGIONS: usize = 64;
+
+/// The overwrite region a physical block is in.
+pub fn region_of(pba: u32) -> u32 {
+    pba / REGION_BLOCKS
+}
 
 /// Where everything is, in blocks from the start of the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +269,8 @@ pub struct Checkpoint {
     pub next_volume_id: u64,
     pub volumes: Vec<VolumeRecord>,
     pub snapshots: Vec<SnapshotRecord>,
+    /// Overwrite regions open at this checkpoint, ascending.
+    pub open_regions: Vec<u32>,
 }
 
 impl Checkpoint {
@@ -256,6 +285,10 @@ impl Checkpoint {
         for s in &self.snapshots {
             p.string(&s.source);
             p.volume_record(&s.image);
+        }
+        p.u32(self.open_regions.len() as u32);
+        for region in &self.open_regions {
+            p.u32(*region);
         }
         let payload = p.0;
         let mut h = Writer::default();
@@ -277,7 +310,13 @@ impl Checkpoint {
         let body = check_block(header)?;
         let mut r = Reader::new(body);
         let magic = r.bytes(8).ok()?;
-        if magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_V1 {
+        if ![
+            &CHECKPOINT_MAGIC[..],
+            CHECKPOINT_MAGIC_V2,
+            CHECKPOINT_MAGIC_V1,
+        ]
+        .contains(&magic)
+        {
             return None;
         }
         r.u64().ok()?;
@@ -292,9 +331,10 @@ impl Checkpoint {
         let header = bytes.get(..BLOCK_SIZE).ok_or_else(|| bad("truncated"))?;
         let body = check_block(header).ok_or_else(|| bad("header checksum mismatch"))?;
         let mut r = Reader::new(body);
-        let has_snapshots = match r.bytes(8)? {
-            m if m == CHECKPOINT_MAGIC => true,
-            m if m == CHECKPOINT_MAGIC_V1 => false,
+        let version = match r.bytes(8)? {
+            m if m == CHECKPOINT_MAGIC => 3,
+            m if m == CHECKPOINT_MAGIC_V2 => 2,
+            m if m == CHECKPOINT_MAGIC_V1 => 1,
             _ => return Err(bad("bad magic")),
         };
         let generation = r.u64()?;
@@ -315,12 +355,19 @@ impl Checkpoint {
             volumes.push(r.volume_record()?);
         }
         let mut snapshots = Vec::new();
-        if has_snapshots {
+        if version >= 2 {
             let count = r.u32()?;
             for _ in 0..count {
                 let source = r.string()?;
                 let image = r.volume_record()?;
                 snapshots.push(SnapshotRecord { source, image });
+            }
+        }
+        let mut open_regions = Vec::new();
+        if version >= 3 {
+            let count = r.u32()?;
+            for _ in 0..count {
+                open_regions.push(r.u32()?);
             }
         }
         Ok(Checkpoint {
@@ -329,6 +376,7 @@ impl Checkpoint {
             next_volume_id,
             volumes,
             snapshots,
+            open_regions,
         })
     }
 }
@@ -348,13 +396,33 @@ impl Checkpoint {
     /// This checkpoint as a version 1 build wrote it: the old magic, no
     /// snapshot table (to test upgrades; snapshots are left out).
     pub fn encode_version_1(&self) -> Vec<u8> {
+        self.encode_old(1)
+    }
+
+    /// This checkpoint as a version 2 build wrote it: no open regions.
+    pub fn encode_version_2(&self) -> Vec<u8> {
+        self.encode_old(2)
+    }
+
+    fn encode_old(&self, version: u32) -> Vec<u8> {
         let mut payload = Writer::default();
         payload.u32(self.volumes.len() as u32);
         for v in &self.volumes {
             payload.volume_record(v);
         }
+        if version == 2 {
+            payload.u32(self.snapshots.len() as u32);
+            for s in &self.snapshots {
+                payload.string(&s.source);
+                payload.volume_record(&s.image);
+            }
+        }
         let mut header = Writer::default();
-        header.bytes(CHECKPOINT_MAGIC_V1);
+        header.bytes(if version == 2 {
+            CHECKPOINT_MAGIC_V2
+        } else {
+            CHECKPOINT_MAGIC_V1
+        });
         for v in [
             self.generation,
             self.journal_seq,
@@ -371,13 +439,37 @@ impl Checkpoint {
     }
 }
 
-/// One map change in the journal.
+/// One map change in the journal, or (with [`REGION_RECORD`] as its volume
+/// id) the opening or closing of an overwrite region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JournalRecord {
     pub volume_id: u64,
     pub lba: u64,
     /// The new entry; an unmapped entry records a TRIM.
     pub entry: BlockEntry,
+}
+
+/// The volume id of region records. Volume ids count up from 1 and never
+/// reach it. A region record's `lba` is the region, its `entry.pba` is 1 for
+/// open and 0 for closed.
+pub const REGION_RECORD: u64 = u64::MAX;
+
+impl JournalRecord {
+    pub fn region(region: u32, open: bool) -> JournalRecord {
+        JournalRecord {
+            volume_id: REGION_RECORD,
+            lba: region as u64,
+            entry: BlockEntry {
+                pba: open as u32,
+                crc: 0,
+            },
+        }
+    }
+
+    /// `(region, open)` when this is a region record.
+    pub fn as_region(&self) -> Option<(u32, bool)> {
+        (self.volume_id == REGION_RECORD).then_some((self.lba as u32, self.entry.pba == 1))
+    }
 }
 
 const JOURNAL_HEADER_BYTES: usize = 24;
@@ -634,6 +726,7 @@ mod tests {
                     blocks: vec![(0, BlockEntry { pba: 900, crc: 5 })],
                 },
             }],
+            open_regions: vec![0, 7],
         };
         let mut bytes = cp.encode();
         assert_eq!(bytes.len() % BLOCK_SIZE, 0);
@@ -676,7 +769,16 @@ mod tests {
             next_volume_id: 2,
             volumes: vec![volume.clone()],
             snapshots: Vec::new(),
+            open_regions: Vec::new(),
         };
+        // A version 2 checkpoint: snapshots but no list of open regions.
+        let mut v2 = old.clone();
+        v2.snapshots = vec![SnapshotRecord {
+            source: "v".into(),
+            image: volume.clone(),
+        }];
+        assert_eq!(Checkpoint::decode(&v2.encode_version_2()).unwrap(), v2);
+
         let bytes = old.encode_version_1();
         assert_ne!(bytes, old.encode());
         let cp = Checkpoint::decode(&bytes).unwrap();
@@ -709,6 +811,18 @@ mod tests {
             decoded.extend(b.records);
         }
         assert_eq!(decoded, records);
+        let region = JournalRecord::region(41, true);
+        assert_eq!(region.as_region(), Some((41, true)));
+        assert_eq!(
+            JournalRecord::region(41, false).as_region(),
+            Some((41, false))
+        );
+        assert_eq!(records[0].as_region(), None);
+        let batch = encode_journal_batch(13, &[records[0], region]);
+        assert_eq!(
+            decode_journal_block(&batch).unwrap().records,
+            vec![records[0], region]
+        );
         let mut torn = bytes[..BLOCK_SIZE].to_vec();
         torn[100] ^= 4;
         assert!(decode_journal_block(&torn).is_none());

@@ -14,16 +14,17 @@ mod allocator;
 mod epoch;
 pub mod format;
 mod map;
+mod regions;
 mod snapshot;
 mod volume;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use allocator::Allocator;
 use epoch::Epochs;
@@ -32,9 +33,11 @@ use format::{
     BLOCK_SIZE_U64,
 };
 use map::BlockMap;
+use regions::OpenRegions;
 
 use crate::engine::{device_size, EngineKind, IoEngine};
 use crate::metrics::Metrics;
+use crate::range_lock::RangeLock;
 pub use snapshot::SnapshotInfo;
 use snapshot::SnapshotState;
 pub use volume::Volume;
@@ -118,8 +121,9 @@ pub struct Pool {
     commit: tokio::sync::Mutex<CommitState>,
     allocator: Arc<Mutex<Allocator>>,
     epochs: Epochs,
-    /// Held across read-modify-write of a partially written block.
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Writes hold it shared, a snapshot exclusively while it copies a map: a
+    /// block must not become shared while it is being overwritten in place.
+    snapshot_gate: tokio::sync::RwLock<()>,
     /// Blocks kept free for overwrites: copy-on-write needs a free block to
     /// overwrite even a fully allocated volume.
     reserve_blocks: u64,
@@ -137,6 +141,8 @@ struct State {
     pending_frees: Vec<u32>,
     /// A data write completed since the last data sync.
     data_dirty: bool,
+    /// Where blocks may be overwritten in place (see `format`).
+    regions: OpenRegions,
 }
 
 struct VolumeState {
@@ -144,6 +150,9 @@ struct VolumeState {
     size: Arc<AtomicU64>,
     created_unix: u64,
     map: BlockMap,
+    /// Block ranges held by writes: a block is written (in place or not) and
+    /// its map entry updated by one write at a time.
+    ranges: Arc<RangeLock>,
 }
 
 struct CommitState {
@@ -154,7 +163,6 @@ struct CommitState {
     checkpoint_generation: u64,
 }
 
-const STRIPES: usize = 256;
 const MAX_VOLUME_NAME: usize = 128;
 
 impl Pool {
@@ -219,6 +227,7 @@ impl Pool {
             next_volume_id: 1,
             volumes: Vec::new(),
             snapshots: Vec::new(),
+            open_regions: Vec::new(),
         };
         write_bytes(&engine, layout.checkpoint_start[1], &empty.encode()).await?;
         // Zero the journal's first block so no stale batch can follow.
@@ -254,6 +263,7 @@ impl Pool {
                     size: Arc::new(AtomicU64::new(v.size)),
                     created_unix: v.created_unix,
                     map: map_of(v),
+                    ranges: RangeLock::new(),
                 },
             );
         }
@@ -262,8 +272,15 @@ impl Pool {
             .iter()
             .map(|s| (s.image.id, SnapshotState::from_record(s, map_of(&s.image))))
             .collect();
-        let journal_seq =
-            replay_journal(&engine, &layout, checkpoint.journal_seq, &mut volumes).await?;
+        let mut open_regions: BTreeSet<u32> = checkpoint.open_regions.iter().copied().collect();
+        let journal_seq = replay_journal(
+            &engine,
+            &layout,
+            checkpoint.journal_seq,
+            &mut volumes,
+            &mut open_regions,
+        )
+        .await?;
 
         // Every map's reference to a block counts; shared blocks get several.
         let mut allocator = Allocator::new(layout.data_start, layout.data_blocks);
@@ -280,6 +297,9 @@ impl Pool {
                     )));
                 }
             }
+        }
+        if !open_regions.is_empty() {
+            adopt_in_place_writes(&engine, &open_regions, &mut volumes, &allocator).await?;
         }
         let mut superblock = superblock;
         if superblock.format_version < format::FORMAT_VERSION {
@@ -302,6 +322,7 @@ impl Pool {
                 pending_records: Vec::new(),
                 pending_frees: Vec::new(),
                 data_dirty: false,
+                regions: OpenRegions::default(),
             }),
             commit: tokio::sync::Mutex::new(CommitState {
                 journal_seq,
@@ -310,14 +331,15 @@ impl Pool {
             }),
             epochs: Epochs::new(allocator.clone()),
             allocator,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            snapshot_gate: tokio::sync::RwLock::new(()),
             reserve_blocks,
             superblock,
             metrics,
             checksum_failures: AtomicU64::new(0),
         });
-        // Fold the replayed journal into a fresh checkpoint so the journal
-        // starts empty.
+        // Fold the replayed journal (and the checksums of in-place writes
+        // adopted above) into a fresh checkpoint with no region open, so the
+        // journal starts empty.
         pool.checkpoint().await?;
         tracing::info!(
             path = %path.display(),
@@ -405,6 +427,7 @@ impl Pool {
             *id,
             v.name.clone(),
             v.size.clone(),
+            v.ranges.clone(),
         ))
     }
 
@@ -447,6 +470,7 @@ impl Pool {
                 size: Arc::new(AtomicU64::new(size)),
                 created_unix: now_unix(),
                 map: BlockMap::default(),
+                ranges: RangeLock::new(),
             };
             let info = volume_info(id, &volume);
             state.volumes.insert(id, volume);
@@ -476,7 +500,7 @@ impl Pool {
             volume.map.iter().map(|(_, e)| e.pba).collect()
         };
         // Frees become real once the checkpoint without this volume is durable.
-        self.checkpoint_locked(&mut commit, frees).await?;
+        self.checkpoint_locked(&mut commit, frees, &[]).await?;
         tracing::info!(volume = name, "deleted volume");
         Ok(())
     }
@@ -535,15 +559,53 @@ impl Pool {
     /// Makes every write that completed before this call durable.
     pub async fn commit(&self) -> Result<(), PoolError> {
         let mut commit = self.commit.lock().await;
-        let (records, frees, dirty) = {
+        self.commit_locked(&mut commit, &[], regions::IDLE_CLOSE)
+            .await
+    }
+
+    /// Commits, and closes every overwrite region with no write in flight, so
+    /// the next open needs no scan (see `format`). For a clean stop.
+    pub async fn close(&self) -> Result<(), PoolError> {
+        let mut commit = self.commit.lock().await;
+        self.commit_locked(&mut commit, &[], Duration::ZERO).await
+    }
+
+    /// Makes the opening of overwrite regions durable (those of `wanted` that
+    /// fit, see [`OpenRegions::make_room`]), with everything pending.
+    async fn open_regions(&self, wanted: &[u32]) -> Result<(), PoolError> {
+        let mut commit = self.commit.lock().await;
+        self.commit_locked(&mut commit, wanted, regions::IDLE_CLOSE)
+            .await
+    }
+
+    /// One journal batch with every pending map change, closing the regions
+    /// idle for `close_idle` and opening those of `open` that fit.
+    async fn commit_locked(
+        &self,
+        commit: &mut CommitState,
+        open: &[u32],
+        close_idle: Duration,
+    ) -> Result<(), PoolError> {
+        let (records, frees, dirty, opening, closing) = {
             let mut state = self.state.lock().expect("state lock");
+            // Closed here, under the lock that in-place writes start under:
+            // every write into these regions has its record in this batch.
+            let (opening, mut closing) = state.regions.make_room(open);
+            closing.extend(state.regions.take_idle(close_idle));
             (
                 std::mem::take(&mut state.pending_records),
                 std::mem::take(&mut state.pending_frees),
                 std::mem::replace(&mut state.data_dirty, false),
+                opening,
+                closing,
             )
         };
-        if records.is_empty() && frees.is_empty() && !dirty {
+        if records.is_empty()
+            && frees.is_empty()
+            && !dirty
+            && opening.is_empty()
+            && closing.is_empty()
+        {
             return Ok(());
         }
         // Data first: a journal batch must never point at data that is not on disk.
@@ -551,15 +613,26 @@ impl Pool {
             self.engine.sync_data().await?;
         }
         let layout = &self.superblock.layout;
-        if !records.is_empty() {
-            let blocks = format::journal_batch_blocks(records.len());
+        let region_records: Vec<JournalRecord> = closing
+            .iter()
+            .map(|r| JournalRecord::region(*r, false))
+            .chain(opening.iter().map(|r| JournalRecord::region(*r, true)))
+            .collect();
+        let count = records.len() + region_records.len();
+        if count > 0 {
+            let blocks = format::journal_batch_blocks(count);
             if commit.journal_pos + blocks > layout.journal_blocks {
                 // The journal is full: a checkpoint holds these changes too.
-                self.checkpoint_locked(&mut commit, frees).await?;
-                return Ok(());
+                // They go back to pending, where the checkpoint takes them
+                // (and puts them back if it fails).
+                self.requeue(records, Vec::new());
+                return self.checkpoint_locked(commit, frees, &opening).await;
             }
             let seq = commit.journal_seq + 1;
-            let batch = format::encode_journal_batch(seq, &records);
+            let mut batch_records = records;
+            let map_records = batch_records.len();
+            batch_records.extend(region_records);
+            let batch = format::encode_journal_batch(seq, &batch_records);
             let res = write_bytes(
                 &self.engine,
                 layout.journal_start + commit.journal_pos,
@@ -571,15 +644,24 @@ impl Pool {
                 Err(err) => Err(err),
             };
             if let Err(err) = res {
-                // The batch may be half on disk. Keep the changes pending; the
-                // next commit writes them at the same place under the same
+                // The batch may be half on disk. Keep the map changes pending;
+                // the next commit writes them at the same place under the same
                 // sequence number, replacing whatever part of this one landed.
-                self.requeue(records, frees);
+                // Region records are not kept: the regions closed here stay
+                // closed in memory (the durable state may have them open,
+                // which only costs a scan), the ones opening stay closed.
+                batch_records.truncate(map_records);
+                self.requeue(batch_records, frees);
                 return Err(err.into());
             }
             commit.journal_seq = seq;
             commit.journal_pos += blocks;
         }
+        self.state
+            .lock()
+            .expect("state lock")
+            .regions
+            .mark_open(&opening);
         self.epochs.release_after_readers(frees);
         Ok(())
     }
@@ -595,13 +677,16 @@ impl Pool {
     /// Writes the full metadata to the older checkpoint slot and empties the journal.
     pub async fn checkpoint(&self) -> Result<(), PoolError> {
         let mut commit = self.commit.lock().await;
-        self.checkpoint_locked(&mut commit, Vec::new()).await
+        self.checkpoint_locked(&mut commit, Vec::new(), &[]).await
     }
 
+    /// A checkpoint whose open regions are those open now and `opening`
+    /// (marked open in memory once the checkpoint is durable).
     async fn checkpoint_locked(
         &self,
         commit: &mut CommitState,
         mut frees: Vec<u32>,
+        opening: &[u32],
     ) -> Result<(), PoolError> {
         let layout = &self.superblock.layout;
         let generation = commit.checkpoint_generation + 1;
@@ -625,12 +710,18 @@ impl Pool {
                 .map(|(id, s)| s.record(*id))
                 .collect();
             snapshots.sort_by_key(|s| s.image.id);
+            state.regions.take_idle(regions::IDLE_CLOSE);
+            let mut open_regions = state.regions.ids();
+            open_regions.extend_from_slice(opening);
+            open_regions.sort_unstable();
+            open_regions.dedup();
             let checkpoint = Checkpoint {
                 generation,
                 journal_seq: commit.journal_seq,
                 next_volume_id: state.next_volume_id,
                 volumes,
                 snapshots,
+                open_regions,
             };
             // The snapshot includes every pending change, so they need no batch.
             frees.append(&mut state.pending_frees);
@@ -660,6 +751,11 @@ impl Pool {
         }
         commit.checkpoint_generation = generation;
         commit.journal_pos = 0;
+        self.state
+            .lock()
+            .expect("state lock")
+            .regions
+            .mark_open(opening);
         self.epochs.release_after_readers(frees);
         Ok(())
     }
@@ -812,13 +908,15 @@ async fn read_newest_checkpoint(
     })
 }
 
-/// Applies the unbroken run of complete batches after `after_seq`; returns the
+/// Applies the unbroken run of complete batches after `after_seq` to the
+/// volumes' maps and to the set of open overwrite regions; returns the
 /// sequence number of the last batch applied.
 async fn replay_journal(
     engine: &IoEngine,
     layout: &Layout,
     after_seq: u64,
     volumes: &mut HashMap<u64, VolumeState>,
+    open_regions: &mut BTreeSet<u32>,
 ) -> Result<u64, PoolError> {
     let journal = read_bytes(
         engine,
@@ -853,6 +951,14 @@ async fn replay_journal(
             }
         }
         for r in records {
+            if let Some((region, open)) = r.as_region() {
+                if open {
+                    open_regions.insert(region);
+                } else {
+                    open_regions.remove(&region);
+                }
+                continue;
+            }
             let Some(volume) = volumes.get_mut(&r.volume_id) else {
                 continue; // deleted since; its checkpoint is newer than this record
             };
@@ -879,6 +985,67 @@ async fn replay_journal(
         );
     }
     Ok(seq)
+}
+
+/// After an unclean stop: gives every mapped block in an open overwrite
+/// region the CRC of the data it holds. Such a block may have been
+/// overwritten in place after its CRC was last made durable, a write that was
+/// never flushed (see `format`). Blocks a snapshot shares were never written
+/// in place and keep their CRC.
+async fn adopt_in_place_writes(
+    engine: &IoEngine,
+    open_regions: &BTreeSet<u32>,
+    volumes: &mut HashMap<u64, VolumeState>,
+    allocator: &Allocator,
+) -> Result<(), PoolError> {
+    let started = std::time::Instant::now();
+    // (pba, volume, lba, crc), in device order so runs are read at once.
+    let mut blocks: Vec<(u32, u64, u64, u32)> = volumes
+        .iter()
+        .flat_map(|(id, v)| {
+            v.map
+                .iter()
+                .filter(|(_, e)| open_regions.contains(&format::region_of(e.pba)))
+                .filter(|(_, e)| !allocator.is_shared(e.pba))
+                .map(move |(lba, e)| (e.pba, *id, lba, e.crc))
+        })
+        .collect();
+    blocks.sort_unstable();
+    const RUN_BLOCKS: usize = 256;
+    let mut adopted = 0u64;
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut end = i + 1;
+        while end < blocks.len() && end - i < RUN_BLOCKS && blocks[end].0 == blocks[end - 1].0 + 1 {
+            end += 1;
+        }
+        let (buf, res) = engine
+            .read_at(
+                engine.buffer((end - i) * BLOCK_SIZE),
+                blocks[i].0 as u64 * BLOCK_SIZE_U64,
+            )
+            .await;
+        res?;
+        for (k, &(pba, volume_id, lba, crc)) in blocks[i..end].iter().enumerate() {
+            let actual = format::data_crc(&buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]);
+            if actual != crc {
+                let volume = volumes.get_mut(&volume_id).expect("listed above");
+                volume.map.set(lba, format::BlockEntry { pba, crc: actual });
+                adopted += 1;
+            }
+        }
+        i = end;
+    }
+    tracing::warn!(
+        regions = open_regions.len(),
+        blocks_read = blocks.len(),
+        blocks_newer = adopted,
+        seconds = started.elapsed().as_secs_f64(),
+        "the pool was not closed cleanly: checked the blocks of the regions that were open \
+         for in-place writes, and recorded the checksum of each block that held a newer, \
+         unflushed write"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use super::map::BlockMap;
 use super::{
     now_unix, volume_info, Pool, PoolError, State, VolumeInfo, VolumeState, MAX_VOLUME_NAME,
 };
+use crate::range_lock::RangeLock;
 
 pub(super) struct SnapshotState {
     pub name: String,
@@ -75,6 +76,9 @@ impl Pool {
         name: &str,
     ) -> Result<SnapshotInfo, PoolError> {
         check_internal_name("snapshot", name)?;
+        // Writes in flight finish first: once the map is copied its blocks
+        // are shared, and none may still be being overwritten in place.
+        let gate = self.snapshot_gate.write().await;
         let id = {
             let mut guard = self.state.lock().expect("state lock");
             let state = &mut *guard;
@@ -101,6 +105,7 @@ impl Pool {
             state.snapshots.insert(id, snapshot);
             id
         };
+        drop(gate);
         if let Err(err) = self.checkpoint().await {
             self.forget_snapshot(id);
             return Err(err);
@@ -126,7 +131,7 @@ impl Pool {
             let snapshot = state.snapshots.remove(&id).expect("snapshot present");
             snapshot.map.iter().map(|(_, e)| e.pba).collect()
         };
-        self.checkpoint_locked(&mut commit, frees).await?;
+        self.checkpoint_locked(&mut commit, frees, &[]).await?;
         tracing::info!(snapshot = name, "deleted snapshot");
         Ok(())
     }
@@ -224,6 +229,7 @@ impl Pool {
                 size: Arc::new(AtomicU64::new(size)),
                 created_unix: now_unix(),
                 map,
+                ranges: RangeLock::new(),
             };
             let id = state.next_volume_id;
             state.next_volume_id += 1;

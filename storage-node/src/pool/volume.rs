@@ -1,9 +1,18 @@
 //! I/O on one volume: the read and write paths of the pool.
 //!
-//! Writes never overwrite a data block in place: each written block goes to a
-//! newly allocated physical block with its CRC32, and the volume's map is
-//! pointed at it once the data is on the device. Reads check every block's CRC
-//! and fail with an I/O error on a mismatch; bad data is never returned.
+//! A written block is overwritten in place when it can be (mapped, shared
+//! with no snapshot, in an open overwrite region: see `format`), so a volume
+//! keeps the layout of its first writes and a sequential overwrite stays
+//! sequential on the device. Otherwise it goes to a newly allocated block
+//! (copy-on-write). Either way its CRC32 goes into the map once the data is on
+//! the device. Reads check every block's CRC and fail with an I/O error on a
+//! mismatch; bad data is never returned.
+//!
+//! A write holds its block range (the volume's range lock) from its plan to
+//! its map update, so one block is never written by two writes at once, and a
+//! read that meets a block being overwritten in place (data and CRC out of
+//! step for a moment) reads it again under the range lock before it calls the
+//! block bad.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,16 +21,19 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::format::{data_crc, BlockEntry, JournalRecord, BLOCK_SIZE, BLOCK_SIZE_U64};
+use super::format::{data_crc, region_of, BlockEntry, JournalRecord, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::{Pool, PoolError};
 use crate::engine::AlignedBuf;
 use crate::metrics::{IoLabels, VolumeLabels};
+use crate::range_lock::RangeLock;
 use crate::target::{BlockError, BlockResult, BlockTarget};
 
 /// Unmapping is done in slices so one huge TRIM does not hold the map lock long.
 const UNMAP_SLICE_BLOCKS: u64 = 16384;
 /// Zeroes are written (for NO_HOLE) in slices of this many bytes.
 const ZERO_SLICE_BYTES: u64 = 1 << 20;
+/// A write commits when this many map changes (24 bytes each) are pending.
+const MAX_PENDING_RECORDS: usize = 1 << 20;
 
 /// A handle for I/O on one volume; cheap to create, one per NBD export lookup.
 pub struct Volume {
@@ -29,6 +41,8 @@ pub struct Volume {
     id: u64,
     name: String,
     size: Arc<AtomicU64>,
+    /// The volume's block ranges held by writes (shared by all its handles).
+    ranges: Arc<RangeLock>,
     metrics: VolumeMetrics,
 }
 
@@ -105,13 +119,20 @@ impl From<PoolError> for BlockError {
 }
 
 impl Volume {
-    pub(super) fn new(pool: Arc<Pool>, id: u64, name: String, size: Arc<AtomicU64>) -> Self {
+    pub(super) fn new(
+        pool: Arc<Pool>,
+        id: u64,
+        name: String,
+        size: Arc<AtomicU64>,
+        ranges: Arc<RangeLock>,
+    ) -> Self {
         let metrics = VolumeMetrics::new(&pool, &name);
         Volume {
             pool,
             id,
             name,
             size,
+            ranges,
             metrics,
         }
     }
@@ -169,8 +190,9 @@ impl Volume {
         Ok(digests)
     }
 
-    /// Reads `n` whole blocks from `first`, every mapped one checked against its CRC.
-    async fn read_blocks(&self, first: u64, n: u64) -> BlockResult<Vec<u8>> {
+    /// Reads `n` whole blocks from `first`, every mapped one checked against
+    /// its CRC. `ranged`: the caller holds the range lock over these blocks.
+    async fn read_blocks(&self, first: u64, n: u64, ranged: bool) -> BlockResult<Vec<u8>> {
         let pool = &self.pool;
         // Pinned before the map lookup: the blocks we look up stay ours until
         // the I/O is done, even if they are overwritten meanwhile.
@@ -192,24 +214,33 @@ impl Volume {
             res.map_err(|e| BlockError::Io(format!("reading volume {}: {e}", self.name)))?;
             for i in 0..len {
                 let block = &buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-                let entry = entries[start + i];
-                if data_crc(block) != entry.crc {
-                    let lba = first + (start + i) as u64;
-                    pool.checksum_failures.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.checksum_failures.inc();
-                    tracing::error!(
-                        volume = %self.name,
-                        lba,
-                        pba = entry.pba,
-                        "data block checksum mismatch; returning an I/O error"
-                    );
-                    return Err(BlockError::Checksum(format!(
-                        "volume {} block {lba}",
-                        self.name
-                    )));
-                }
+                let lba = first + (start + i) as u64;
                 let at = (start + i) * BLOCK_SIZE;
-                out[at..at + BLOCK_SIZE].copy_from_slice(block);
+                if data_crc(block) == entries[start + i].crc {
+                    out[at..at + BLOCK_SIZE].copy_from_slice(block);
+                    continue;
+                }
+                // Perhaps an in-place write was under way; with the block's
+                // range held, nothing is.
+                if !ranged {
+                    let _range = self.ranges.lock(lba, lba + 1).await;
+                    let again = Box::pin(self.read_blocks(lba, 1, true)).await?;
+                    out[at..at + BLOCK_SIZE].copy_from_slice(&again);
+                    continue;
+                }
+                let entry = entries[start + i];
+                pool.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.checksum_failures.inc();
+                tracing::error!(
+                    volume = %self.name,
+                    lba,
+                    pba = entry.pba,
+                    "data block checksum mismatch; returning an I/O error"
+                );
+                return Err(BlockError::Checksum(format!(
+                    "volume {} block {lba}",
+                    self.name
+                )));
             }
         }
         Ok(out)
@@ -227,55 +258,51 @@ impl Volume {
         let n = last - first + 1;
         let head_partial = offset % BLOCK_SIZE_U64 != 0;
         let tail_partial = end % BLOCK_SIZE_U64 != 0;
-        // A partial block is read, merged and written whole; two writers to
-        // different parts of one block must not both start from the old data.
-        let mut stripes = Vec::new();
-        if head_partial {
-            stripes.push(self.stripe(first));
-        }
-        if tail_partial {
-            stripes.push(self.stripe(last));
-        }
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut _guards = Vec::with_capacity(stripes.len());
-        for s in stripes {
-            _guards.push(self.pool.stripes[s].lock().await);
-        }
+        // Held to the map update: a partial block is read, merged and written
+        // whole, and two writers to one block must not both start from the
+        // old data, nor overwrite it in place at once.
+        let _range = self.ranges.lock(first, first + n).await;
         // Every byte is overwritten below: by the old partial blocks, then the data.
         let mut buf = self.pool.engine.write_buffer(n as usize * BLOCK_SIZE);
         if head_partial {
-            let old = self.read_blocks(first, 1).await?;
+            let old = self.read_blocks(first, 1, true).await?;
             buf[..BLOCK_SIZE].copy_from_slice(&old);
         }
         if tail_partial && !(head_partial && n == 1) {
-            let old = self.read_blocks(last, 1).await?;
+            let old = self.read_blocks(last, 1, true).await?;
             buf[(n as usize - 1) * BLOCK_SIZE..].copy_from_slice(&old);
         }
         let at = (offset % BLOCK_SIZE_U64) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
-        self.write_blocks(first, buf).await?;
-        if fua {
+        let pending = self.write_blocks(first, buf).await?;
+        // FUA; or a client that never flushes, whose map changes would
+        // otherwise pile up in memory without end (overwrites in place never
+        // run short of space, which used to force a commit).
+        if fua || pending >= MAX_PENDING_RECORDS {
             self.pool.commit().await?;
         }
         Ok(())
     }
 
-    fn stripe(&self, lba: u64) -> usize {
-        ((self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba) % self.pool.stripes.len() as u64)
-            as usize
-    }
-
-    /// Writes whole blocks from `first` to newly allocated physical blocks and
-    /// points the map at them.
-    async fn write_blocks(&self, first: u64, buf: AlignedBuf) -> BlockResult<()> {
+    /// Writes whole blocks from `first` (the caller holds their range): in
+    /// place where [`Volume::plan_write`] allows, to new blocks elsewhere, and
+    /// points the map at them. Returns how many map changes are now pending.
+    async fn write_blocks(&self, first: u64, buf: AlignedBuf) -> BlockResult<usize> {
         let pool = &self.pool;
         let n = (buf.len() / BLOCK_SIZE) as u64;
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(data_crc).collect();
-        let pbas = pool.allocate_blocks(self.id, first, n).await?;
-        let written = self.write_runs(buf, &pbas).await;
-        if let Err(err) = written {
-            pool.release_unused(&pbas);
+        // No snapshot shares a block between the plan and the map update.
+        let _gate = pool.snapshot_gate.read().await;
+        // Keeps the blocks written in place from being reused if the volume
+        // is deleted meanwhile.
+        let _epoch = pool.epochs.pin();
+        let mut plan = self.plan_write(first, n).await?;
+        if let Err(err) = self.write_runs(buf, &plan.pbas).await {
+            pool.release_unused(&plan.new_blocks());
+            // A block written in place may now match no CRC; its region
+            // stays open until the pool is next opened, whose scan records
+            // what the block holds.
+            plan.regions.clear();
             return Err(BlockError::Io(format!(
                 "writing volume {}: {err}",
                 self.name
@@ -285,14 +312,14 @@ impl Volume {
         let state = &mut *guard;
         let Some(volume) = state.volumes.get_mut(&self.id) else {
             drop(guard);
-            pool.release_unused(&pbas);
+            pool.release_unused(&plan.new_blocks());
             return Err(BlockError::Gone);
         };
-        for (i, (pba, crc)) in pbas.iter().zip(crcs).enumerate() {
+        for (i, (pba, crc)) in plan.pbas.iter().zip(crcs).enumerate() {
             let lba = first + i as u64;
             let entry = BlockEntry { pba: *pba, crc };
             let old = volume.map.set(lba, entry);
-            if old.is_mapped() {
+            if old.is_mapped() && old.pba != *pba {
                 state.pending_frees.push(old.pba);
             }
             state.pending_records.push(JournalRecord {
@@ -302,7 +329,85 @@ impl Volume {
             });
         }
         state.data_dirty = true;
-        Ok(())
+        // With the records pending: a commit that closes these regions now
+        // has every write into them.
+        state.regions.end(&std::mem::take(&mut plan.regions));
+        Ok(state.pending_records.len())
+    }
+
+    /// Where each of blocks [first, first + n) goes. A mapped block no
+    /// snapshot shares is written in place if its overwrite region is open;
+    /// the regions not open are opened once (a journal sync) and blocks in
+    /// any that did not fit go copy-on-write, as do unmapped and shared blocks.
+    async fn plan_write(&self, first: u64, n: u64) -> BlockResult<WritePlan<'_>> {
+        let pool = &self.pool;
+        let mut opened = false;
+        let (old, overwritable, regions) = loop {
+            let closed = {
+                let mut guard = pool.state.lock().expect("state lock");
+                let state = &mut *guard;
+                let volume = state.volumes.get(&self.id).ok_or(BlockError::Gone)?;
+                let old: Vec<BlockEntry> =
+                    (first..first + n).map(|lba| volume.map.get(lba)).collect();
+                let overwritable: Vec<bool> = {
+                    let allocator = pool.allocator.lock().expect("allocator lock");
+                    old.iter()
+                        .map(|e| e.is_mapped() && !allocator.is_shared(e.pba))
+                        .collect()
+                };
+                let mut regions: Vec<u32> = old
+                    .iter()
+                    .zip(&overwritable)
+                    .filter(|(_, o)| **o)
+                    .map(|(e, _)| region_of(e.pba))
+                    .collect();
+                regions.sort_unstable();
+                regions.dedup();
+                let closed: Vec<u32> = regions
+                    .iter()
+                    .copied()
+                    .filter(|r| !state.regions.is_open(*r))
+                    .collect();
+                if closed.is_empty() || opened {
+                    regions.retain(|r| state.regions.is_open(*r));
+                    state
+                        .regions
+                        .begin(&regions)
+                        .expect("only open regions are kept");
+                    break (old, overwritable, regions);
+                }
+                closed
+            };
+            pool.open_regions(&closed).await?;
+            opened = true;
+        };
+        let in_place: Vec<bool> = old
+            .iter()
+            .zip(&overwritable)
+            .map(|(e, o)| *o && regions.binary_search(&region_of(e.pba)).is_ok())
+            .collect();
+        let mut plan = WritePlan {
+            pool,
+            pbas: old.iter().map(|e| e.pba).collect(),
+            in_place,
+            regions,
+        };
+        let elsewhere: Vec<BlockEntry> = old
+            .iter()
+            .zip(&plan.in_place)
+            .filter(|(_, p)| !**p)
+            .map(|(e, _)| *e)
+            .collect();
+        if !elsewhere.is_empty() {
+            // On error the plan's drop ends its in-place writes.
+            let mut new = pool.allocate_blocks(self.id, &elsewhere).await?.into_iter();
+            for (pba, in_place) in plan.pbas.iter_mut().zip(&plan.in_place) {
+                if !in_place {
+                    *pba = new.next().expect("one new block per block not in place");
+                }
+            }
+        }
+        Ok(plan)
     }
 
     /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks.
@@ -328,7 +433,7 @@ impl Volume {
         Ok(())
     }
 
-    /// Unmaps the whole blocks [first, end).
+    /// Unmaps the whole blocks [first, end) (the caller holds their range).
     fn unmap_blocks(&self, first: u64, end: u64) -> BlockResult<()> {
         let mut lba = first;
         while lba < end {
@@ -358,6 +463,7 @@ impl Volume {
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let end = (offset + len) / BLOCK_SIZE_U64;
         if first < end {
+            let _range = self.ranges.lock(first, end).await;
             self.unmap_blocks(first, end)?;
         }
         Ok(())
@@ -399,6 +505,7 @@ impl Volume {
                     self.write_impl(end_full * BLOCK_SIZE_U64, &vec![0u8; tail as usize], false)
                         .await?;
                 }
+                let _range = self.ranges.lock(first_full, end_full).await;
                 self.unmap_blocks(first_full, end_full)?;
             }
         }
@@ -406,6 +513,38 @@ impl Volume {
             self.pool.commit().await?;
         }
         Ok(())
+    }
+}
+
+/// Where one write's blocks go, from [`Volume::plan_write`].
+struct WritePlan<'a> {
+    pool: &'a Pool,
+    /// The physical block of each block written.
+    pbas: Vec<u32>,
+    /// Whether each is written in place (else it is newly allocated).
+    in_place: Vec<bool>,
+    /// The overwrite regions this write has in-place writes in flight in
+    /// (ended by the map update, or by dropping the plan).
+    regions: Vec<u32>,
+}
+
+impl WritePlan<'_> {
+    fn new_blocks(&self) -> Vec<u32> {
+        self.pbas
+            .iter()
+            .zip(&self.in_place)
+            .filter(|(_, p)| !**p)
+            .map(|(pba, _)| *pba)
+            .collect()
+    }
+}
+
+impl Drop for WritePlan<'_> {
+    fn drop(&mut self) {
+        if !self.regions.is_empty() {
+            let mut state = self.pool.state.lock().expect("state lock");
+            state.regions.end(&self.regions);
+        }
     }
 }
 
@@ -432,23 +571,23 @@ fn mapped_runs(entries: &[BlockEntry]) -> Vec<(usize, usize)> {
 }
 
 impl Pool {
-    /// `n` blocks for writing [first, first + n) of a volume. Writes that grow
-    /// the pool's usage (to unmapped blocks, or over blocks a snapshot shares)
-    /// must leave the overwrite reserve; when space is short, a commit may
-    /// release blocks superseded by earlier writes.
-    async fn allocate_blocks(&self, volume_id: u64, first: u64, n: u64) -> BlockResult<Vec<u32>> {
+    /// New blocks for writing the blocks of a volume whose entries are `old`
+    /// (one each). Writes that grow the pool's usage (to unmapped blocks, or
+    /// over blocks a snapshot shares) must leave the overwrite reserve; when
+    /// space is short, a commit may release blocks superseded by earlier writes.
+    async fn allocate_blocks(&self, volume_id: u64, old: &[BlockEntry]) -> BlockResult<Vec<u32>> {
+        let n = old.len() as u64;
+        let new_entries = old.iter().filter(|e| !e.is_mapped()).count() as u64;
         for attempt in 0..3 {
-            let old: Vec<BlockEntry> = {
+            {
                 let state = self.state.lock().expect("state lock");
-                let volume = state.volumes.get(&volume_id).ok_or(BlockError::Gone)?;
-                let old: Vec<BlockEntry> =
-                    (first..first + n).map(|lba| volume.map.get(lba)).collect();
-                let new_entries = old.iter().filter(|e| !e.is_mapped()).count() as u64;
+                if !state.volumes.contains_key(&volume_id) {
+                    return Err(BlockError::Gone);
+                }
                 if new_entries > 0 && self.check_metadata_room(&state, new_entries).is_err() {
                     return Err(BlockError::NoSpace);
                 }
-                old
-            };
+            }
             {
                 let mut allocator = self.allocator.lock().expect("allocator lock");
                 let grows = old
@@ -494,7 +633,7 @@ impl BlockTarget for Volume {
             }
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len as u64 - 1) / BLOCK_SIZE_U64;
-            let mut blocks = self.read_blocks(first, last - first + 1).await?;
+            let mut blocks = self.read_blocks(first, last - first + 1, false).await?;
             let at = (offset % BLOCK_SIZE_U64) as usize;
             blocks.drain(..at);
             blocks.truncate(len as usize);

@@ -8,13 +8,12 @@
 //! * `replica`: a node's copy of a volume, with its persisted membership
 //!   state; `server`: the endpoint through which targets reach it.
 //! * `client` and `target`: the volume target that serves the NBD export and
-//!   drives the replicas; `range_lock` orders its overlapping writes; `lease`
-//!   keeps a deposed target from serving stale reads.
+//!   drives the replicas (`crate::range_lock` orders its overlapping
+//!   writes); `lease` keeps a deposed target from serving stale reads.
 
 pub mod client;
 pub mod lease;
 pub mod membership;
-mod range_lock;
 pub mod replica;
 pub mod server;
 pub mod target;

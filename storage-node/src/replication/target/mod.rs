@@ -39,11 +39,11 @@ pub use replace::{ReplaceError, Replacement};
 use super::client::{LinkError, ReplicaClient};
 use super::lease::{self, ReadLease};
 use super::membership::{self, Config, IoReply, ReplicaId, WriteOutcome};
-use super::range_lock::RangeLock;
 use super::replica::{ConfigRecord, Member, PersistRecord, Replica, Replicas, StateRecord};
 use super::wire::{
     Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
 };
+use crate::range_lock::RangeLock;
 use crate::target::{BlockError, BlockResult, BlockTarget};
 
 /// How often the request path tries to reconnect a lost replica.

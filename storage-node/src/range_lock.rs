@@ -1,9 +1,11 @@
-//! Byte-range locks of a volume target.
+//! Range locks: a writer holds `[start, end)` of something (a volume target's
+//! bytes, a pool volume's blocks) and overlapping writers wait for it.
 //!
-//! Two overlapping writes in flight at once could reach the replicas in
-//! different orders and leave them different; a rebuild copying an extent
-//! must not interleave with a write to it. Both take the range first. Writes
-//! to disjoint ranges never wait for each other.
+//! A volume target takes byte ranges: two overlapping writes in flight at once
+//! could reach the replicas in different orders and leave them different, and
+//! a rebuild copying an extent must not interleave with a write to it. A pool
+//! volume takes block ranges, so two writes never overwrite one block in place
+//! at once (see `pool::volume`). Disjoint ranges never wait for each other.
 
 use std::sync::{Arc, Mutex};
 
