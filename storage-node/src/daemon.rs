@@ -94,13 +94,14 @@ pub struct NodeArgs {
     /// Host name or address that clients should use for NBD (default: the NBD listen address).
     #[arg(long)]
     pub advertise_host: Option<String>,
-    /// Threads serving NBD connections, each connection wholly on one of them
-    /// (default: half the CPUs, at least 1, at most 8).
+    /// Threads serving NBD connections and replication connections from
+    /// other nodes' targets, each connection wholly on one of them (default:
+    /// half the CPUs, at least 1, at most 8).
     #[arg(long)]
     pub nbd_threads: Option<usize>,
 }
 
-/// Single-threaded runtimes that NBD connections are spread over.
+/// Single-threaded runtimes that NBD and replication connections are spread over.
 struct ConnectionThreads {
     handles: Vec<tokio::runtime::Handle>,
     stop: watch::Sender<bool>,
@@ -262,6 +263,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     let replication_task = tokio::spawn(replication::server::serve(
         replication_listener,
         replicas.clone(),
+        connection_threads.handles.clone(),
         stopped(stop_rx.clone()),
     ));
     let target_options = TargetOptions {

@@ -17,23 +17,49 @@ use super::wire::{self, Op, Reply, Status};
 /// Requests one connection may have in progress; past it, reading waits.
 const MAX_IN_FLIGHT: usize = 512;
 
+/// Accepts target connections until `shutdown`. Each connection runs wholly
+/// on one of `runtimes` (round robin; the caller's runtime when empty): with
+/// single-threaded runtimes whose threads have io_uring rings of their own,
+/// a request is read, written to the pool and answered on one thread, with
+/// no hop to another thread and back.
 pub async fn serve(
     listener: TcpListener,
     replicas: Arc<Replicas>,
+    runtimes: Vec<tokio::runtime::Handle>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut next = 0usize;
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let replicas = replicas.clone();
-                    tokio::spawn(async move {
+                    let serve = move |stream: TcpStream| async move {
                         if let Err(err) = connection(stream, replicas).await {
                             tracing::warn!(%peer, %err, "replication connection closed");
                         }
-                    });
+                    };
+                    if runtimes.is_empty() {
+                        tokio::spawn(serve(stream));
+                        continue;
+                    }
+                    let runtime = &runtimes[next % runtimes.len()];
+                    next += 1;
+                    // The socket moves to that runtime's reactor, so its
+                    // readiness wakes tasks on that runtime's thread.
+                    match stream.into_std() {
+                        Ok(stream) => {
+                            runtime.spawn(async move {
+                                match TcpStream::from_std(stream) {
+                                    Ok(stream) => serve(stream).await,
+                                    Err(err) => tracing::warn!(%peer, %err, "cannot move a replication connection to its runtime"),
+                                }
+                            });
+                        }
+                        Err(err) => tracing::warn!(%peer, %err, "cannot move a replication connection to its runtime"),
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(%err, "accepting a replication connection");
