@@ -272,6 +272,7 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
         rebuild_rate: args.rebuild_rate.as_u64(),
         scrub_interval: Duration::from_secs(args.scrub_interval_secs),
         replacement: replacement(&args),
+        link_runtimes: connection_threads.handles.clone(),
     };
     // Serving volumes again after a restart; in the background, because
     // the replicas' nodes may be starting too.

@@ -37,11 +37,13 @@ pub struct ReplicaClient {
 
 impl ReplicaClient {
     /// Connects to the replication endpoint at `address` and says Hello for
-    /// `volume`.
+    /// `volume`. The tasks that send and receive the link's frames run on
+    /// `runtime` when given, else on the caller's runtime.
     pub async fn connect(
         address: &str,
         volume: &str,
         timeout: Duration,
+        runtime: Option<&tokio::runtime::Handle>,
     ) -> Result<ReplicaClient, LinkError> {
         let connect_error = |reason: String| LinkError::Connect {
             address: address.to_string(),
@@ -54,6 +56,23 @@ impl ReplicaClient {
         stream
             .set_nodelay(true)
             .map_err(|err| connect_error(err.to_string()))?;
+        let stream = match runtime {
+            // Registered with that runtime's reactor, so readiness wakes the
+            // link's tasks on its thread.
+            Some(runtime) => {
+                let stream = stream
+                    .into_std()
+                    .map_err(|err| connect_error(err.to_string()))?;
+                let _entered = runtime.enter();
+                TcpStream::from_std(stream).map_err(|err| connect_error(err.to_string()))?
+            }
+            None => stream,
+        };
+        let spawn =
+            |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| match runtime {
+                Some(runtime) => runtime.spawn(task),
+                None => tokio::spawn(task),
+            };
         let (read_half, mut write_half) = stream.into_split();
         let mut reader = BufReader::with_capacity(256 << 10, read_half);
 
@@ -89,7 +108,7 @@ impl ReplicaClient {
         };
 
         let writer_alive = alive.clone();
-        tokio::spawn(async move {
+        spawn(Box::pin(async move {
             let mut out = Vec::with_capacity(256 << 10);
             while let Some(frame) = frames_rx.recv().await {
                 out.clear();
@@ -105,12 +124,12 @@ impl ReplicaClient {
                 }
             }
             writer_alive.store(false, Ordering::Release);
-        });
+        }));
 
         let reader_pending = pending.clone();
         let reader_alive = alive.clone();
         let peer = address.to_string();
-        tokio::spawn(async move {
+        spawn(Box::pin(async move {
             loop {
                 match wire::read_reply(&mut reader).await {
                     Ok(Some(reply)) => {
@@ -132,7 +151,7 @@ impl ReplicaClient {
             reader_alive.store(false, Ordering::Release);
             // Dropping the waiters fails every request still in flight.
             reader_pending.lock().expect("pending lock").clear();
-        });
+        }));
 
         Ok(ReplicaClient {
             address: address.to_string(),

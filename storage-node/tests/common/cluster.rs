@@ -120,10 +120,14 @@ impl TestCluster {
     /// epoch it takes I/O at (so the test can read it as the target would).
     pub async fn replica(&self, index: usize, volume: &str) -> (ReplicaClient, u64, StateRecord) {
         let timeout = Duration::from_secs(10);
-        let client =
-            ReplicaClient::connect(&self.nodes[index].replication.to_string(), volume, timeout)
-                .await
-                .unwrap();
+        let client = ReplicaClient::connect(
+            &self.nodes[index].replication.to_string(),
+            volume,
+            timeout,
+            None,
+        )
+        .await
+        .unwrap();
         let reply = client
             .call(Request::new(Op::GetState, 0, 0), timeout)
             .await

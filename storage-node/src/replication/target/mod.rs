@@ -73,6 +73,11 @@ pub struct TargetOptions {
     /// Replaces a replica that stayed faulted this long, on a node it
     /// chooses (None: never).
     pub replacement: Option<Replacement>,
+    /// Runtimes for the tasks that carry links to remote replicas, one
+    /// picked per volume (empty: wherever the link is made). A node passes
+    /// the single-threaded runtimes its NBD connections run on, so a request
+    /// and its replicas' replies need not wake a thread of another runtime.
+    pub link_runtimes: Vec<tokio::runtime::Handle>,
 }
 
 /// How a target reaches one replica.
@@ -399,6 +404,16 @@ impl VolumeTarget {
         self.slots.read().expect("slots lock")[index].clone()
     }
 
+    /// Where this volume's remote links run (see [`TargetOptions::link_runtimes`]).
+    fn link_runtime(&self) -> Option<&tokio::runtime::Handle> {
+        let runtimes = &self.options.link_runtimes;
+        if runtimes.is_empty() {
+            return None;
+        }
+        let hash = crc32fast::hash(self.volume.as_bytes()) as usize;
+        Some(&runtimes[hash % runtimes.len()])
+    }
+
     fn member(&self, index: usize) -> Member {
         self.slot(index).member.clone()
     }
@@ -581,7 +596,13 @@ impl VolumeTarget {
             }
         } else {
             Link::Remote(
-                ReplicaClient::connect(&member.address, &self.volume, self.options.timeout).await?,
+                ReplicaClient::connect(
+                    &member.address,
+                    &self.volume,
+                    self.options.timeout,
+                    self.link_runtime(),
+                )
+                .await?,
             )
         };
         let incarnation = match &link {
@@ -1406,7 +1427,7 @@ async fn find_state(
     timeout: Duration,
 ) -> Result<StateRecord, OpenError> {
     for seed in seeds {
-        let Ok(client) = ReplicaClient::connect(seed, volume, timeout).await else {
+        let Ok(client) = ReplicaClient::connect(seed, volume, timeout, None).await else {
             continue;
         };
         if let Ok(reply) = client.call(Request::new(Op::GetState, 0, 0), timeout).await {
