@@ -264,6 +264,13 @@ impl BlockTarget for Export {
         }
     }
 
+    async fn write_owned(&self, offset: u64, data: bytes::Bytes, fua: bool) -> BlockResult<()> {
+        match self {
+            Export::Local(v) => v.write(offset, &data, fua).await,
+            Export::Replicated(t) => t.write_owned(offset, data, fua).await,
+        }
+    }
+
     async fn flush(&self) -> BlockResult<()> {
         match self {
             Export::Local(v) => v.flush().await,

@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// Why a block operation failed. Each kind maps to one NBD error number.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum BlockError {
@@ -52,6 +54,17 @@ pub trait BlockTarget: Send + Sync + 'static {
         data: &[u8],
         fua: bool,
     ) -> impl Future<Output = BlockResult<()>> + Send;
+
+    /// [`BlockTarget::write`] of a buffer the caller gives up, which a target
+    /// that keeps or forwards the data (a replicated one) uses without a copy.
+    fn write_owned(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = BlockResult<()>> + Send {
+        async move { self.write(offset, &data, fua).await }
+    }
 
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> impl Future<Output = BlockResult<()>> + Send;

@@ -160,7 +160,7 @@ async fn snapshot_copies_survive_a_node_restart_and_a_stale_target_cannot_take_o
     // At the replica itself: a Snapshot request of an older epoch is fenced.
     let (replica, epoch, _) = cluster.replica(0, "v").await;
     let mut stale = Request::new(Op::Snapshot, 1, epoch - 1);
-    stale.payload = b"v-3".to_vec();
+    stale.payload = b"v-3".to_vec().into();
     let reply = replica.call(stale, Duration::from_secs(10)).await.unwrap();
     assert_eq!(reply.status, Status::Fenced);
     assert!(snapshots::get(&file, "v-3").await.is_err());

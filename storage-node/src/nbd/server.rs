@@ -608,7 +608,11 @@ async fn execute<T: BlockTarget>(
             }
             Err(e) => Err(e),
         },
-        Op::Write { offset, fua, .. } => target.write(offset, &payload, fua).await,
+        Op::Write { offset, fua, .. } => {
+            target
+                .write_owned(offset, bytes::Bytes::from(payload), fua)
+                .await
+        }
         Op::Flush => target.flush().await,
         Op::Trim { offset, len, fua } => match target.trim(offset, len).await {
             // `trim` has no FUA parameter; a flush afterwards makes the

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -82,7 +84,7 @@ impl ReplicaClient {
 
         // Hello is answered before anything else is sent.
         let mut hello = Request::new(Op::Hello, 0, 0);
-        hello.payload = volume.as_bytes().to_vec();
+        hello.payload = Bytes::copy_from_slice(volume.as_bytes());
         let mut out = Vec::new();
         wire::encode_request(&hello, &mut out);
         let answer = tokio::time::timeout(timeout, async {

@@ -19,6 +19,8 @@
 
 use std::io;
 
+use bytes::Bytes;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const REQUEST_MAGIC: u32 = 0x5354_5251; // "STRQ"
@@ -143,7 +145,8 @@ pub struct Request {
     pub epoch: u64,
     pub offset: u64,
     pub length: u64,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, when one write goes to several replicas.
+    pub payload: Bytes,
 }
 
 impl Request {
@@ -155,7 +158,7 @@ impl Request {
             epoch,
             offset: 0,
             length: 0,
-            payload: Vec::new(),
+            payload: Bytes::new(),
         }
     }
 }
@@ -286,7 +289,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         epoch: u64_at(&header, 16),
         offset: u64_at(&header, 24),
         length: u64_at(&header, 32),
-        payload,
+        payload: Bytes::from(payload),
     }))
 }
 
@@ -341,7 +344,7 @@ mod tests {
             epoch: 3,
             offset: 4096,
             length: 5,
-            payload: b"hello".to_vec(),
+            payload: Bytes::from_static(b"hello"),
         }
     }
 

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::future::join_all;
 use futures::stream::{FuturesUnordered, StreamExt};
 
@@ -505,7 +506,8 @@ impl VolumeTarget {
             config: ConfigRecord::from(config),
             roster,
         })
-        .expect("config serializes");
+        .expect("config serializes")
+        .into();
         request
     }
 
@@ -1208,6 +1210,7 @@ impl VolumeTarget {
         let Some(Answer::Done(data)) = read else {
             return;
         };
+        let data = Bytes::from(data);
         let rewrites = self
             .send_io(bad_copies, |_| {
                 let mut request = Request::new(Op::Write, 0, config.epoch);
@@ -1278,7 +1281,7 @@ impl VolumeTarget {
         let answers = self
             .ask(&in_sync, |_| {
                 let mut request = Request::new(Op::Snapshot, 0, config.epoch);
-                request.payload = name.as_bytes().to_vec();
+                request.payload = Bytes::copy_from_slice(name.as_bytes());
                 request
             })
             .await;
@@ -1471,13 +1474,19 @@ impl BlockTarget for VolumeTarget {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        self.write_owned(offset, Bytes::copy_from_slice(data), fua)
+            .await
+    }
+
+    /// Every replica's request shares `data`: no copy per replica.
+    async fn write_owned(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
         self.check_range(offset, data.len() as u64)?;
         let _range = self.ranges.lock(offset, offset + data.len() as u64).await;
         self.replicate(|epoch| {
             let mut request = Request::new(Op::Write, 0, epoch);
             request.offset = offset;
             request.flags = if fua { FLAG_FUA } else { 0 };
-            request.payload = data.to_vec();
+            request.payload = data.clone();
             request
         })
         .await

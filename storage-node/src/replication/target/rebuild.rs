@@ -439,7 +439,7 @@ impl VolumeTarget {
         let data = self.expect_done(source, read).await?;
         let mut write = Request::new(Op::Write, 0, epoch);
         write.offset = start;
-        write.payload = data;
+        write.payload = data.into();
         self.expect_done(dest, write).await?;
         Ok(len)
     }
