@@ -30,7 +30,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
 pub struct ReplicaClient {
     address: String,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<Vec<Bytes>>,
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
@@ -80,7 +80,7 @@ impl ReplicaClient {
 
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
-        let (frames, mut frames_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (frames, mut frames_rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
 
         // Hello is answered before anything else is sent.
         let mut hello = Request::new(Op::Hello, 0, 0);
@@ -111,17 +111,23 @@ impl ReplicaClient {
 
         let writer_alive = alive.clone();
         spawn(Box::pin(async move {
-            let mut out = Vec::with_capacity(256 << 10);
-            while let Some(frame) = frames_rx.recv().await {
-                out.clear();
-                out.extend_from_slice(&frame);
-                while out.len() < (1 << 20) {
+            // Whatever is queued goes out in one vectored write, up to 1 MiB
+            // or 512 pieces; payloads are not copied together first.
+            let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+            while let Some(parts) = frames_rx.recv().await {
+                batch.clear();
+                let mut bytes: usize = parts.iter().map(Bytes::len).sum();
+                batch.extend(parts);
+                while bytes < (1 << 20) && batch.len() < 512 {
                     match frames_rx.try_recv() {
-                        Ok(frame) => out.extend_from_slice(&frame),
+                        Ok(parts) => {
+                            bytes += parts.iter().map(Bytes::len).sum::<usize>();
+                            batch.extend(parts);
+                        }
                         Err(_) => break,
                     }
                 }
-                if wire::write_frames(&mut write_half, &out).await.is_err() {
+                if wire::write_parts(&mut write_half, &batch).await.is_err() {
                     break;
                 }
             }
@@ -194,9 +200,7 @@ impl ReplicaClient {
             pending: &self.pending,
             id,
         };
-        let mut frame = Vec::with_capacity(wire::REQUEST_HEADER_LEN + request.payload.len() + 4);
-        wire::encode_request(&request, &mut frame);
-        if self.frames.send(frame).is_err() {
+        if self.frames.send(wire::request_parts(&request)).is_err() {
             return Err(LinkError::Closed("connection is down".into()));
         }
         match tokio::time::timeout(timeout, rx).await {

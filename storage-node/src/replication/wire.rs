@@ -215,6 +215,25 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
 
 /// Appends the request to `out` (header, payload, payload CRC).
 pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
+    out.extend_from_slice(&request_header(request));
+    append_payload(&request.payload, out);
+}
+
+/// The request as the pieces that go on the wire one after the other:
+/// header, then payload and payload CRC when there is a payload. The payload
+/// is shared with the request, not copied.
+pub fn request_parts(request: &Request) -> Vec<Bytes> {
+    let mut parts = Vec::with_capacity(3);
+    parts.push(Bytes::copy_from_slice(&request_header(request)));
+    if !request.payload.is_empty() {
+        parts.push(request.payload.clone());
+        let crc = crc32fast::hash(&request.payload).to_le_bytes();
+        parts.push(Bytes::copy_from_slice(&crc));
+    }
+    parts
+}
+
+fn request_header(request: &Request) -> [u8; REQUEST_HEADER_LEN] {
     let mut header = [0u8; REQUEST_HEADER_LEN];
     header[0..4].copy_from_slice(&REQUEST_MAGIC.to_le_bytes());
     header[4] = request.op as u8;
@@ -225,8 +244,7 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
     header[32..40].copy_from_slice(&request.length.to_le_bytes());
     header[40..44].copy_from_slice(&(request.payload.len() as u32).to_le_bytes());
     seal(&mut header);
-    out.extend_from_slice(&header);
-    append_payload(&request.payload, out);
+    header
 }
 
 /// Appends the reply to `out`.
@@ -332,6 +350,21 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -
     writer.flush().await
 }
 
+/// Writes `parts` one after the other, with as few system calls as the
+/// socket allows and without first copying them into one buffer.
+pub async fn write_parts<W: AsyncWrite + Unpin>(writer: &mut W, parts: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = writer.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
+    writer.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +379,20 @@ mod tests {
             length: 5,
             payload: Bytes::from_static(b"hello"),
         }
+    }
+
+    #[tokio::test]
+    async fn request_parts_written_vectored_are_the_encoded_request() {
+        let flush = Request::new(Op::Flush, 8, 3);
+        let mut parts = request_parts(&sample_request());
+        assert_eq!(parts.len(), 3, "header, payload, CRC");
+        parts.extend(request_parts(&flush));
+        let mut written = Vec::new();
+        write_parts(&mut written, &parts).await.unwrap();
+        let mut encoded = Vec::new();
+        encode_request(&sample_request(), &mut encoded);
+        encode_request(&flush, &mut encoded);
+        assert_eq!(written, encoded);
     }
 
     #[tokio::test]
