@@ -610,7 +610,13 @@ impl Pool {
         }
         // Data first: a journal batch must never point at data that is not on disk.
         if dirty {
-            self.engine.sync_data().await?;
+            if let Err(err) = self.engine.sync_data().await {
+                // Nothing was written: every change stays pending. The
+                // regions taken for closing stay open on disk (they are only
+                // left out of memory, which costs a scan at most).
+                self.requeue(records, frees);
+                return Err(err.into());
+            }
         }
         let layout = &self.superblock.layout;
         let region_records: Vec<JournalRecord> = closing

@@ -240,6 +240,53 @@ async fn after_a_clean_close_a_flipped_byte_in_an_overwritten_block_is_caught() 
 }
 
 #[tokio::test]
+async fn a_write_abandoned_mid_flight_still_lands_whole_with_its_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    // pread/pwrite on the blocking pool: the caller is surely waiting on
+    // I/O in flight when it gives up.
+    let sync = PoolOptions {
+        engine: EngineKind::Sync,
+        ..options(64 * MIB)
+    };
+    let pool = Pool::open(&path, &sync, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = Arc::new(pool.volume("v").unwrap());
+    vol.write(0, &pattern(MIB as usize, 1), true).await.unwrap();
+    // Again, so the region is open and the writes below go straight to I/O.
+    vol.write(0, &pattern(MIB as usize, 1), true).await.unwrap();
+    for round in 0..10u8 {
+        // The caller gives up once the write is under way (its I/O submitted).
+        let caller = tokio::spawn({
+            let vol = vol.clone();
+            async move { vol.write(0, &pattern(MIB as usize, round + 2), false).await }
+        });
+        for _ in 0..=round {
+            tokio::task::yield_now().await;
+        }
+        caller.abort();
+        let _ = caller.await;
+    }
+    // A clean close: no region stays open, so any block whose data and
+    // checksum disagree would now read as corrupt.
+    pool.close().await.unwrap();
+    drop(vol);
+    drop(pool);
+    let pool = open(&path, 64 * MIB).await;
+    let data = pool.volume("v").unwrap().read(0, MIB as u32).await.unwrap();
+    let sent: Vec<Vec<u8>> = (1..12u8).map(|seed| pattern(MIB as usize, seed)).collect();
+    for (i, block) in data.chunks(4096).enumerate() {
+        assert!(
+            sent.iter().any(|p| block == &p[i * 4096..(i + 1) * 4096]),
+            "block {i} holds data no write sent"
+        );
+    }
+    assert_eq!(pool.checksum_failures(), 0);
+}
+
+#[tokio::test]
 async fn reads_during_in_place_overwrites_see_whole_blocks_never_errors() {
     let dir = tempfile::tempdir().unwrap();
     let pool = open(&dir.path().join("pool"), 64 * MIB).await;

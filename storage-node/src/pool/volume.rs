@@ -39,7 +39,7 @@ const MAX_PENDING_RECORDS: usize = 1 << 20;
 pub struct Volume {
     pool: Arc<Pool>,
     id: u64,
-    name: String,
+    name: Arc<str>,
     size: Arc<AtomicU64>,
     /// The volume's block ranges held by writes (shared by all its handles).
     ranges: Arc<RangeLock>,
@@ -130,7 +130,7 @@ impl Volume {
         Volume {
             pool,
             id,
-            name,
+            name: name.into(),
             size,
             ranges,
             metrics,
@@ -261,7 +261,7 @@ impl Volume {
         // Held to the map update: a partial block is read, merged and written
         // whole, and two writers to one block must not both start from the
         // old data, nor overwrite it in place at once.
-        let _range = self.ranges.lock(first, first + n).await;
+        let range = self.ranges.lock(first, first + n).await;
         // Every byte is overwritten below: by the old partial blocks, then the data.
         let mut buf = self.pool.engine.write_buffer(n as usize * BLOCK_SIZE);
         if head_partial {
@@ -274,7 +274,21 @@ impl Volume {
         }
         let at = (offset % BLOCK_SIZE_U64) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
-        let pending = self.write_blocks(first, buf).await?;
+        // From here the write runs in a task of its own, holding the range:
+        // once in-place I/O is submitted it lands whether or not the caller
+        // waits, so the map update and the region bookkeeping must not be
+        // skipped by a caller that gives up (a connection dropped, say).
+        let writer = BlockWriter {
+            pool: self.pool.clone(),
+            id: self.id,
+            name: self.name.clone(),
+        };
+        let pending = tokio::spawn(async move {
+            let _range = range;
+            writer.write_blocks(first, buf).await
+        })
+        .await
+        .map_err(|err| BlockError::Io(format!("write task of volume {}: {err}", self.name)))??;
         // FUA; or a client that never flushes, whose map changes would
         // otherwise pile up in memory without end (overwrites in place never
         // run short of space, which used to force a commit).
@@ -284,8 +298,99 @@ impl Volume {
         Ok(())
     }
 
+    /// Unmaps the whole blocks [first, end) (the caller holds their range).
+    fn unmap_blocks(&self, first: u64, end: u64) -> BlockResult<()> {
+        let mut lba = first;
+        while lba < end {
+            let slice_end = (lba + UNMAP_SLICE_BLOCKS).min(end);
+            let mut state = self.pool.state.lock().expect("state lock");
+            let state = &mut *state;
+            let volume = state.volumes.get_mut(&self.id).ok_or(BlockError::Gone)?;
+            for l in lba..slice_end {
+                let old = volume.map.set(l, BlockEntry::default());
+                if old.is_mapped() {
+                    state.pending_frees.push(old.pba);
+                    state.pending_records.push(JournalRecord {
+                        volume_id: self.id,
+                        lba: l,
+                        entry: BlockEntry::default(),
+                    });
+                }
+            }
+            lba = slice_end;
+        }
+        Ok(())
+    }
+
+    async fn trim_impl(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        // Only whole blocks are discarded; TRIM is advisory for the partial ends.
+        let first = offset.div_ceil(BLOCK_SIZE_U64);
+        let end = (offset + len) / BLOCK_SIZE_U64;
+        if first < end {
+            let _range = self.ranges.lock(first, end).await;
+            self.unmap_blocks(first, end)?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        allocate: bool,
+    ) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        if allocate {
+            let mut at = offset;
+            while at < end {
+                let n = ZERO_SLICE_BYTES.min(end - at);
+                self.write_impl(at, &vec![0u8; n as usize], false).await?;
+                at += n;
+            }
+        } else {
+            let first_full = offset.div_ceil(BLOCK_SIZE_U64);
+            let end_full = end / BLOCK_SIZE_U64;
+            if first_full >= end_full {
+                self.write_impl(offset, &vec![0u8; len as usize], false)
+                    .await?;
+            } else {
+                let head = first_full * BLOCK_SIZE_U64 - offset;
+                if head > 0 {
+                    self.write_impl(offset, &vec![0u8; head as usize], false)
+                        .await?;
+                }
+                let tail = end - end_full * BLOCK_SIZE_U64;
+                if tail > 0 {
+                    self.write_impl(end_full * BLOCK_SIZE_U64, &vec![0u8; tail as usize], false)
+                        .await?;
+                }
+                let _range = self.ranges.lock(first_full, end_full).await;
+                self.unmap_blocks(first_full, end_full)?;
+            }
+        }
+        if fua {
+            self.pool.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a write task needs of its volume.
+struct BlockWriter {
+    pool: Arc<Pool>,
+    id: u64,
+    name: Arc<str>,
+}
+
+impl BlockWriter {
     /// Writes whole blocks from `first` (the caller holds their range): in
-    /// place where [`Volume::plan_write`] allows, to new blocks elsewhere, and
+    /// place where [`BlockWriter::plan_write`] allows, to new blocks elsewhere, and
     /// points the map at them. Returns how many map changes are now pending.
     async fn write_blocks(&self, first: u64, buf: AlignedBuf) -> BlockResult<usize> {
         let pool = &self.pool;
@@ -293,10 +398,22 @@ impl Volume {
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(data_crc).collect();
         // No snapshot shares a block between the plan and the map update.
         let _gate = pool.snapshot_gate.read().await;
-        // Keeps the blocks written in place from being reused if the volume
-        // is deleted meanwhile.
-        let _epoch = pool.epochs.pin();
         let mut plan = self.plan_write(first, n).await?;
+        // Pinned after the plan, whose allocation may commit to free space
+        // (frees this pin would hold back), and before the volume is checked:
+        // if it is still there, the blocks written in place are not reused
+        // before this write is done, even if it is deleted meanwhile.
+        let _epoch = pool.epochs.pin();
+        if !pool
+            .state
+            .lock()
+            .expect("state lock")
+            .volumes
+            .contains_key(&self.id)
+        {
+            pool.release_unused(&plan.new_blocks());
+            return Err(BlockError::Gone);
+        }
         if let Err(err) = self.write_runs(buf, &plan.pbas).await {
             pool.release_unused(&plan.new_blocks());
             // A block written in place may now match no CRC; its region
@@ -432,91 +549,9 @@ impl Volume {
         }
         Ok(())
     }
-
-    /// Unmaps the whole blocks [first, end) (the caller holds their range).
-    fn unmap_blocks(&self, first: u64, end: u64) -> BlockResult<()> {
-        let mut lba = first;
-        while lba < end {
-            let slice_end = (lba + UNMAP_SLICE_BLOCKS).min(end);
-            let mut state = self.pool.state.lock().expect("state lock");
-            let state = &mut *state;
-            let volume = state.volumes.get_mut(&self.id).ok_or(BlockError::Gone)?;
-            for l in lba..slice_end {
-                let old = volume.map.set(l, BlockEntry::default());
-                if old.is_mapped() {
-                    state.pending_frees.push(old.pba);
-                    state.pending_records.push(JournalRecord {
-                        volume_id: self.id,
-                        lba: l,
-                        entry: BlockEntry::default(),
-                    });
-                }
-            }
-            lba = slice_end;
-        }
-        Ok(())
-    }
-
-    async fn trim_impl(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.check_range(offset, len)?;
-        // Only whole blocks are discarded; TRIM is advisory for the partial ends.
-        let first = offset.div_ceil(BLOCK_SIZE_U64);
-        let end = (offset + len) / BLOCK_SIZE_U64;
-        if first < end {
-            let _range = self.ranges.lock(first, end).await;
-            self.unmap_blocks(first, end)?;
-        }
-        Ok(())
-    }
-
-    async fn write_zeroes_impl(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        allocate: bool,
-    ) -> BlockResult<()> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let end = offset + len;
-        if allocate {
-            let mut at = offset;
-            while at < end {
-                let n = ZERO_SLICE_BYTES.min(end - at);
-                self.write_impl(at, &vec![0u8; n as usize], false).await?;
-                at += n;
-            }
-        } else {
-            let first_full = offset.div_ceil(BLOCK_SIZE_U64);
-            let end_full = end / BLOCK_SIZE_U64;
-            if first_full >= end_full {
-                self.write_impl(offset, &vec![0u8; len as usize], false)
-                    .await?;
-            } else {
-                let head = first_full * BLOCK_SIZE_U64 - offset;
-                if head > 0 {
-                    self.write_impl(offset, &vec![0u8; head as usize], false)
-                        .await?;
-                }
-                let tail = end - end_full * BLOCK_SIZE_U64;
-                if tail > 0 {
-                    self.write_impl(end_full * BLOCK_SIZE_U64, &vec![0u8; tail as usize], false)
-                        .await?;
-                }
-                let _range = self.ranges.lock(first_full, end_full).await;
-                self.unmap_blocks(first_full, end_full)?;
-            }
-        }
-        if fua {
-            self.pool.commit().await?;
-        }
-        Ok(())
-    }
 }
 
-/// Where one write's blocks go, from [`Volume::plan_write`].
+/// Where one write's blocks go, from [`BlockWriter::plan_write`].
 struct WritePlan<'a> {
     pool: &'a Pool,
     /// The physical block of each block written.
