@@ -269,6 +269,8 @@ async fn a_write_abandoned_mid_flight_still_lands_whole_with_its_checksum() {
         caller.abort();
         let _ = caller.await;
     }
+    // The abandoned writes finish on their own; wait for the last one.
+    drop(vol.ranges.lock(0, 256).await);
     // A clean close: no region stays open, so any block whose data and
     // checksum disagree would now read as corrupt.
     pool.close().await.unwrap();

@@ -42,7 +42,7 @@ pub struct Volume {
     name: Arc<str>,
     size: Arc<AtomicU64>,
     /// The volume's block ranges held by writes (shared by all its handles).
-    ranges: Arc<RangeLock>,
+    pub(super) ranges: Arc<RangeLock>,
     metrics: VolumeMetrics,
 }
 
