@@ -15,4 +15,5 @@ pub mod pool;
 pub mod range_lock;
 pub mod registry;
 pub mod replication;
+pub mod runtime;
 pub mod target;

@@ -146,19 +146,9 @@ impl<R: TargetRegistry> NbdServer<R> {
                         } else {
                             let i = self.next_runtime.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let runtime = &self.connection_runtimes[i % self.connection_runtimes.len()];
-                            // The socket moves to the chosen runtime's reactor, so its
-                            // readiness events wake tasks on that runtime's thread.
-                            match stream.into_std() {
+                            match crate::runtime::move_stream(stream, runtime) {
                                 Ok(stream) => {
-                                    connections.spawn_on(
-                                        async move {
-                                            match TcpStream::from_std(stream) {
-                                                Ok(stream) => server.handle_connection(stream, peer, stop).await,
-                                                Err(e) => warn!(error = %e, "cannot move an NBD connection to its runtime"),
-                                            }
-                                        },
-                                        runtime,
-                                    );
+                                    connections.spawn_on(server.handle_connection(stream, peer, stop), runtime);
                                 }
                                 Err(e) => warn!(error = %e, "cannot move an NBD connection to its runtime"),
                             }

@@ -48,6 +48,13 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Writes `bytes` into the pool file at byte `at`, as damage or a torn
+/// write would leave them (the pool must be closed).
+fn write_pool_file(path: &Path, at: u64, bytes: &[u8]) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, at).unwrap();
+}
+
 /// The physical block behind a volume's logical block.
 fn pba_of(pool: &Pool, volume: &str, lba: u64) -> u32 {
     let state = pool.state.lock().unwrap();
@@ -179,14 +186,8 @@ async fn blocks_overwritten_in_place_and_never_flushed_read_after_a_crash() {
     drop(vol);
     drop(pool); // a crash
                 // A torn write: half of block 9 is the new data, half the old.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
     let half = &pattern(MIB as usize, 2)[9 * 4096..9 * 4096 + 2048];
-    file.write_all_at(half, torn as u64 * 4096).unwrap();
-    drop(file);
+    write_pool_file(&path, torn as u64 * 4096, half);
 
     let pool = open(&path, 64 * MIB).await;
     let vol = pool.volume("v").unwrap();
@@ -219,13 +220,7 @@ async fn after_a_clean_close_a_flipped_byte_in_an_overwritten_block_is_caught() 
     drop(vol);
     pool.close().await.unwrap(); // closes the overwrite regions
     drop(pool);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    file.write_all_at(&[0xee], pba as u64 * 4096 + 7).unwrap();
-    drop(file);
+    write_pool_file(&path, pba as u64 * 4096 + 7, &[0xee]);
     let pool = open(&path, 64 * MIB).await;
     let vol = pool.volume("v").unwrap();
     assert!(matches!(
@@ -516,17 +511,11 @@ async fn a_torn_journal_batch_is_ignored_and_earlier_batches_kept() {
     drop(vol);
     drop(pool);
     // Tear the second batch: damage its last block, as if power failed mid-write.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    file.write_all_at(
-        &[0xFF; 64],
+    write_pool_file(
+        &path,
         (journal_start + last_block_of_second_batch) * 4096 + 512,
-    )
-    .unwrap();
-    drop(file);
+        &[0xFF; 64],
+    );
     let pool = open(&path, 32 * MIB).await;
     let vol = pool.volume("v").unwrap();
     assert_same_bytes!(vol.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
@@ -830,10 +819,7 @@ async fn a_snapshot_holds_what_completed_before_it_across_crashes() {
     let slot = pool.superblock.layout.checkpoint_start[(generation % 2) as usize];
     drop(vol);
     drop(pool);
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    file.write_all_at(&[0xEE; 512], slot * 4096 + 4096 + 100)
-        .unwrap();
-    drop(file);
+    write_pool_file(&path, slot * 4096 + 4096 + 100, &[0xEE; 512]);
     let pool = open(&path, 64 * MIB).await;
     assert!(pool.snapshot_info("torn").is_none());
     assert!(pool.snapshot_info("s").is_some());

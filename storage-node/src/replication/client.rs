@@ -59,15 +59,8 @@ impl ReplicaClient {
             .set_nodelay(true)
             .map_err(|err| connect_error(err.to_string()))?;
         let stream = match runtime {
-            // Registered with that runtime's reactor, so readiness wakes the
-            // link's tasks on its thread.
-            Some(runtime) => {
-                let stream = stream
-                    .into_std()
-                    .map_err(|err| connect_error(err.to_string()))?;
-                let _entered = runtime.enter();
-                TcpStream::from_std(stream).map_err(|err| connect_error(err.to_string()))?
-            }
+            Some(runtime) => crate::runtime::move_stream(stream, runtime)
+                .map_err(|err| connect_error(err.to_string()))?,
             None => stream,
         };
         let spawn =

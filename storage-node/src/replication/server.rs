@@ -47,16 +47,9 @@ pub async fn serve(
                     }
                     let runtime = &runtimes[next % runtimes.len()];
                     next += 1;
-                    // The socket moves to that runtime's reactor, so its
-                    // readiness wakes tasks on that runtime's thread.
-                    match stream.into_std() {
+                    match crate::runtime::move_stream(stream, runtime) {
                         Ok(stream) => {
-                            runtime.spawn(async move {
-                                match TcpStream::from_std(stream) {
-                                    Ok(stream) => serve(stream).await,
-                                    Err(err) => tracing::warn!(%peer, %err, "cannot move a replication connection to its runtime"),
-                                }
-                            });
+                            runtime.spawn(serve(stream));
                         }
                         Err(err) => tracing::warn!(%peer, %err, "cannot move a replication connection to its runtime"),
                     }
