@@ -233,6 +233,53 @@ mod tests {
         .unwrap();
     }
 
+    #[test]
+    fn a_thread_ring_that_closes_waits_for_its_reads_before_their_buffers_are_reused() {
+        const READ: usize = uring::SMALL_SLOT_SIZE;
+        const READS: u64 = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        std::fs::write(&path, vec![0xAB; READ * READS as usize]).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        let engine = std::sync::Arc::new(IoEngine::open(&path, EngineKind::IoUring).unwrap());
+        let thread_engine = engine.clone();
+        std::thread::spawn(move || {
+            use_thread_local_rings();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                for i in 0..READS {
+                    let engine = thread_engine.clone();
+                    tokio::spawn(async move {
+                        let _ = engine
+                            .read_at(engine.read_buffer(READ), i * READ as u64)
+                            .await;
+                    });
+                }
+                // Each task submits its read and waits: all are in the kernel.
+                tokio::task::yield_now().await;
+            });
+            // The reads' tasks go with the runtime and the ring with the thread,
+            // as when a node stops its connection threads under load.
+        })
+        .join()
+        .unwrap();
+        // The slots those reads used are free again. Zeroed now, they must stay
+        // zero: a read finishing after its ring closed would fill one with 0xAB.
+        let buffers: Vec<AlignedBuf> = (0..uring::SMALL_SLOT_COUNT)
+            .map(|_| engine.buffer(READ))
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for (i, buf) in buffers.iter().enumerate() {
+            assert!(
+                buf.iter().all(|b| *b == 0),
+                "slot {i} was written after its ring closed"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn sync_engine_round_trips() {
         round_trip(EngineKind::Sync).await;

@@ -27,8 +27,8 @@ const MAX_IN_FLIGHT: usize = 256;
 /// Registered buffers: 16 MiB of 128 KiB slots for block-sized requests and
 /// 32 MiB of 1 MiB slots for large ones. Registered memory is pinned once, so
 /// requests skip page pinning, and the slots are zeroed once, not per request.
-const SMALL_SLOT_SIZE: usize = 128 * 1024;
-const SMALL_SLOT_COUNT: usize = 128;
+pub(super) const SMALL_SLOT_SIZE: usize = 128 * 1024;
+pub(super) const SMALL_SLOT_COUNT: usize = 128;
 const LARGE_SLOT_SIZE: usize = 1024 * 1024;
 const LARGE_SLOT_COUNT: usize = 32;
 /// user_data of the armed eventfd read.
@@ -236,10 +236,35 @@ impl Wake {
 }
 
 fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &Wake) -> io::Result<()> {
-    // Declared before use by the ring; the ring is dropped (and its requests
-    // cancelled) when this function returns, while these are still alive.
+    // What the kernel may still write into: the eventfd read's counter and the
+    // buffers of requests in flight.
     let mut wake_counter = Box::new(0u64);
     let mut in_flight: Vec<Option<InFlight>> = Vec::with_capacity(MAX_IN_FLIGHT);
+    let result = drive_ring(
+        &mut ring,
+        &requests,
+        wake,
+        &mut wake_counter,
+        &mut in_flight,
+    );
+    // Closing a ring does not wait for what is in it. The eventfd read may
+    // still be armed (8 bytes, once per engine), and after an error requests
+    // may be in the kernel: their memory is leaked rather than reused under a
+    // transfer. On success nothing else is in flight.
+    std::mem::forget(wake_counter);
+    if result.is_err() {
+        std::mem::forget(in_flight);
+    }
+    result
+}
+
+fn drive_ring(
+    ring: &mut IoUring,
+    requests: &Receiver<Request>,
+    wake: &Wake,
+    wake_counter: &mut u64,
+    in_flight: &mut Vec<Option<InFlight>>,
+) -> io::Result<()> {
     let mut free_tokens: Vec<usize> = Vec::new();
     let mut backlog: VecDeque<Pending> = VecDeque::new();
     let mut in_flight_count = 0usize;
@@ -250,12 +275,12 @@ fn run_ring(mut ring: IoUring, requests: Receiver<Request>, wake: &Wake) -> io::
         if !wake_armed && !closed {
             let sqe = opcode::Read::new(
                 types::Fd(wake.eventfd.as_raw_fd()),
-                &mut *wake_counter as *mut u64 as *mut u8,
+                wake_counter as *mut u64 as *mut u8,
                 8,
             )
             .build()
             .user_data(WAKE_TOKEN);
-            // SAFETY: the counter outlives the ring (see above).
+            // SAFETY: the counter outlives the ring (see run_ring).
             if unsafe { ring.submission().push(&sqe) }.is_ok() {
                 wake_armed = true;
             }

@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use io_uring::IoUring;
+use io_uring::{types, IoUring};
 use tokio::io::unix::AsyncFd;
 
 use super::uring::{build_sqe, complete, Completion, InFlight, Op, Request};
@@ -28,6 +28,8 @@ const LOCAL_RING_ENTRIES: u32 = 128;
 /// While requests are in flight the reaper also looks every so often, so a
 /// readiness event that never comes cannot stall them.
 const REAP_FALLBACK: Duration = Duration::from_millis(2);
+/// How long a closing ring waits for the kernel to finish its requests.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 thread_local! {
     /// engine id -> this thread's ring for it (None: setting it up failed).
@@ -91,6 +93,17 @@ struct Inner {
 }
 
 impl Inner {
+    /// Nothing tells when the kernel is done with the buffers of the requests
+    /// in flight: better leaked than reused under a transfer.
+    fn leak(&mut self, why: &str) {
+        tracing::error!(
+            why,
+            requests = self.in_kernel,
+            "cannot wait for a closing per-thread io_uring; leaking its buffers"
+        );
+        std::mem::forget(std::mem::take(&mut self.in_flight));
+    }
+
     /// Puts a request in the kernel; gives it back if the ring refuses it.
     fn start(&mut self, request: Request) -> Result<(), Request> {
         let token = self.free_tokens.pop().unwrap_or_else(|| {
@@ -114,6 +127,42 @@ impl Inner {
         }
         self.free_tokens.push(token);
         Err(self.in_flight[token].take().expect("entry").request)
+    }
+}
+
+impl Drop for Inner {
+    /// Closing a ring does not wait for the I/O it started: the kernel finishes
+    /// it later, reading into or writing from the buffers of `in_flight`. Those
+    /// go back to their slots or the allocator when this drops, so wait for
+    /// every request in the kernel first. This runs when the thread's runtime
+    /// or the thread itself ends, where blocking is fine.
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + CLOSE_WAIT;
+        let tick = types::Timespec::new().sec(1);
+        while self.in_kernel > 0 {
+            let args = types::SubmitArgs::new().timespec(&tick);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => {}
+                Err(err) => return self.leak(&err.to_string()),
+            }
+            if std::time::Instant::now() > deadline {
+                return self.leak("requests still in the kernel");
+            }
+            let tokens: Vec<u64> = self.ring.completion().map(|cqe| cqe.user_data()).collect();
+            for token in tokens {
+                // A request is finished here even when its transfer was short:
+                // nobody waits for it any more.
+                if let Some(entry) = self
+                    .in_flight
+                    .get_mut(token as usize)
+                    .and_then(Option::take)
+                {
+                    drop(entry);
+                    self.in_kernel -= 1;
+                }
+            }
+        }
     }
 }
 
