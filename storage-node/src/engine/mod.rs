@@ -121,6 +121,15 @@ impl IoEngine {
         }
     }
 
+    /// The failures a test injects; the pread/pwrite engine has them.
+    #[cfg(test)]
+    pub(crate) fn faults(&self) -> &sync::Faults {
+        match self {
+            IoEngine::Sync(e) => &e.faults,
+            IoEngine::Uring(_) => panic!("fault injection needs the sync engine"),
+        }
+    }
+
     /// Makes every completed write durable (fdatasync: the device cache is flushed).
     pub async fn sync_data(&self) -> io::Result<()> {
         match self {

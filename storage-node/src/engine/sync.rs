@@ -9,12 +9,16 @@ use super::AlignedBuf;
 
 pub struct SyncEngine {
     file: Arc<File>,
+    #[cfg(test)]
+    pub(crate) faults: Faults,
 }
 
 impl SyncEngine {
     pub fn new(file: File) -> Self {
         SyncEngine {
             file: Arc::new(file),
+            #[cfg(test)]
+            faults: Faults::default(),
         }
     }
 
@@ -39,9 +43,57 @@ impl SyncEngine {
     }
 
     pub async fn sync_data(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.sync_fails() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .expect("blocking sync task panicked")
+    }
+}
+
+/// Failures a test asks for, to reach the error paths of what uses the engine.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Faults {
+    /// Syncs that still succeed before every later one fails; negative: none fails.
+    syncs_left: std::sync::atomic::AtomicI64,
+}
+
+#[cfg(test)]
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            syncs_left: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Faults {
+    /// The next `n` syncs succeed (a failed sync does not write the data
+    /// after them, but what was written before may have landed), then every
+    /// one fails with EIO until [`Faults::heal`].
+    pub(crate) fn fail_syncs_after(&self, n: i64) {
+        self.syncs_left
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn heal(&self) {
+        self.fail_syncs_after(-1);
+    }
+
+    fn sync_fails(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        match self
+            .syncs_left
+            .fetch_update(SeqCst, SeqCst, |n| (n > 0).then(|| n - 1))
+        {
+            Ok(_) => false,
+            // Zero left: it fails. Negative: no faults asked for.
+            Err(left) => left == 0,
+        }
     }
 }

@@ -161,6 +161,11 @@ struct CommitState {
     /// Next free block in the journal region.
     journal_pos: u64,
     checkpoint_generation: u64,
+    /// The last checkpoint failed, and may have landed all the same. A journal
+    /// batch after it would go where that checkpoint's replay never looks
+    /// (replay starts at the journal's beginning), so every commit is a
+    /// checkpoint until one succeeds.
+    checkpoint_needed: bool,
 }
 
 const MAX_VOLUME_NAME: usize = 128;
@@ -328,6 +333,7 @@ impl Pool {
                 journal_seq,
                 journal_pos: 0,
                 checkpoint_generation: checkpoint.generation,
+                checkpoint_needed: false,
             }),
             epochs: Epochs::new(allocator.clone()),
             allocator,
@@ -476,7 +482,10 @@ impl Pool {
             state.volumes.insert(id, volume);
             info
         };
-        self.checkpoint().await?;
+        if let Err(err) = self.checkpoint().await {
+            self.forget_volume(info.id);
+            return Err(err);
+        }
         tracing::info!(volume = name, size, "created volume");
         Ok(info)
     }
@@ -487,7 +496,7 @@ impl Pool {
         // Held from the removal on, so no journal commit in between hands the
         // blocks out again while the durable checkpoint still has the volume.
         let mut commit = self.commit.lock().await;
-        let frees = {
+        let (id, volume, records) = {
             let mut state = self.state.lock().expect("state lock");
             let id = state
                 .volumes
@@ -496,13 +505,36 @@ impl Pool {
                 .map(|(id, _)| *id)
                 .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
             let volume = state.volumes.remove(&id).expect("volume present");
-            state.pending_records.retain(|r| r.volume_id != id);
-            volume.map.iter().map(|(_, e)| e.pba).collect()
+            let (records, others) = std::mem::take(&mut state.pending_records)
+                .into_iter()
+                .partition(|r| r.volume_id == id);
+            state.pending_records = others;
+            (id, volume, records)
         };
         // Frees become real once the checkpoint without this volume is durable.
-        self.checkpoint_locked(&mut commit, frees, &[]).await?;
+        let frees = volume.map.iter().map(|(_, e)| e.pba).collect();
+        if let Err(err) = self.checkpoint_locked(&mut commit, frees, &[]).await {
+            // The durable state may still have the volume: it stays, blocks
+            // and all, and the delete can be tried again.
+            let mut state = self.state.lock().expect("state lock");
+            state.volumes.insert(id, volume);
+            state.pending_records.extend(records);
+            return Err(err);
+        }
         tracing::info!(volume = name, "deleted volume");
         Ok(())
+    }
+
+    /// Removes a volume whose creation failed from memory; its blocks go with
+    /// the next commit.
+    fn forget_volume(&self, id: u64) {
+        let mut state = self.state.lock().expect("state lock");
+        if let Some(volume) = state.volumes.remove(&id) {
+            state.pending_records.retain(|r| r.volume_id != id);
+            state
+                .pending_frees
+                .extend(volume.map.iter().map(|(_, e)| e.pba));
+        }
     }
 
     /// Grows a volume to `size` bytes. Shrinking is refused: it would drop data.
@@ -510,6 +542,10 @@ impl Pool {
         let size = size
             .checked_next_multiple_of(BLOCK_SIZE_U64)
             .ok_or_else(|| PoolError::Invalid("volume size is too large".into()))?;
+        // Held from the new size on: a write past the old end may be made at
+        // once, and a journal batch mapping it must not be durable before a
+        // checkpoint with the new size is (replay would find it out of range).
+        let mut commit = self.commit.lock().await;
         let info = {
             let state = self.state.lock().expect("state lock");
             let (id, volume) = state
@@ -529,7 +565,9 @@ impl Pool {
             volume.size.store(size, Ordering::Relaxed);
             volume_info(*id, volume)
         };
-        self.checkpoint().await?;
+        // On failure the new size stays in memory (writes may already use
+        // it) and the next commit, a checkpoint then, makes it durable.
+        self.checkpoint_locked(&mut commit, Vec::new(), &[]).await?;
         tracing::info!(volume = name, size, "resized volume");
         Ok(info)
     }
@@ -586,6 +624,10 @@ impl Pool {
         open: &[u32],
         close_idle: Duration,
     ) -> Result<(), PoolError> {
+        if commit.checkpoint_needed {
+            // No region opens here: writes that wanted one go copy-on-write.
+            return self.checkpoint_locked(commit, Vec::new(), &[]).await;
+        }
         let (records, frees, dirty, opening, closing) = {
             let mut state = self.state.lock().expect("state lock");
             // Closed here, under the lock that in-place writes start under:
@@ -631,8 +673,8 @@ impl Pool {
                 // The journal is full: a checkpoint holds these changes too.
                 // They go back to pending, where the checkpoint takes them
                 // (and puts them back if it fails).
-                self.requeue(records, Vec::new());
-                return self.checkpoint_locked(commit, frees, &opening).await;
+                self.requeue(records, frees);
+                return self.checkpoint_locked(commit, Vec::new(), &opening).await;
             }
             let seq = commit.journal_seq + 1;
             let mut batch_records = records;
@@ -687,7 +729,9 @@ impl Pool {
     }
 
     /// A checkpoint whose open regions are those open now and `opening`
-    /// (marked open in memory once the checkpoint is durable).
+    /// (marked open in memory once the checkpoint is durable). `frees` are
+    /// released once it is durable, and dropped if it fails: they are blocks
+    /// of something the caller removed and puts back on failure.
     async fn checkpoint_locked(
         &self,
         commit: &mut CommitState,
@@ -696,7 +740,7 @@ impl Pool {
     ) -> Result<(), PoolError> {
         let layout = &self.superblock.layout;
         let generation = commit.checkpoint_generation + 1;
-        let (encoded, taken_records) = {
+        let (encoded, taken_records, taken_frees) = {
             let mut state = self.state.lock().expect("state lock");
             let mut volumes: Vec<VolumeRecord> = state
                 .volumes
@@ -730,15 +774,15 @@ impl Pool {
                 open_regions,
             };
             // The snapshot includes every pending change, so they need no batch.
-            frees.append(&mut state.pending_frees);
             state.data_dirty = false;
             (
                 checkpoint.encode(),
                 std::mem::take(&mut state.pending_records),
+                std::mem::take(&mut state.pending_frees),
             )
         };
         if encoded.len() as u64 > layout.checkpoint_blocks * BLOCK_SIZE_U64 {
-            self.requeue(taken_records, frees);
+            self.requeue(taken_records, taken_frees);
             return Err(PoolError::Corrupt(
                 "metadata no longer fits a checkpoint slot".into(),
             ));
@@ -752,11 +796,16 @@ impl Pool {
         }
         .await;
         if let Err(err) = res {
-            self.requeue(taken_records, frees);
+            self.requeue(taken_records, taken_frees);
+            // Written or not, the slot may now hold this checkpoint. The retry
+            // goes to the same slot under the same generation.
+            commit.checkpoint_needed = true;
             return Err(err.into());
         }
+        frees.extend(taken_frees);
         commit.checkpoint_generation = generation;
         commit.journal_pos = 0;
+        commit.checkpoint_needed = false;
         self.state
             .lock()
             .expect("state lock")

@@ -120,7 +120,7 @@ impl Pool {
         // As for volumes: no commit may free the blocks before the
         // checkpoint without the snapshot is durable.
         let mut commit = self.commit.lock().await;
-        let frees = {
+        let (id, snapshot) = {
             let mut state = self.state.lock().expect("state lock");
             let id = state
                 .snapshots
@@ -128,10 +128,18 @@ impl Pool {
                 .find(|(_, s)| s.name == name)
                 .map(|(id, _)| *id)
                 .ok_or_else(|| PoolError::SnapshotNotFound(name.to_string()))?;
-            let snapshot = state.snapshots.remove(&id).expect("snapshot present");
-            snapshot.map.iter().map(|(_, e)| e.pba).collect()
+            (id, state.snapshots.remove(&id).expect("snapshot present"))
         };
-        self.checkpoint_locked(&mut commit, frees, &[]).await?;
+        let frees = snapshot.map.iter().map(|(_, e)| e.pba).collect();
+        if let Err(err) = self.checkpoint_locked(&mut commit, frees, &[]).await {
+            // The durable state may still have it: it stays, blocks and all.
+            self.state
+                .lock()
+                .expect("state lock")
+                .snapshots
+                .insert(id, snapshot);
+            return Err(err);
+        }
         tracing::info!(snapshot = name, "deleted snapshot");
         Ok(())
     }
@@ -238,12 +246,7 @@ impl Pool {
             (id, info)
         };
         if let Err(err) = self.checkpoint().await {
-            let mut state = self.state.lock().expect("state lock");
-            if let Some(volume) = state.volumes.remove(&id) {
-                state
-                    .pending_frees
-                    .extend(volume.map.iter().map(|(_, e)| e.pba));
-            }
+            self.forget_volume(id);
             return Err(err);
         }
         tracing::info!(volume = name, snapshot, "created volume from snapshot");

@@ -949,3 +949,104 @@ async fn a_version_1_pool_opens_is_upgraded_and_takes_snapshots() {
         pattern(8192, 5)
     );
 }
+
+/// A pool on the pread/pwrite engine, whose syncs a test can make fail.
+async fn open_with_faults(path: &Path, size: u64) -> Arc<Pool> {
+    let options = PoolOptions {
+        engine: EngineKind::Sync,
+        ..options(size)
+    };
+    Pool::open(path, &options, Arc::new(Metrics::new()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_failed_checkpoint_landed_or_not_loses_no_later_flushed_write() {
+    // Its last sync fails (it may be on disk) or its first does (it is not).
+    for syncs_before_failure in [1, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool");
+        let pool = open_with_faults(&path, 64 * MIB).await;
+        pool.create_volume("v", 4 * MIB).await.unwrap();
+        let vol = pool.volume("v").unwrap();
+        vol.write(0, &pattern(4096, 1), false).await.unwrap();
+        vol.flush().await.unwrap(); // a journal batch at the journal's start
+        pool.engine.faults().fail_syncs_after(syncs_before_failure);
+        assert!(pool.resize_volume("v", 8 * MIB).await.is_err());
+        pool.engine.faults().heal();
+        vol.write(4096, &pattern(4096, 2), false).await.unwrap();
+        // Past the old end: the new size is in memory, and must be durable
+        // before a record of this write is.
+        vol.write(6 * MIB, &pattern(4096, 3), false).await.unwrap();
+        vol.flush().await.unwrap();
+        drop(vol);
+        drop(pool); // a crash: the durable state is all there is
+        let pool = open_with_faults(&path, 64 * MIB).await;
+        let vol = pool.volume("v").unwrap();
+        assert_eq!(vol.size(), 8 * MIB, "the resize took effect with the flush");
+        assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 1));
+        assert_same_bytes!(
+            vol.read(4096, 4096).await.unwrap(),
+            pattern(4096, 2),
+            "a write flushed after the failed checkpoint ({syncs_before_failure})"
+        );
+        assert_same_bytes!(vol.read(6 * MIB, 4096).await.unwrap(), pattern(4096, 3));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_delete_or_create_leaves_the_pool_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    // Small, so blocks freed by mistake would be handed out again at once.
+    let pool = open_with_faults(&path, 16 * MIB).await;
+    pool.create_volume("keep", 4 * MIB).await.unwrap();
+    let keep = pool.volume("keep").unwrap();
+    keep.write(0, &pattern(2 * MIB as usize, 1), false)
+        .await
+        .unwrap();
+    keep.flush().await.unwrap();
+    pool.create_snapshot("keep", "snap").await.unwrap();
+    keep.write(0, &pattern(MIB as usize, 2), false)
+        .await
+        .unwrap();
+    keep.flush().await.unwrap();
+    pool.create_volume("other", 8 * MIB).await.unwrap();
+
+    let faults = pool.engine.faults();
+    faults.fail_syncs_after(0);
+    assert!(pool.delete_volume("keep").await.is_err());
+    assert!(pool.delete_snapshot("snap").await.is_err());
+    assert!(pool.create_volume("new", MIB).await.is_err());
+    faults.heal();
+    let names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["keep", "other"], "the failed delete and create");
+    assert!(
+        pool.snapshot_info("snap").is_some(),
+        "the failed snapshot delete"
+    );
+
+    // Every free block is used and flushed: none of the kept ones may be among them.
+    let other = pool.volume("other").unwrap();
+    for i in 0..8u64 {
+        let _ = other.write(i * MIB, &pattern(MIB as usize, 9), false).await;
+    }
+    other.flush().await.unwrap();
+    drop((keep, other));
+    drop(pool); // a crash
+    let pool = open_with_faults(&path, 16 * MIB).await;
+    let keep = pool.volume("keep").unwrap();
+    let mut expected = pattern(2 * MIB as usize, 1);
+    expected[..MIB as usize].copy_from_slice(&pattern(MIB as usize, 2));
+    assert_same_bytes!(keep.read(0, 2 * MIB as u32).await.unwrap(), expected);
+    assert_same_bytes!(
+        snapshot_bytes(&pool, "snap", 0, 2 * MIB as u32).await,
+        pattern(2 * MIB as usize, 1)
+    );
+    assert_eq!(pool.checksum_failures(), 0);
+    // And the delete goes through now.
+    pool.create_volume("new", MIB).await.unwrap();
+    pool.delete_volume("keep").await.unwrap();
+    pool.delete_snapshot("snap").await.unwrap();
+}
