@@ -34,7 +34,18 @@ impl SyncEngine {
 
     pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
         let file = self.file.clone();
+        #[cfg(test)]
+        let torn = self
+            .faults
+            .tear_writes
+            .load(std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            if torn {
+                let half = buf.len() / 2;
+                let res = file.write_all_at(&buf[..half], offset);
+                return (buf, res.and(Err(io::Error::from_raw_os_error(libc::EIO))));
+            }
             let res = file.write_all_at(&buf, offset);
             (buf, res)
         })
@@ -60,6 +71,8 @@ impl SyncEngine {
 pub(crate) struct Faults {
     /// Syncs that still succeed before every later one fails; negative: none fails.
     syncs_left: std::sync::atomic::AtomicI64,
+    /// Writes put the first half of their buffer on disk and fail with EIO.
+    pub(crate) tear_writes: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(test)]
@@ -67,6 +80,7 @@ impl Default for Faults {
     fn default() -> Self {
         Faults {
             syncs_left: std::sync::atomic::AtomicI64::new(-1),
+            tear_writes: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -83,6 +97,8 @@ impl Faults {
 
     pub(crate) fn heal(&self) {
         self.fail_syncs_after(-1);
+        self.tear_writes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn sync_fails(&self) -> bool {

@@ -42,7 +42,14 @@
 //! flushed, perhaps torn, as a disk may return after power loss. Opening the
 //! pool reads the mapped blocks of the open regions and records the CRC of
 //! what is there. Outside open regions a mismatch can only be corruption. At
-//! most [`MAX_OPEN_REGIONS`] are open, which bounds that scan (4 GiB).
+//! most [`MAX_OPEN_REGIONS`] are open, which bounds that scan (4 GiB). An
+//! in-place write that fails leaves its blocks as the device does; the pool
+//! reads them back at once and records what they hold, as the scan would.
+//!
+//! Checkpoints alternate between two slots. One that fails may still have
+//! landed; since replay starts at the journal's beginning after whichever
+//! checkpoint is newest, no journal batch is written after a failed
+//! checkpoint until a retry of it succeeds.
 
 use crate::pool::PoolError;
 

@@ -1050,3 +1050,38 @@ async fn a_failed_delete_or_create_leaves_the_pool_as_it_was() {
     pool.delete_volume("keep").await.unwrap();
     pool.delete_snapshot("snap").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_failed_in_place_write_leaves_blocks_that_read_even_once_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(32768, 1), false).await.unwrap();
+    vol.write(0, &pattern(32768, 2), false).await.unwrap(); // in place
+    vol.flush().await.unwrap();
+    // The device takes the first half of the next write and fails it.
+    pool.engine
+        .faults()
+        .tear_writes
+        .store(true, Ordering::SeqCst);
+    assert!(vol.write(0, &pattern(32768, 3), false).await.is_err());
+    pool.engine.faults().heal();
+    let mut torn = pattern(32768, 2);
+    torn[..16384].copy_from_slice(&pattern(32768, 3)[..16384]);
+    assert_same_bytes!(
+        vol.read(0, 32768).await.unwrap(),
+        torn,
+        "blocks after the failed write read as what the device holds"
+    );
+    // Shared now: a scan after a crash would pass over these blocks.
+    pool.create_snapshot("v", "s").await.unwrap();
+    drop(vol);
+    drop(pool); // a crash
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 32768).await.unwrap(), torn);
+    assert_same_bytes!(snapshot_bytes(&pool, "s", 0, 32768).await, torn);
+    assert_eq!(pool.checksum_failures(), 0);
+}

@@ -416,10 +416,13 @@ impl BlockWriter {
         }
         if let Err(err) = self.write_runs(buf, &plan.pbas).await {
             pool.release_unused(&plan.new_blocks());
-            // A block written in place may now match no CRC; its region
-            // stays open until the pool is next opened, whose scan records
-            // what the block holds.
-            plan.regions.clear();
+            if let Err(read_err) = self.adopt_failed_in_place(first, &mut plan).await {
+                // Its region stays open until the pool is next opened, whose
+                // scan records what the block holds.
+                tracing::warn!(volume = %self.name, error = %read_err,
+                    "cannot read back blocks after a failed in-place write");
+                plan.regions.clear();
+            }
             return Err(BlockError::Io(format!(
                 "writing volume {}: {err}",
                 self.name
@@ -450,6 +453,50 @@ impl BlockWriter {
         // has every write into them.
         state.regions.end(&std::mem::take(&mut plan.regions));
         Ok(state.pending_records.len())
+    }
+
+    /// After a failed write, records the checksum of what each block written
+    /// in place now holds (old, new or torn data, as a disk leaves it), as
+    /// the scan after a crash would, and ends the write's regions. Done now,
+    /// while the blocks are the volume's alone: a snapshot could share them
+    /// before the next open, and that scan passes over shared blocks.
+    async fn adopt_failed_in_place(
+        &self,
+        first: u64,
+        plan: &mut WritePlan<'_>,
+    ) -> std::io::Result<()> {
+        let engine = &self.pool.engine;
+        let mut adopted = Vec::new();
+        for (i, (pba, in_place)) in plan.pbas.iter().zip(&plan.in_place).enumerate() {
+            if *in_place {
+                let (block, res) = engine
+                    .read_at(engine.read_buffer(BLOCK_SIZE), *pba as u64 * BLOCK_SIZE_U64)
+                    .await;
+                res?;
+                adopted.push((
+                    first + i as u64,
+                    BlockEntry {
+                        pba: *pba,
+                        crc: data_crc(&block),
+                    },
+                ));
+            }
+        }
+        let mut guard = self.pool.state.lock().expect("state lock");
+        let state = &mut *guard;
+        if let Some(volume) = state.volumes.get_mut(&self.id) {
+            for (lba, entry) in adopted {
+                volume.map.set(lba, entry);
+                state.pending_records.push(JournalRecord {
+                    volume_id: self.id,
+                    lba,
+                    entry,
+                });
+            }
+            state.data_dirty = true;
+        }
+        state.regions.end(&std::mem::take(&mut plan.regions));
+        Ok(())
     }
 
     /// Where each of blocks [first, first + n) goes. A mapped block no
