@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use io_uring::{types, IoUring};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use super::uring::{build_sqe, complete, Completion, InFlight, Op, Request};
 use super::{AlignedBuf, BufferSets};
@@ -104,7 +105,8 @@ impl Inner {
         std::mem::forget(std::mem::take(&mut self.in_flight));
     }
 
-    /// Puts a request in the kernel; gives it back if the ring refuses it.
+    /// Queues a request on the ring; the kernel gets it with the next
+    /// [`Inner::submit_queued`]. Gives it back if the ring refuses it.
     fn start(&mut self, request: Request) -> Result<(), Request> {
         let token = self.free_tokens.pop().unwrap_or_else(|| {
             self.in_flight.push(None);
@@ -118,15 +120,31 @@ impl Inner {
         let sqe = build_sqe(entry).user_data(token as u64);
         // SAFETY: the buffer is owned by the in-flight entry until completion.
         let pushed = unsafe { self.ring.submission().push(&sqe) }.is_ok()
-            || (self.ring.submit().is_ok()
+            || (self.submit_queued()
                 // SAFETY: as above.
                 && unsafe { self.ring.submission().push(&sqe) }.is_ok());
-        if pushed && self.ring.submit().is_ok() {
+        if pushed {
             self.in_kernel += 1;
             return Ok(());
         }
         self.free_tokens.push(token);
         Err(self.in_flight[token].take().expect("entry").request)
+    }
+
+    /// Hands every queued request to the kernel in one system call, which
+    /// also rings the device's doorbell once for all of them. False if the
+    /// kernel took none; they stay queued for the next call.
+    fn submit_queued(&mut self) -> bool {
+        if self.ring.submission().is_empty() {
+            return true;
+        }
+        match self.ring.submit() {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::debug!(error = %err, "io_uring submit failed; retrying later");
+                false
+            }
+        }
     }
 }
 
@@ -172,6 +190,9 @@ pub(super) struct LocalRing {
     // requests may still point into.
     readiness: AsyncFd<RingFd>,
     inner: Mutex<Inner>,
+    /// Raised when a request is queued: the submitter task hands the kernel
+    /// whatever is queued by the time it runs.
+    submit_wanted: Notify,
     _file: Arc<File>,
     _slots: Option<Arc<BufferSets>>,
 }
@@ -202,10 +223,12 @@ impl LocalRing {
                 backlog: std::collections::VecDeque::new(),
             }),
             readiness,
+            submit_wanted: Notify::new(),
             _file: file,
             _slots: slots,
         });
         tokio::spawn(reap(local.clone()));
+        tokio::spawn(submit_batches(local.clone()));
         Ok(local)
     }
 
@@ -234,7 +257,10 @@ impl LocalRing {
             inner.backlog.push_back(request);
             return Ok(());
         }
-        inner.start(request)
+        inner.start(request)?;
+        drop(inner);
+        self.submit_wanted.notify_one();
+        Ok(())
     }
 
     /// Hands out every completion; resubmits short transfers.
@@ -246,7 +272,6 @@ impl LocalRing {
             .completion()
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
-        let mut resubmit = false;
         for (token, result) in completions {
             let token = token as usize;
             let Some(entry) = inner.in_flight.get_mut(token).and_then(Option::as_mut) else {
@@ -257,11 +282,10 @@ impl LocalRing {
                     let sqe = build_sqe(entry).user_data(token as u64);
                     // SAFETY: the buffer stays owned by the in-flight entry.
                     if unsafe { inner.ring.submission().push(&sqe) }.is_err() {
-                        let _ = inner.ring.submit();
+                        inner.submit_queued();
                         // SAFETY: as above.
                         let _ = unsafe { inner.ring.submission().push(&sqe) };
                     }
-                    resubmit = true;
                 }
                 Completion::Done(res) => {
                     let finished = inner.in_flight[token].take().expect("entry");
@@ -271,9 +295,6 @@ impl LocalRing {
                     let _ = request.done.send((request.buf, res));
                 }
             }
-        }
-        if resubmit {
-            let _ = inner.ring.submit();
         }
         while inner.in_kernel < inner.capacity {
             let Some(request) = inner.backlog.pop_front() else {
@@ -286,7 +307,20 @@ impl LocalRing {
                 ));
             }
         }
+        // Resubmissions and requests from the backlog, in one call.
+        inner.submit_queued();
         inner.in_kernel + inner.backlog.len()
+    }
+}
+
+/// Submits queued requests in batches. A task that queues a request wakes
+/// this one, which runs after the tasks already ready to run (the current-
+/// thread scheduler is first in, first out): requests that one read from a
+/// client's socket brought in reach the kernel, and the device, together.
+async fn submit_batches(local: Arc<LocalRing>) {
+    loop {
+        local.submit_wanted.notified().await;
+        local.inner.lock().expect("local ring lock").submit_queued();
     }
 }
 
