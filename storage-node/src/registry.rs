@@ -266,8 +266,15 @@ impl BlockTarget for Export {
 
     async fn write_owned(&self, offset: u64, data: bytes::Bytes, fua: bool) -> BlockResult<()> {
         match self {
-            Export::Local(v) => v.write(offset, &data, fua).await,
+            Export::Local(v) => v.write_owned(offset, data, fua).await,
             Export::Replicated(t) => t.write_owned(offset, data, fua).await,
+        }
+    }
+
+    fn write_buffer(&self, len: usize) -> Option<crate::engine::AlignedBuf> {
+        match self {
+            Export::Local(v) => v.write_buffer(len),
+            Export::Replicated(t) => t.write_buffer(len),
         }
     }
 

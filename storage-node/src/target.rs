@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::engine::AlignedBuf;
+
 /// Why a block operation failed. Each kind maps to one NBD error number.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum BlockError {
@@ -64,6 +66,14 @@ pub trait BlockTarget: Send + Sync + 'static {
         fua: bool,
     ) -> impl Future<Output = BlockResult<()>> + Send {
         async move { self.write(offset, &data, fua).await }
+    }
+
+    /// A buffer for the data of a write of `len` bytes that will be handed to
+    /// [`BlockTarget::write_owned`] (as `Bytes::from_owner`): memory the
+    /// target's device can take as it is, so the data is not copied again.
+    /// None: any memory will do.
+    fn write_buffer(&self, _len: usize) -> Option<AlignedBuf> {
+        None
     }
 
     /// Makes every write that completed before this call durable.

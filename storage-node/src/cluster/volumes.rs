@@ -107,7 +107,8 @@ fn newest_members(replicas: &[ReplicaReport]) -> Vec<ReplicaMember> {
 struct Survey {
     replicas: Vec<ReplicaReport>,
     targets: Vec<(NodeEntry, Target)>,
-    unreachable: Vec<NodeEntry>,
+    /// The nodes that did not answer, and why.
+    unreachable: Vec<(NodeEntry, String)>,
     infos: Vec<(NodeEntry, NodeInfo)>,
 }
 
@@ -154,7 +155,10 @@ async fn survey(cluster: &ClusterFile) -> Survey {
                     .targets
                     .extend(targets.into_iter().map(|t| (node.clone(), t)));
             }
-            Err(_) => survey.unreachable.push(node),
+            Err(err) => {
+                tracing::debug!(node = %node.name, error = %err, "node did not answer");
+                survey.unreachable.push((node, format!("{err:#}")));
+            }
         }
     }
     survey
@@ -518,9 +522,18 @@ pub async fn create_replacement(
                 .cloned()
                 .collect();
             if spare.is_empty() {
+                let unreachable: Vec<String> = survey
+                    .unreachable
+                    .iter()
+                    .map(|(node, why)| format!("{} ({why})", node.name))
+                    .collect();
+                let unreachable = match unreachable.is_empty() {
+                    true => String::new(),
+                    false => format!("; not reachable: {}", unreachable.join(", ")),
+                };
                 return Err(VolumeError::NoRoom(format!(
                     "no spare node for a new replica of volume {name}: every reachable node \
-                     holds one already"
+                     holds one already{unreachable}"
                 )));
             }
             spare

@@ -80,6 +80,12 @@ impl std::ops::Deref for AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and we hold the only reference.
@@ -184,6 +190,14 @@ impl RegisteredSlots {
         })
     }
 
+    /// The registered index of the slot holding all of `[ptr, ptr + len)`.
+    pub fn index_of(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        let at = (ptr as usize).checked_sub(self.memory.as_ptr() as usize)?;
+        let slot = at / self.slot_size;
+        (slot < self.count && at % self.slot_size + len <= self.slot_size)
+            .then(|| self.base + slot as u16)
+    }
+
     fn put_back(&self, index: u16) {
         self.free
             .lock()
@@ -239,6 +253,14 @@ impl BufferSets {
         };
         set.take_with(len, zero)
     }
+
+    /// The registered index of the slot holding all of `[ptr, ptr + len)`,
+    /// for memory lent out of a slot and shared since (as `Bytes`).
+    pub fn index_of(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        self.small
+            .index_of(ptr, len)
+            .or_else(|| self.large.index_of(ptr, len))
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +307,13 @@ mod tests {
         drop(large);
         let again = sets.take(65536, false).unwrap();
         assert_eq!(again.registered_index(), index, "returned to its own set");
-        drop((small, again));
+        // Memory of a slot, shared on: its index is found from the pointer.
+        let shared = bytes::Bytes::from_owner(again);
+        assert_eq!(sets.index_of(shared.as_ptr(), shared.len()), index);
+        assert_eq!(sets.index_of(shared[4096..].as_ptr(), 4096), index);
+        assert_eq!(sets.index_of(shared.as_ptr(), 65537), None, "past its slot");
+        let heap = AlignedBuf::zeroed(4096);
+        assert_eq!(sets.index_of(heap.as_ptr(), 4096), None);
+        drop((small, shared));
     }
 }

@@ -130,6 +130,17 @@ impl IoEngine {
         }
     }
 
+    /// Writes all of `data` at `offset` without copying it: for memory that
+    /// is already aligned to [`ALIGN`] (a buffer from [`IoEngine::write_buffer`],
+    /// filled and shared since), as are the offset and the length.
+    pub async fn write_shared(&self, data: bytes::Bytes, offset: u64) -> io::Result<()> {
+        debug_assert!(is_aligned(&data) && offset % ALIGN as u64 == 0);
+        match self {
+            IoEngine::Uring(e) => e.write_shared(data, offset).await,
+            IoEngine::Sync(e) => e.write_shared(data, offset).await,
+        }
+    }
+
     /// Makes every completed write durable (fdatasync: the device cache is flushed).
     pub async fn sync_data(&self) -> io::Result<()> {
         match self {
@@ -137,6 +148,11 @@ impl IoEngine {
             IoEngine::Sync(e) => e.sync_data().await,
         }
     }
+}
+
+/// Whether direct I/O can use `data` as it is: address and length aligned.
+pub fn is_aligned(data: &[u8]) -> bool {
+    data.as_ptr() as usize % ALIGN == 0 && data.len() % ALIGN == 0
 }
 
 /// Opens with O_DIRECT, falling back to buffered I/O on filesystems that refuse
@@ -205,6 +221,24 @@ mod tests {
         for (buf, res) in futures::future::join_all(reads).await {
             res.unwrap();
             assert_eq!(buf.len(), 4096);
+        }
+        // Aligned memory shared on (as a client's payload is) is written as
+        // it is: a registered slot's and the heap's.
+        let shared = [engine.write_buffer(8192), AlignedBuf::zeroed(8192)];
+        for (i, mut buf) in shared.into_iter().enumerate() {
+            buf.fill(0xC0 + i as u8);
+            let at = (1 << 19) + i as u64 * 8192;
+            engine
+                .write_shared(bytes::Bytes::from_owner(buf), at)
+                .await
+                .unwrap();
+        }
+        for i in 0..2u64 {
+            let (buf, res) = engine
+                .read_at(engine.buffer(8192), (1 << 19) + i * 8192)
+                .await;
+            res.unwrap();
+            assert!(buf.iter().all(|b| *b == 0xC0 + i as u8), "shared write {i}");
         }
         // A buffer larger than any registered slot still works.
         let mut big = engine.buffer(1 << 19);

@@ -53,6 +53,13 @@ impl SyncEngine {
         .expect("blocking write task panicked")
     }
 
+    pub async fn write_shared(&self, data: bytes::Bytes, offset: u64) -> io::Result<()> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+            .await
+            .expect("blocking write task panicked")
+    }
+
     pub async fn sync_data(&self) -> io::Result<()> {
         #[cfg(test)]
         if self.faults.sync_fails() {

@@ -16,6 +16,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
@@ -37,6 +38,9 @@ const WAKE_TOKEN: u64 = u64::MAX;
 pub(super) enum Op {
     Read,
     Write,
+    /// A write from memory the caller shares (kept alive until it is done),
+    /// with its registered-buffer index when it lies in one of the slots.
+    WriteShared(Bytes, Option<u16>),
     SyncData,
 }
 
@@ -165,6 +169,17 @@ impl UringEngine {
     pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
         let (buf, res) = self.call(Op::Write, Some(buf), offset).await;
         (buf.expect("write returns its buffer"), res)
+    }
+
+    /// Writes `data`, which must be aligned, without copying it.
+    pub async fn write_shared(&self, data: Bytes, offset: u64) -> io::Result<()> {
+        let index = self
+            .slots
+            .as_ref()
+            .and_then(|slots| slots.index_of(data.as_ptr(), data.len()));
+        self.call(Op::WriteShared(data, index), None, offset)
+            .await
+            .1
     }
 
     pub async fn sync_data(&self) -> io::Result<()> {
@@ -382,7 +397,10 @@ pub(super) fn complete(entry: &mut InFlight, result: i32) -> Completion {
         }
         return Completion::Done(Err(io::Error::from_raw_os_error(errno)));
     }
-    let len = entry.request.buf.as_ref().map_or(0, |b| b.len());
+    let len = match &entry.request.op {
+        Op::WriteShared(data, _) => data.len(),
+        _ => entry.request.buf.as_ref().map_or(0, |b| b.len()),
+    };
     if matches!(entry.request.op, Op::SyncData) {
         return Completion::Done(Ok(()));
     }
@@ -425,6 +443,19 @@ pub(super) fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
                     .offset(offset)
                     .build(),
                 (_, None) => opcode::Write::new(file, ptr, remaining)
+                    .offset(offset)
+                    .build(),
+            }
+        }
+        (Op::WriteShared(data, index), None) => {
+            let remaining = (data.len() - entry.transferred) as u32;
+            // SAFETY: `transferred` < len, so the pointer stays inside the bytes.
+            let ptr = unsafe { data.as_ptr().add(entry.transferred) };
+            match index {
+                Some(i) => opcode::WriteFixed::new(file, ptr, remaining, *i)
+                    .offset(offset)
+                    .build(),
+                None => opcode::Write::new(file, ptr, remaining)
                     .offset(offset)
                     .build(),
             }

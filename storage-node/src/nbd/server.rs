@@ -22,7 +22,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -533,13 +533,13 @@ async fn read_requests<T: BlockTarget>(
                     () = stopped(stop) => return Ok(()),
                 };
                 let payload = match op {
-                    Op::Write { len, .. } => {
+                    Op::Write { offset, len, .. } => {
                         // Bounded by MAX_REQUEST_LEN and paid for by `permits`.
                         // If the client drops mid-payload, read_exact fails and
                         // nothing reaches the target.
-                        read_payload(rd, len as usize).await?
+                        read_write_payload(rd, &**target, offset, len as usize).await?
                     }
-                    _ => Vec::new(),
+                    _ => Bytes::new(),
                 };
                 let target = Arc::clone(target);
                 let tx = tx.clone();
@@ -581,7 +581,7 @@ async fn read_requests<T: BlockTarget>(
 async fn execute<T: BlockTarget>(
     target: &T,
     op: Op,
-    payload: Vec<u8>,
+    payload: Bytes,
 ) -> Result<Option<Vec<u8>>, u32> {
     let result = match op {
         Op::Read { offset, len } => match target.read(offset, len).await {
@@ -598,11 +598,7 @@ async fn execute<T: BlockTarget>(
             }
             Err(e) => Err(e),
         },
-        Op::Write { offset, fua, .. } => {
-            target
-                .write_owned(offset, bytes::Bytes::from(payload), fua)
-                .await
-        }
+        Op::Write { offset, fua, .. } => target.write_owned(offset, payload, fua).await,
         Op::Flush => target.flush().await,
         Op::Trim { offset, len, fua } => match target.trim(offset, len).await {
             // `trim` has no FUA parameter; a flush afterwards makes the
@@ -627,6 +623,25 @@ async fn execute<T: BlockTarget>(
         }
         proto::errno_for(&e, op.command())
     })
+}
+
+/// Reads the payload of a WRITE of `len` bytes at `offset`. One of whole
+/// blocks goes into the target's own buffer, which its device takes without
+/// another copy; any other into a plain one.
+async fn read_write_payload<R: AsyncRead + Unpin, T: BlockTarget>(
+    rd: &mut R,
+    target: &T,
+    offset: u64,
+    len: usize,
+) -> io::Result<Bytes> {
+    let block = target.block_size() as usize;
+    if len > 0 && len % block == 0 && offset % block as u64 == 0 {
+        if let Some(mut buf) = target.write_buffer(len) {
+            rd.read_exact(&mut buf).await?;
+            return Ok(Bytes::from_owner(buf));
+        }
+    }
+    Ok(Bytes::from(read_payload(rd, len).await?))
 }
 
 /// Reads a WRITE payload of exactly `len` bytes into spare capacity: no

@@ -368,6 +368,12 @@ impl Pool {
         uuid::Uuid::from_bytes(self.superblock.uuid)
     }
 
+    /// A buffer for data to be written to this pool's device, which a write
+    /// takes as it is once filled and shared (see `BlockTarget::write_buffer`).
+    pub fn write_buffer(&self, len: usize) -> crate::engine::AlignedBuf {
+        self.engine.write_buffer(len)
+    }
+
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
     }

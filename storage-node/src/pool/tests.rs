@@ -3,6 +3,8 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::*;
 use crate::target::{BlockError, BlockTarget};
 
@@ -1083,5 +1085,49 @@ async fn a_failed_in_place_write_leaves_blocks_that_read_even_once_shared() {
     let vol = pool.volume("v").unwrap();
     assert_same_bytes!(vol.read(0, 32768).await.unwrap(), torn);
     assert_same_bytes!(snapshot_bytes(&pool, "s", 0, 32768).await, torn);
+    assert_eq!(pool.checksum_failures(), 0);
+}
+
+#[tokio::test]
+async fn shared_writes_of_whole_blocks_and_of_odd_bytes_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut image = vec![0u8; 4 * MIB as usize];
+    let shared = |data: &[u8]| {
+        let mut buf = pool.write_buffer(data.len());
+        buf.copy_from_slice(data);
+        Bytes::from_owner(buf)
+    };
+    // Whole blocks in the pool's own memory: written as they are, new, then
+    // in place, then over blocks a snapshot shares (copy-on-write).
+    for (round, at) in [(1u8, 8192u64), (2, 8192), (3, 0)] {
+        let data = pattern(65536, round);
+        vol.write_owned(at, shared(&data), false).await.unwrap();
+        image[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        if round == 2 {
+            pool.create_snapshot("v", "s").await.unwrap();
+        }
+    }
+    // Not whole blocks, or not aligned memory: copied, merged, written.
+    let odd = pattern(5000, 4);
+    vol.write_owned(100, Bytes::from(odd.clone()), false)
+        .await
+        .unwrap();
+    image[100..5100].copy_from_slice(&odd);
+    let unaligned = Bytes::from(pattern(4097, 5)).slice(1..);
+    vol.write_owned(MIB, unaligned.clone(), false)
+        .await
+        .unwrap();
+    image[MIB as usize..MIB as usize + 4096].copy_from_slice(&unaligned);
+    vol.flush().await.unwrap();
+    assert_same_bytes!(vol.read(0, 4 * MIB as u32).await.unwrap(), image);
+    drop(vol);
+    drop(pool);
+    let pool = open(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4 * MIB as u32).await.unwrap(), image);
     assert_eq!(pool.checksum_failures(), 0);
 }

@@ -18,14 +18,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::format::{data_crc, region_of, BlockEntry, JournalRecord, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::{Pool, PoolError};
-use crate::engine::AlignedBuf;
+use crate::engine::{is_aligned, AlignedBuf};
 use crate::metrics::{IoLabels, VolumeLabels};
-use crate::range_lock::RangeLock;
+use crate::range_lock::{RangeGuard, RangeLock};
 use crate::target::{BlockError, BlockResult, BlockTarget};
 
 /// Unmapping is done in slices so one huge TRIM does not hold the map lock long.
@@ -274,6 +275,33 @@ impl Volume {
         }
         let at = (offset % BLOCK_SIZE_U64) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
+        self.write_whole_blocks(range, first, BlockData::Owned(buf), fua)
+            .await
+    }
+
+    /// A write of shared bytes: handed to the device as they are when they
+    /// cover whole blocks from aligned memory (a client's payload read into a
+    /// buffer of the engine's), copied into a buffer of the pool's otherwise.
+    async fn write_shared_impl(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        if data.is_empty() || offset % BLOCK_SIZE_U64 != 0 || !is_aligned(&data) {
+            return self.write_impl(offset, &data, fua).await;
+        }
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        let first = offset / BLOCK_SIZE_U64;
+        let range = self.ranges.lock(first, first + len / BLOCK_SIZE_U64).await;
+        self.write_whole_blocks(range, first, BlockData::Shared(data), fua)
+            .await
+    }
+
+    /// Writes whole blocks from `first`, whose range the caller holds.
+    async fn write_whole_blocks(
+        &self,
+        range: RangeGuard,
+        first: u64,
+        data: BlockData,
+        fua: bool,
+    ) -> BlockResult<()> {
         // From here the write runs in a task of its own, holding the range:
         // once in-place I/O is submitted it lands whether or not the caller
         // waits, so the map update and the region bookkeeping must not be
@@ -285,7 +313,7 @@ impl Volume {
         };
         let pending = tokio::spawn(async move {
             let _range = range;
-            writer.write_blocks(first, buf).await
+            writer.write_blocks(first, data).await
         })
         .await
         .map_err(|err| BlockError::Io(format!("write task of volume {}: {err}", self.name)))??;
@@ -381,6 +409,23 @@ impl Volume {
     }
 }
 
+/// Whole blocks to write: a buffer of the pool's, or aligned memory shared
+/// with the caller and written as it is.
+enum BlockData {
+    Owned(AlignedBuf),
+    Shared(Bytes),
+}
+
+impl std::ops::Deref for BlockData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BlockData::Owned(buf) => buf,
+            BlockData::Shared(data) => data,
+        }
+    }
+}
+
 /// What a write task needs of its volume.
 struct BlockWriter {
     pool: Arc<Pool>,
@@ -392,7 +437,7 @@ impl BlockWriter {
     /// Writes whole blocks from `first` (the caller holds their range): in
     /// place where [`BlockWriter::plan_write`] allows, to new blocks elsewhere, and
     /// points the map at them. Returns how many map changes are now pending.
-    async fn write_blocks(&self, first: u64, buf: AlignedBuf) -> BlockResult<usize> {
+    async fn write_blocks(&self, first: u64, buf: BlockData) -> BlockResult<usize> {
         let pool = &self.pool;
         let n = (buf.len() / BLOCK_SIZE) as u64;
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(data_crc).collect();
@@ -428,18 +473,37 @@ impl BlockWriter {
                 self.name
             )));
         }
-        let mut guard = pool.state.lock().expect("state lock");
+        let entries = plan
+            .pbas
+            .iter()
+            .zip(crcs)
+            .enumerate()
+            .map(|(i, (pba, crc))| (first + i as u64, BlockEntry { pba: *pba, crc }));
+        match self.map_blocks(entries, &mut plan.regions) {
+            Some(pending) => Ok(pending),
+            None => {
+                pool.release_unused(&plan.new_blocks());
+                Err(BlockError::Gone)
+            }
+        }
+    }
+
+    /// Points the volume's map at `entries` (lba, new entry) with their
+    /// journal records pending; a block that moved frees its old place once
+    /// those are durable. Ends the write's in-place `regions`: with the records
+    /// pending, a commit that closes them has every write into them. Returns
+    /// how many map changes are pending, or None if the volume is gone.
+    fn map_blocks(
+        &self,
+        entries: impl Iterator<Item = (u64, BlockEntry)>,
+        regions: &mut Vec<u32>,
+    ) -> Option<usize> {
+        let mut guard = self.pool.state.lock().expect("state lock");
         let state = &mut *guard;
-        let Some(volume) = state.volumes.get_mut(&self.id) else {
-            drop(guard);
-            pool.release_unused(&plan.new_blocks());
-            return Err(BlockError::Gone);
-        };
-        for (i, (pba, crc)) in plan.pbas.iter().zip(crcs).enumerate() {
-            let lba = first + i as u64;
-            let entry = BlockEntry { pba: *pba, crc };
+        let volume = state.volumes.get_mut(&self.id)?;
+        for (lba, entry) in entries {
             let old = volume.map.set(lba, entry);
-            if old.is_mapped() && old.pba != *pba {
+            if old.is_mapped() && old.pba != entry.pba {
                 state.pending_frees.push(old.pba);
             }
             state.pending_records.push(JournalRecord {
@@ -449,10 +513,8 @@ impl BlockWriter {
             });
         }
         state.data_dirty = true;
-        // With the records pending: a commit that closes these regions now
-        // has every write into them.
-        state.regions.end(&std::mem::take(&mut plan.regions));
-        Ok(state.pending_records.len())
+        state.regions.end(&std::mem::take(regions));
+        Some(state.pending_records.len())
     }
 
     /// After a failed write, records the checksum of what each block written
@@ -482,20 +544,9 @@ impl BlockWriter {
                 ));
             }
         }
-        let mut guard = self.pool.state.lock().expect("state lock");
-        let state = &mut *guard;
-        if let Some(volume) = state.volumes.get_mut(&self.id) {
-            for (lba, entry) in adopted {
-                volume.map.set(lba, entry);
-                state.pending_records.push(JournalRecord {
-                    volume_id: self.id,
-                    lba,
-                    entry,
-                });
-            }
-            state.data_dirty = true;
-        }
-        state.regions.end(&std::mem::take(&mut plan.regions));
+        // A volume deleted meanwhile has nothing to record; dropping the
+        // plan ends its regions.
+        self.map_blocks(adopted.into_iter(), &mut plan.regions);
         Ok(())
     }
 
@@ -575,7 +626,7 @@ impl BlockWriter {
     }
 
     /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks.
-    async fn write_runs(&self, buf: AlignedBuf, pbas: &[u32]) -> std::io::Result<()> {
+    async fn write_runs(&self, buf: BlockData, pbas: &[u32]) -> std::io::Result<()> {
         let engine = &self.pool.engine;
         let entries: Vec<BlockEntry> = pbas
             .iter()
@@ -583,8 +634,11 @@ impl BlockWriter {
             .collect();
         let runs = mapped_runs(&entries);
         if runs.len() == 1 {
-            let (_, res) = engine.write_at(buf, pbas[0] as u64 * BLOCK_SIZE_U64).await;
-            return res;
+            let at = pbas[0] as u64 * BLOCK_SIZE_U64;
+            return match buf {
+                BlockData::Owned(buf) => engine.write_at(buf, at).await.1,
+                BlockData::Shared(data) => engine.write_shared(data, at).await,
+            };
         }
         let writes = runs.iter().map(|&(start, len)| {
             let mut part = engine.write_buffer(len * BLOCK_SIZE);
@@ -733,6 +787,18 @@ impl BlockTarget for Volume {
             .write
             .record(started, data.len() as u64, &result);
         result
+    }
+
+    async fn write_owned(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        let started = Instant::now();
+        let len = data.len() as u64;
+        let result = self.write_shared_impl(offset, data, fua).await;
+        self.metrics.write.record(started, len, &result);
+        result
+    }
+
+    fn write_buffer(&self, len: usize) -> Option<AlignedBuf> {
+        Some(self.pool.write_buffer(len))
     }
 
     async fn flush(&self) -> BlockResult<()> {

@@ -387,7 +387,9 @@ impl Replica {
             }
             Op::Write => {
                 let at = range(request.payload.len() as u64)?;
-                self.data.write(at, &request.payload, fua).await?;
+                self.data
+                    .write_owned(at, request.payload.clone(), fua)
+                    .await?;
                 Ok(Vec::new())
             }
             Op::Flush => self.data.flush().await.map(|()| Vec::new()),

@@ -1492,6 +1492,12 @@ impl BlockTarget for VolumeTarget {
         .await
     }
 
+    /// From the local replica's engine: its device writes the shared data as
+    /// it is, and the links to remote replicas send the same memory.
+    fn write_buffer(&self, len: usize) -> Option<crate::engine::AlignedBuf> {
+        Some(self.local.pool().write_buffer(len))
+    }
+
     async fn flush(&self) -> BlockResult<()> {
         self.replicate(|epoch| Request::new(Op::Flush, 0, epoch))
             .await
