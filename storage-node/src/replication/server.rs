@@ -126,7 +126,9 @@ async fn connection(stream: TcpStream, replicas: Arc<Replicas>) -> Result<(), wi
 
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
-        let request = match wire::read_request(&mut reader).await {
+        // A write's payload goes straight into the replica's engine memory.
+        let buffer = |op, len| (op == Op::Write).then(|| replica.write_buffer(len));
+        let request = match wire::read_request_with(&mut reader, buffer).await {
             Ok(Some(request)) => request,
             Ok(None) => break Ok(()),
             Err(err) => break Err(err),

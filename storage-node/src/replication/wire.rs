@@ -23,6 +23,8 @@ use bytes::Bytes;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::engine::AlignedBuf;
+
 pub const REQUEST_MAGIC: u32 = 0x5354_5251; // "STRQ"
 pub const REPLY_MAGIC: u32 = 0x5354_5250; // "STRP"
 pub const REQUEST_HEADER_LEN: usize = 48;
@@ -278,16 +280,36 @@ async fn read_payload<R: AsyncRead + Unpin>(
     }
     let mut payload = vec![0u8; len as usize];
     reader.read_exact(&mut payload).await?;
+    check_payload(reader, &payload).await?;
+    Ok(payload)
+}
+
+/// Reads the CRC that follows `payload` and checks it.
+async fn check_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    payload: &[u8],
+) -> Result<(), FrameError> {
     let stored = reader.read_u32_le().await?;
-    if crc32fast::hash(&payload) != stored {
+    if crc32fast::hash(payload) != stored {
         return Err(FrameError::PayloadChecksum);
     }
-    Ok(payload)
+    Ok(())
 }
 
 /// Reads one request; `Ok(None)` on a clean end of stream between frames.
 pub async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut R,
+) -> Result<Option<Request>, FrameError> {
+    read_request_with(reader, |_, _| None).await
+}
+
+/// [`read_request`], reading a payload into the memory `buffer` gives for
+/// the request's operation and payload length, if it gives some: a replica
+/// takes a write's payload in its engine's memory, which its device then
+/// writes as it is.
+pub async fn read_request_with<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buffer: impl FnOnce(Op, usize) -> Option<AlignedBuf>,
 ) -> Result<Option<Request>, FrameError> {
     let mut header = [0u8; REQUEST_HEADER_LEN];
     if !read_header(reader, &mut header).await? {
@@ -299,7 +321,19 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     }
     check_seal(&header)?;
     let op = Op::from_u8(header[4]).ok_or(FrameError::UnknownOp(header[4]))?;
-    let payload = read_payload(reader, u32_at(&header, 40)).await?;
+    let len = u32_at(&header, 40);
+    let given = match len {
+        0 | MAX_PAYLOAD.. => None,
+        _ => buffer(op, len as usize).filter(|b| b.len() == len as usize),
+    };
+    let payload = match given {
+        Some(mut buf) => {
+            reader.read_exact(&mut buf).await?;
+            check_payload(reader, &buf).await?;
+            Bytes::from_owner(buf)
+        }
+        None => Bytes::from(read_payload(reader, len).await?),
+    };
     Ok(Some(Request {
         op,
         flags: header[5],
@@ -307,7 +341,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         epoch: u64_at(&header, 16),
         offset: u64_at(&header, 24),
         length: u64_at(&header, 32),
-        payload: Bytes::from(payload),
+        payload,
     }))
 }
 
@@ -418,6 +452,33 @@ mod tests {
         encode_reply(&reply, &mut bytes);
         let mut reader = &bytes[..];
         assert_eq!(read_reply(&mut reader).await.unwrap(), Some(reply));
+    }
+
+    #[tokio::test]
+    async fn a_payload_read_into_given_memory_is_checked_and_kept_there() {
+        let mut request = sample_request();
+        request.payload = Bytes::from(vec![0x5A; 8192]);
+        let mut bytes = Vec::new();
+        encode_request(&request, &mut bytes);
+        let mut reader = &bytes[..];
+        let mut at = None;
+        let read = read_request_with(&mut reader, |op, len| {
+            assert_eq!((op, len), (Op::Write, 8192));
+            let buf = AlignedBuf::zeroed(len);
+            at = Some(buf.as_ptr() as usize);
+            Some(buf)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(read, request);
+        assert_eq!(Some(read.payload.as_ptr() as usize), at, "not copied out");
+        // A damaged payload is refused there too.
+        let last = bytes.len() - 5;
+        bytes[last] ^= 1;
+        let mut reader = &bytes[..];
+        let read = read_request_with(&mut reader, |_, len| Some(AlignedBuf::zeroed(len))).await;
+        assert!(matches!(read, Err(FrameError::PayloadChecksum)));
     }
 
     #[tokio::test]
