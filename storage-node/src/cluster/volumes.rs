@@ -5,6 +5,7 @@
 //! storage nodes (automatic replacement) go through here.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use strata_proto::storage::{
     CloseTargetRequest, CreateReplicaRequest, DeleteReplicaRequest, ListReplicasRequest,
@@ -112,27 +113,20 @@ struct Survey {
     infos: Vec<(NodeEntry, NodeInfo)>,
 }
 
+/// How long the survey waits before asking a node that failed once again.
+const SURVEY_RETRY: Duration = Duration::from_millis(250);
+
 async fn survey(cluster: &ClusterFile) -> Survey {
     let asks = cluster.nodes.iter().map(|node| async move {
-        let answer = async {
-            let mut c = client::connect(node).await?;
-            let info = c
-                .get_node_info(strata_proto::storage::GetNodeInfoRequest {})
-                .await?
-                .into_inner();
-            let replicas = c
-                .list_replicas(ListReplicasRequest {})
-                .await?
-                .into_inner()
-                .replicas;
-            let targets = c
-                .list_targets(ListTargetsRequest {})
-                .await?
-                .into_inner()
-                .targets;
-            anyhow::Ok((info, replicas, targets))
-        }
-        .await;
+        // Once more after a failure: a node busy for a moment is not taken
+        // for a dead one (which would, say, leave no spare node to choose).
+        let answer = match ask_node(node).await {
+            Err(_) => {
+                tokio::time::sleep(SURVEY_RETRY).await;
+                ask_node(node).await
+            }
+            answer => answer,
+        };
         (node.clone(), answer)
     });
     let mut survey = Survey {
@@ -162,6 +156,26 @@ async fn survey(cluster: &ClusterFile) -> Survey {
         }
     }
     survey
+}
+
+/// What one node holds, and its info.
+async fn ask_node(node: &NodeEntry) -> anyhow::Result<(NodeInfo, Vec<Replica>, Vec<Target>)> {
+    let mut c = client::connect(node).await?;
+    let info = c
+        .get_node_info(strata_proto::storage::GetNodeInfoRequest {})
+        .await?
+        .into_inner();
+    let replicas = c
+        .list_replicas(ListReplicasRequest {})
+        .await?
+        .into_inner()
+        .replicas;
+    let targets = c
+        .list_targets(ListTargetsRequest {})
+        .await?
+        .into_inner()
+        .targets;
+    Ok((info, replicas, targets))
 }
 
 /// Every replicated volume the reachable nodes know of, by name. Fails only
