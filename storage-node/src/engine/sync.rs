@@ -34,18 +34,7 @@ impl SyncEngine {
 
     pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
         let file = self.file.clone();
-        #[cfg(test)]
-        let torn = self
-            .faults
-            .tear_writes
-            .load(std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
-            #[cfg(test)]
-            if torn {
-                let half = buf.len() / 2;
-                let res = file.write_all_at(&buf[..half], offset);
-                return (buf, res.and(Err(io::Error::from_raw_os_error(libc::EIO))));
-            }
             let res = file.write_all_at(&buf, offset);
             (buf, res)
         })
@@ -55,9 +44,21 @@ impl SyncEngine {
 
     pub async fn write_shared(&self, data: bytes::Bytes, offset: u64) -> io::Result<()> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-            .await
-            .expect("blocking write task panicked")
+        #[cfg(test)]
+        let torn = self
+            .faults
+            .tear_writes
+            .load(std::sync::atomic::Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            if torn {
+                file.write_all_at(&data[..data.len() / 2], offset)?;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            file.write_all_at(&data, offset)
+        })
+        .await
+        .expect("blocking write task panicked")
     }
 
     pub async fn sync_data(&self) -> io::Result<()> {
@@ -78,7 +79,8 @@ impl SyncEngine {
 pub(crate) struct Faults {
     /// Syncs that still succeed before every later one fails; negative: none fails.
     syncs_left: std::sync::atomic::AtomicI64,
-    /// Writes put the first half of their buffer on disk and fail with EIO.
+    /// Shared-memory writes (the pool's data writes) put the first half of
+    /// their bytes on disk and fail with EIO.
     pub(crate) tear_writes: std::sync::atomic::AtomicBool,
 }
 

@@ -171,12 +171,11 @@ impl Drop for Inner {
             for token in tokens {
                 // A request is finished here even when its transfer was short:
                 // nobody waits for it any more.
-                if let Some(entry) = self
+                let entry = self
                     .in_flight
                     .get_mut(token as usize)
-                    .and_then(Option::take)
-                {
-                    drop(entry);
+                    .and_then(Option::take);
+                if entry.is_some() {
                     self.in_kernel -= 1;
                 }
             }

@@ -275,7 +275,7 @@ impl Volume {
         }
         let at = (offset % BLOCK_SIZE_U64) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
-        self.write_whole_blocks(range, first, BlockData::Owned(buf), fua)
+        self.write_whole_blocks(range, first, Bytes::from_owner(buf), fua)
             .await
     }
 
@@ -290,16 +290,16 @@ impl Volume {
         self.check_range(offset, len)?;
         let first = offset / BLOCK_SIZE_U64;
         let range = self.ranges.lock(first, first + len / BLOCK_SIZE_U64).await;
-        self.write_whole_blocks(range, first, BlockData::Shared(data), fua)
-            .await
+        self.write_whole_blocks(range, first, data, fua).await
     }
 
-    /// Writes whole blocks from `first`, whose range the caller holds.
+    /// Writes whole blocks from `first`, whose range the caller holds, from
+    /// aligned memory (the device writes it as it is).
     async fn write_whole_blocks(
         &self,
         range: RangeGuard,
         first: u64,
-        data: BlockData,
+        data: Bytes,
         fua: bool,
     ) -> BlockResult<()> {
         // From here the write runs in a task of its own, holding the range:
@@ -409,23 +409,6 @@ impl Volume {
     }
 }
 
-/// Whole blocks to write: a buffer of the pool's, or aligned memory shared
-/// with the caller and written as it is.
-enum BlockData {
-    Owned(AlignedBuf),
-    Shared(Bytes),
-}
-
-impl std::ops::Deref for BlockData {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            BlockData::Owned(buf) => buf,
-            BlockData::Shared(data) => data,
-        }
-    }
-}
-
 /// What a write task needs of its volume.
 struct BlockWriter {
     pool: Arc<Pool>,
@@ -437,7 +420,7 @@ impl BlockWriter {
     /// Writes whole blocks from `first` (the caller holds their range): in
     /// place where [`BlockWriter::plan_write`] allows, to new blocks elsewhere, and
     /// points the map at them. Returns how many map changes are now pending.
-    async fn write_blocks(&self, first: u64, buf: BlockData) -> BlockResult<usize> {
+    async fn write_blocks(&self, first: u64, buf: Bytes) -> BlockResult<usize> {
         let pool = &self.pool;
         let n = (buf.len() / BLOCK_SIZE) as u64;
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(data_crc).collect();
@@ -625,27 +608,19 @@ impl BlockWriter {
         Ok(plan)
     }
 
-    /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks.
-    async fn write_runs(&self, buf: BlockData, pbas: &[u32]) -> std::io::Result<()> {
+    /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks, each
+    /// from its part of `buf` (block-aligned slices of aligned memory).
+    async fn write_runs(&self, buf: Bytes, pbas: &[u32]) -> std::io::Result<()> {
         let engine = &self.pool.engine;
         let entries: Vec<BlockEntry> = pbas
             .iter()
             .map(|p| BlockEntry { pba: *p, crc: 0 })
             .collect();
-        let runs = mapped_runs(&entries);
-        if runs.len() == 1 {
-            let at = pbas[0] as u64 * BLOCK_SIZE_U64;
-            return match buf {
-                BlockData::Owned(buf) => engine.write_at(buf, at).await.1,
-                BlockData::Shared(data) => engine.write_shared(data, at).await,
-            };
-        }
-        let writes = runs.iter().map(|&(start, len)| {
-            let mut part = engine.write_buffer(len * BLOCK_SIZE);
-            part.copy_from_slice(&buf[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE]);
-            engine.write_at(part, pbas[start] as u64 * BLOCK_SIZE_U64)
+        let writes = mapped_runs(&entries).into_iter().map(|(start, len)| {
+            let part = buf.slice(start * BLOCK_SIZE..(start + len) * BLOCK_SIZE);
+            engine.write_shared(part, pbas[start] as u64 * BLOCK_SIZE_U64)
         });
-        for (_, res) in futures::future::join_all(writes).await {
+        for res in futures::future::join_all(writes).await {
             res?;
         }
         Ok(())

@@ -166,14 +166,6 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Memory for a write's payload that this replica's device writes as it
-    /// is (see `BlockTarget::write_buffer`).
-    pub fn write_buffer(&self, len: usize) -> crate::engine::AlignedBuf {
-        self.data
-            .write_buffer(len)
-            .unwrap_or_else(|| crate::engine::AlignedBuf::zeroed(len))
-    }
-
     pub fn volume_name(&self) -> &str {
         &self.volume_name
     }

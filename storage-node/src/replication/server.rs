@@ -126,8 +126,8 @@ async fn connection(stream: TcpStream, replicas: Arc<Replicas>) -> Result<(), wi
 
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
-        // A write's payload goes straight into the replica's engine memory.
-        let buffer = |op, len| (op == Op::Write).then(|| replica.write_buffer(len));
+        // A write's payload goes straight into the pool's engine memory.
+        let buffer = |op, len| (op == Op::Write).then(|| replicas.pool().write_buffer(len));
         let request = match wire::read_request_with(&mut reader, buffer).await {
             Ok(Some(request)) => request,
             Ok(None) => break Ok(()),
