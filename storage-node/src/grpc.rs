@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::pool::{is_internal_volume_name, validate_volume_name, Pool, PoolError, VolumeInfo};
 use crate::registry::NodeRegistry;
-use crate::replication::replica::ReplicaError;
+use crate::replication::replica::{ReplicaError, ReplicaStart};
 use crate::replication::target::{OpenError, ReplaceError};
 use crate::replication::{Member, Replicas, TargetOptions, VolumeTarget};
 use crate::target::BlockError;
@@ -292,16 +292,19 @@ impl StorageNode for ControlService {
                 address: m.address.clone(),
             })
             .collect();
-        let from_snapshot = Some(req.from_snapshot.as_str()).filter(|s| !s.is_empty());
+        let start = match (req.from_snapshot.as_str(), req.replacement) {
+            ("", false) => ReplicaStart::Empty,
+            ("", true) => ReplicaStart::Replacement,
+            (snapshot, false) => ReplicaStart::Snapshot(snapshot),
+            (_, true) => {
+                return Err(Status::invalid_argument(
+                    "a replacement replica cannot start from a snapshot",
+                ))
+            }
+        };
         let replica = self
             .replicas
-            .create_from(
-                volume,
-                req.size_bytes,
-                req.replica_id,
-                members,
-                from_snapshot,
-            )
+            .create_from(volume, req.size_bytes, req.replica_id, members, start)
             .await
             .map_err(replica_status)?;
         Ok(Response::new(self.replica(&replica).await))

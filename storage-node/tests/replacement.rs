@@ -312,3 +312,50 @@ async fn a_live_replica_is_replaced_and_deleted_but_never_below_a_majority_in_sy
         "the refused replacement was cleaned up"
     );
 }
+
+/// A replacement replica starts out of sync: an opening target that hears
+/// only from it and from stale members must not take its empty data for the
+/// volume's (the replication model found that lost write). A fresh volume's
+/// replica starts in sync; asking for both a replacement and a snapshot is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_replica_starts_out_of_sync() {
+    use strata_proto::storage::{CreateReplicaRequest, ReplicaMember};
+    let cluster = TestCluster::start(1, "256MiB", &[]);
+    let node = &cluster.nodes[0];
+    let members: Vec<ReplicaMember> = (1..=3)
+        .map(|id| ReplicaMember {
+            id,
+            node: format!("node-{id}"),
+            address: format!("127.0.0.1:{}", 1000 + id),
+        })
+        .collect();
+    let request = |volume: &str, replacement: bool, from_snapshot: &str| CreateReplicaRequest {
+        volume: volume.to_string(),
+        size_bytes: 16 * MIB,
+        replica_id: 1,
+        members: members.clone(),
+        from_snapshot: from_snapshot.to_string(),
+        replacement,
+    };
+    let mut client = node.client().await;
+    let fresh = client
+        .create_replica(request("fresh", false, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((fresh.config_epoch, fresh.in_sync), (0, vec![1, 2, 3]));
+    let joining = client
+        .create_replica(request("joining", true, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joining.config_epoch, 0);
+    assert!(joining.in_sync.is_empty(), "{joining:?}");
+    let refused = client
+        .create_replica(request("both", true, "snap"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(replicas_on(node).await.iter().all(|r| r.volume != "both"));
+}

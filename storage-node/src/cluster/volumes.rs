@@ -391,6 +391,7 @@ async fn create_replicas(
                     replica_id: member.id,
                     members: members.clone(),
                     from_snapshot: from_snapshot.unwrap_or_default().to_string(),
+                    replacement: false,
                 })
                 .await
                 .map_err(|status| VolumeError::node(node, status))
@@ -597,6 +598,7 @@ pub async fn create_replacement(
             replica_id: id,
             members: new_members,
             from_snapshot: String::new(),
+            replacement: true,
         })
         .await
         .map_err(|status| VolumeError::node(&node, status))?;

@@ -102,6 +102,24 @@ impl ReplicaState {
             config: Config::initial(members),
         }
     }
+
+    /// The state of a new, empty replica that replaces a member of an
+    /// existing volume (`plan_replace`): it names no replica in sync, so an
+    /// opening target that hears only from it and from stale members plans
+    /// nothing. Created as a fresh volume's replica (everyone in sync at
+    /// epoch 0), it could win an open before the change that adds it was
+    /// persisted on a majority, and serve its empty data as the volume's:
+    /// `model.rs` found that trace (`Mutation::ReplacementStartsInSync`).
+    pub fn replacement(members: Vec<ReplicaId>) -> Self {
+        ReplicaState {
+            promised_epoch: 0,
+            config: Config {
+                epoch: 0,
+                members,
+                in_sync: BTreeSet::new(),
+            },
+        }
+    }
 }
 
 /// A replica's answer to `Prepare(epoch)`.
@@ -682,6 +700,33 @@ mod tests {
                 "failed {failed:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_replacement_replica_alone_with_stale_members_opens_nothing() {
+        // r4 replaced r2; the change reached r1 only, which is down. r3
+        // missed every config since the first.
+        let fresh = ReplicaState::replacement(ids(&[1, 3, 4]));
+        assert!(fresh.config.in_sync.is_empty());
+        let answers = vec![
+            (ReplicaId(3), config(0, &[1, 2, 3], &[1, 2, 3])),
+            (ReplicaId(4), fresh.config.clone()),
+        ];
+        let planned = plan_open(&ids(&[1, 3, 4]), 5, &answers);
+        assert!(
+            matches!(
+                planned,
+                Err(OpenError::NoInSyncReplica | OpenError::OtherMembers { .. })
+            ),
+            "{planned:?}"
+        );
+        // What a fresh volume's replica would have said instead: r3 and r4
+        // in sync, holding nothing of what r1 acknowledged.
+        let answers = vec![
+            (ReplicaId(3), config(0, &[1, 2, 3], &[1, 2, 3])),
+            (ReplicaId(4), config(0, &[1, 3, 4], &[1, 3, 4])),
+        ];
+        assert!(plan_open(&ids(&[1, 3, 4]), 5, &answers).is_ok());
     }
 
     #[test]

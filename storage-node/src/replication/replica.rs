@@ -476,6 +476,19 @@ fn decode_header(block: &[u8]) -> Result<Header, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
+/// What a new replica holds when it is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaStart<'a> {
+    /// Nothing: one of a fresh volume's replicas, all in sync at epoch 0.
+    Empty,
+    /// The data of this node's copy of the named snapshot, for a volume
+    /// cloned from it: in sync like `Empty`.
+    Snapshot(&'a str),
+    /// Nothing, out of sync: it replaces a member of an existing volume,
+    /// and a target's rebuild fills it.
+    Replacement,
+}
+
 /// The replicas held by one node.
 pub struct Replicas {
     pool: Arc<Pool>,
@@ -568,21 +581,25 @@ impl Replicas {
         replica_id: u32,
         members: Vec<Member>,
     ) -> Result<Arc<Replica>, ReplicaError> {
-        self.create_from(volume, size, replica_id, members, None)
+        self.create_from(volume, size, replica_id, members, ReplicaStart::Empty)
             .await
     }
 
-    /// Like [`Replicas::create`]; with `snapshot`, the new replica holds the
-    /// data of this node's copy of that snapshot (sharing its blocks), and
-    /// `size` may be larger than the snapshot's.
+    /// Like [`Replicas::create`], starting as `start` says: from this node's
+    /// copy of a snapshot (sharing its blocks; `size` may be larger than the
+    /// snapshot's), or out of sync as the replacement of a member.
     pub async fn create_from(
         &self,
         volume: &str,
         size: u64,
         replica_id: u32,
         members: Vec<Member>,
-        snapshot: Option<&str>,
+        start: ReplicaStart<'_>,
     ) -> Result<Arc<Replica>, ReplicaError> {
+        let snapshot = match start {
+            ReplicaStart::Snapshot(snapshot) => Some(snapshot),
+            ReplicaStart::Empty | ReplicaStart::Replacement => None,
+        };
         crate::pool::validate_volume_name(volume)?;
         let ids: BTreeSet<u32> = members.iter().map(|m| m.id).collect();
         if ids.len() != members.len() || !ids.contains(&replica_id) {
@@ -617,7 +634,11 @@ impl Replicas {
             }
         }
         let data = self.pool.volume(&pool_name).expect("just created");
-        let state = ReplicaState::new(members.iter().map(|m| ReplicaId(m.id)).collect());
+        let ids = members.iter().map(|m| ReplicaId(m.id)).collect();
+        let state = match start {
+            ReplicaStart::Replacement => ReplicaState::replacement(ids),
+            ReplicaStart::Empty | ReplicaStart::Snapshot(_) => ReplicaState::new(ids),
+        };
         let replica = Arc::new(Replica {
             pool: self.pool.clone(),
             volume_name: volume.to_string(),
