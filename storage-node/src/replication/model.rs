@@ -11,8 +11,9 @@
 //! restarted node's target, within a budget of faults. A target that
 //! crashed opens again from the volume's first member list, as from a
 //! record that missed a replacement, and must find the new one from the
-//! answers (`OpenError::OtherMembers`). Every decision goes through `membership`, so the test checks the
-//! code the real target will call, not a copy of it. Checked on every step:
+//! answers (`OpenError::OtherMembers`). Every decision goes through
+//! `membership`, so the test checks the code the real target will call, not
+//! a copy of it. Checked on every step:
 //!
 //! * no lost write: every acknowledged write is on every replica of the in-sync
 //!   set of the newest config a target installed (opened or shrank to). As that
