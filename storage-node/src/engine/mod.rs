@@ -113,12 +113,10 @@ impl IoEngine {
     }
 
     /// Writes all of `buf` at `offset`. Both must be aligned to [`ALIGN`].
-    pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
-        debug_assert!(offset % ALIGN as u64 == 0 && buf.len() % ALIGN == 0);
-        match self {
-            IoEngine::Uring(e) => e.write_at(buf, offset).await,
-            IoEngine::Sync(e) => e.write_at(buf, offset).await,
-        }
+    /// The buffer goes back to its slot, or is freed, once written.
+    pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> io::Result<()> {
+        self.write_shared(bytes::Bytes::from_owner(buf), offset)
+            .await
     }
 
     /// The failures a test injects; the pread/pwrite engine has them.
@@ -202,8 +200,7 @@ mod tests {
             handles.push(tokio::spawn(async move {
                 let mut buf = engine.buffer(8192);
                 buf.fill(i as u8 + 1);
-                let (_, res) = engine.write_at(buf, i * 8192).await;
-                res.unwrap();
+                engine.write_at(buf, i * 8192).await.unwrap();
             }));
         }
         for h in handles {
@@ -243,8 +240,7 @@ mod tests {
         // A buffer larger than any registered slot still works.
         let mut big = engine.buffer(1 << 19);
         big.fill(0xEE);
-        let (_, res) = engine.write_at(big, 0).await;
-        res.unwrap();
+        engine.write_at(big, 0).await.unwrap();
         let (buf, res) = engine.read_at(engine.buffer(1 << 19), 0).await;
         res.unwrap();
         assert!(buf.iter().all(|b| *b == 0xEE));

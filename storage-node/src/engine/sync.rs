@@ -32,16 +32,6 @@ impl SyncEngine {
         .expect("blocking read task panicked")
     }
 
-    pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || {
-            let res = file.write_all_at(&buf, offset);
-            (buf, res)
-        })
-        .await
-        .expect("blocking write task panicked")
-    }
-
     pub async fn write_shared(&self, data: bytes::Bytes, offset: u64) -> io::Result<()> {
         let file = self.file.clone();
         #[cfg(test)]
@@ -79,8 +69,7 @@ impl SyncEngine {
 pub(crate) struct Faults {
     /// Syncs that still succeed before every later one fails; negative: none fails.
     syncs_left: std::sync::atomic::AtomicI64,
-    /// Shared-memory writes (the pool's data writes) put the first half of
-    /// their bytes on disk and fail with EIO.
+    /// Writes put the first half of their bytes on disk and fail with EIO.
     pub(crate) tear_writes: std::sync::atomic::AtomicBool,
 }
 

@@ -37,10 +37,9 @@ const WAKE_TOKEN: u64 = u64::MAX;
 
 pub(super) enum Op {
     Read,
-    Write,
     /// A write from memory the caller shares (kept alive until it is done),
     /// with its registered-buffer index when it lies in one of the slots.
-    WriteShared(Bytes, Option<u16>),
+    Write(Bytes, Option<u16>),
     SyncData,
 }
 
@@ -166,20 +165,13 @@ impl UringEngine {
         (buf.expect("read returns its buffer"), res)
     }
 
-    pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (AlignedBuf, io::Result<()>) {
-        let (buf, res) = self.call(Op::Write, Some(buf), offset).await;
-        (buf.expect("write returns its buffer"), res)
-    }
-
     /// Writes `data`, which must be aligned, without copying it.
     pub async fn write_shared(&self, data: Bytes, offset: u64) -> io::Result<()> {
         let index = self
             .slots
             .as_ref()
             .and_then(|slots| slots.index_of(data.as_ptr(), data.len()));
-        self.call(Op::WriteShared(data, index), None, offset)
-            .await
-            .1
+        self.call(Op::Write(data, index), None, offset).await.1
     }
 
     pub async fn sync_data(&self) -> io::Result<()> {
@@ -398,7 +390,7 @@ pub(super) fn complete(entry: &mut InFlight, result: i32) -> Completion {
         return Completion::Done(Err(io::Error::from_raw_os_error(errno)));
     }
     let len = match &entry.request.op {
-        Op::WriteShared(data, _) => data.len(),
+        Op::Write(data, _) => data.len(),
         _ => entry.request.buf.as_ref().map_or(0, |b| b.len()),
     };
     if matches!(entry.request.op, Op::SyncData) {
@@ -427,27 +419,20 @@ pub(super) fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
         (Op::SyncData, _) => opcode::Fsync::new(file)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
-        (op, Some(buf)) => {
-            let index = buf.registered_index();
+        (Op::Read, Some(buf)) => {
             let remaining = (buf.len() - entry.transferred) as u32;
             // SAFETY: `transferred` < len, so the pointer stays inside the buffer.
             let ptr = unsafe { buf.as_mut_ptr().add(entry.transferred) };
-            match (op, index) {
-                (Op::Read, Some(i)) => opcode::ReadFixed::new(file, ptr, remaining, i)
+            match buf.registered_index() {
+                Some(i) => opcode::ReadFixed::new(file, ptr, remaining, i)
                     .offset(offset)
                     .build(),
-                (Op::Read, None) => opcode::Read::new(file, ptr, remaining)
-                    .offset(offset)
-                    .build(),
-                (_, Some(i)) => opcode::WriteFixed::new(file, ptr, remaining, i)
-                    .offset(offset)
-                    .build(),
-                (_, None) => opcode::Write::new(file, ptr, remaining)
+                None => opcode::Read::new(file, ptr, remaining)
                     .offset(offset)
                     .build(),
             }
         }
-        (Op::WriteShared(data, index), None) => {
+        (Op::Write(data, index), None) => {
             let remaining = (data.len() - entry.transferred) as u32;
             // SAFETY: `transferred` < len, so the pointer stays inside the bytes.
             let ptr = unsafe { data.as_ptr().add(entry.transferred) };
@@ -460,6 +445,7 @@ pub(super) fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
                     .build(),
             }
         }
-        (_, None) => unreachable!("reads and writes always carry a buffer"),
+        (Op::Read, None) => unreachable!("reads always carry a buffer"),
+        (Op::Write(..), Some(_)) => unreachable!("writes carry their data in the op"),
     }
 }

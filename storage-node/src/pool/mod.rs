@@ -888,7 +888,7 @@ async fn preallocate(engine: &IoEngine, total_blocks: u64) -> io::Result<()> {
                 first * BLOCK_SIZE_U64,
             )
         });
-        for (_, res) in futures::future::join_all(writes).await {
+        for res in futures::future::join_all(writes).await {
             res?;
         }
     }
@@ -909,8 +909,7 @@ async fn write_bytes(engine: &IoEngine, block: u64, bytes: &[u8]) -> io::Result<
         let mut buf = engine.buffer(chunk.len());
         buf.copy_from_slice(chunk);
         let offset = block * BLOCK_SIZE_U64 + (i * SLICE) as u64;
-        let (_, res) = engine.write_at(buf, offset).await;
-        res?;
+        engine.write_at(buf, offset).await?;
     }
     Ok(())
 }
