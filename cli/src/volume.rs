@@ -129,6 +129,15 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
         VolumeCommand::ReplaceReplica { name, from, to } => {
             cluster.node(&from)?;
             let outcome = volumes::replace_replica(cluster, &name, &from, to.as_deref()).await?;
+            if outcome.planned.keep_until_copied {
+                println!(
+                    "moving the replica of {name} on {from} to {}; the target on {} copies the \
+                     volume to it, and the replica on {from} stays in sync until the copy is \
+                     done, then leaves and is deleted (progress: strata volume describe {name})",
+                    outcome.planned.node.name, outcome.target_node
+                );
+                return Ok(());
+            }
             println!(
                 "replacing the replica of {name} on {from} by one on {}; the target on {} \
                  copies the volume to it (progress: strata volume describe {name})",
@@ -167,6 +176,15 @@ fn health(volume: &VolumeReport) -> String {
         .unwrap_or_default();
     if in_sync == members {
         format!("{in_sync}/{members} in sync")
+    } else if volume.leaving().is_some() {
+        // A move: one member more than the volume keeps, until the copy.
+        match rebuilds.is_empty() {
+            true => format!("{in_sync}/{members} in sync, moving a replica"),
+            false => format!(
+                "{in_sync}/{members} in sync, moving a replica, {}",
+                rebuilds.join(", ")
+            ),
+        }
     } else if !rebuilds.is_empty() {
         format!("{in_sync}/{members} in sync, {}", rebuilds.join(", "))
     } else {
@@ -260,7 +278,12 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
                         .find(|tr| tr.member.as_ref().is_some_and(|m| m.id == member.id))
                         .filter(|tr| tr.rebuilding)
                 });
-                let state = if in_sync.contains(&member.id) {
+                let state = if volume.leaving() == Some(member.id) {
+                    match in_sync.contains(&member.id) {
+                        true => "in-sync, leaving".to_string(),
+                        false => "faulted, leaving".to_string(),
+                    }
+                } else if in_sync.contains(&member.id) {
                     "in-sync".to_string()
                 } else if let Some(tr) = rebuild {
                     rebuild_progress(tr)

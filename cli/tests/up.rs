@@ -451,7 +451,7 @@ fn snapshots_are_taken_listed_restored_and_removed() {
 }
 
 #[test]
-fn replace_replica_moves_a_dead_nodes_replica_to_the_spare_node() {
+fn replace_replica_replaces_a_dead_nodes_replica_and_moves_a_live_one() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
     // A slow rebuild, so its progress can be seen; no automatic replacement.
@@ -541,5 +541,29 @@ fn replace_replica_moves_a_dead_nodes_replica_to_the_spare_node() {
     assert!(leftover.contains("on node-3 was replaced"), "{described}");
     assert!(fails(&dir, &replace(&["db", "--from", "node-1"]))
         .contains("no spare node for a new replica of volume db"));
+
+    // The target deletes the leftover once node-3 answers; node-3 is a spare
+    // again. A healthy replica is moved: it stays in sync during the copy.
+    wait_for(|| !ok(&dir, &["volume", "describe", "db"]).contains("Leftover:"));
+    let moved = ok(&dir, &replace(&["db", "--from", "node-2"]));
+    assert!(
+        moved.contains("moving the replica of db on node-2 to node-3"),
+        "{moved}"
+    );
+    let described = ok(&dir, &["volume", "describe", "db"]);
+    let node2 = described
+        .lines()
+        .find(|l| l.contains("node-2"))
+        .unwrap_or_else(|| panic!("{described}"));
+    assert!(node2.contains("in-sync, leaving"), "{described}");
+    assert!(
+        ok(&dir, &["volume", "ls"]).contains("3/4 in sync, moving a replica"),
+        "{described}"
+    );
+    wait_for(|| {
+        let described = ok(&dir, &["volume", "describe", "db"]);
+        described.contains("3/3 in sync") && !described.contains("node-2")
+    });
+    qemu_io(&uri, &["read -P 0x42 0 3M", "read -P 0x43 3M 1M"]);
     drop(up.interrupt());
 }

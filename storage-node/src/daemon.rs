@@ -153,25 +153,24 @@ fn default_nbd_threads() -> usize {
     (cpus / 2).clamp(1, 8)
 }
 
-/// Automatic replacement of faulted replicas, when it is on and the node
-/// knows where to find the other nodes.
+/// Where targets find the other nodes (to delete the replicas they
+/// replaced), and when they replace faulted replicas on their own; None when
+/// the node does not know where the others are.
 fn replacement(args: &NodeArgs) -> Option<replication::target::Replacement> {
-    if args.replace_faulted_after_secs == 0 {
-        return None;
-    }
     let discovery = match (&args.cluster_dir, args.storage_nodes.is_empty()) {
         (Some(dir), _) => Discovery::ClusterDir(dir.clone()),
         (None, false) => Discovery::Addresses(args.storage_nodes.clone()),
         (None, true) => {
             tracing::info!(
-                "automatic replacement of faulted replicas is off: \
-                 no --cluster-dir or --storage-nodes to find other nodes"
+                "automatic replacement of faulted replicas, and the deletion of replaced ones, \
+                 is off: no --cluster-dir or --storage-nodes to find other nodes"
             );
             return None;
         }
     };
     Some(replication::target::Replacement {
-        after: Duration::from_secs(args.replace_faulted_after_secs),
+        after: (args.replace_faulted_after_secs > 0)
+            .then(|| Duration::from_secs(args.replace_faulted_after_secs)),
         discovery,
     })
 }

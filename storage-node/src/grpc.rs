@@ -74,6 +74,7 @@ impl ControlService {
             config_epoch: state.config.epoch,
             in_sync: state.config.in_sync,
             members: state.members.iter().map(member_message).collect(),
+            leaving_id: state.config.leaving.unwrap_or(0),
         }
     }
 
@@ -496,7 +497,7 @@ impl StorageNode for ControlService {
             address: replacement.address,
         };
         target
-            .replace_member(req.remove_id, member)
+            .replace_member(req.remove_id, member, req.keep_until_copied)
             .await
             .map_err(|err| match err {
                 ReplaceError::Membership(_) | ReplaceError::NodeHoldsReplica(_) => {

@@ -250,17 +250,62 @@ async fn replacements_that_cannot_be_done_are_refused_with_one_line() {
     assert_eq!(spare_holds, 1, "only its replica of \"everywhere\"");
 }
 
+/// The id of the member on `node`.
+fn member_id(report: &VolumeReport, node: &str) -> u32 {
+    report
+        .members()
+        .iter()
+        .find(|m| m.node == node)
+        .map(|m| m.id)
+        .expect("a member on the node")
+}
+
+/// Polls the volume until the move under way is over, checking on every
+/// look that it has at least `min_in_sync` replicas in sync.
+async fn wait_for_move(
+    cluster: &TestCluster,
+    target: &TestNode,
+    min_in_sync: usize,
+) -> VolumeReport {
+    wait_until("the move finishes", target, || async {
+        let report = cluster.report("live").await;
+        assert!(
+            report.in_sync().len() >= min_in_sync,
+            "in sync during the move: {:?}",
+            report.in_sync()
+        );
+        let rebuilding = report
+            .active_target()
+            .is_some_and(|(_, t)| t.replicas.iter().any(|r| r.rebuilding));
+        report.leaving().is_none() && !rebuilding
+    })
+    .await;
+    cluster.report("live").await
+}
+
+/// A healthy replica is moved, not dropped: it stays a member, in sync and
+/// written, until its successor has a full copy; then it leaves and its
+/// data is deleted. The volume never has fewer replicas in sync than when
+/// the move started, also when another member failed before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_replica_is_replaced_and_deleted_but_never_below_a_majority_in_sync() {
-    let mut cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);
+async fn a_live_replica_is_moved_without_dropping_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    let mut args = FAST_TIMEOUT.to_vec();
+    // A slow copy, so the move is seen under way; the cluster file is how
+    // the target finds the old replica's node to delete it.
+    args.extend(["--rebuild-rate", "4MiB", "--cluster-dir", &dir_arg]);
+    let mut cluster = TestCluster::start(4, "256MiB", &args);
+    cluster.file().save(dir.path()).unwrap();
     let report = cluster.create_volume("live", 16 * MIB, 3).await;
     let (target_node, leaving, spare) = roles(&cluster, &report);
+    let leaving_id = member_id(&report, &leaving);
     let target = cluster.index_of(&target_node);
     let uri = cluster.export("live", target).await;
     let data = random_bytes(4 << 20, 7);
     connect(&uri).write(0, &data, true).unwrap();
 
-    // A writer keeps going while the live, in-sync replica is replaced.
+    // A writer keeps going while the live, in-sync replica is moved.
     let writer_uri = uri.clone();
     let writer = std::thread::spawn(move || {
         let mut client = connect(&writer_uri);
@@ -275,42 +320,70 @@ async fn a_live_replica_is_replaced_and_deleted_but_never_below_a_majority_in_sy
     let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
         .await
         .unwrap();
+    assert!(outcome.planned.keep_until_copied);
     assert_eq!(outcome.planned.node.name, spare);
     assert!(
-        outcome.old_deleted,
-        "its node answers: the old copy is gone"
+        !outcome.old_deleted,
+        "it stays until its successor is in sync"
     );
+
+    // Under way: four members, the old one still in sync.
+    let during = cluster.report("live").await;
+    assert_eq!(during.members().len(), 4);
+    assert_eq!(during.leaving(), Some(leaving_id));
+    assert!(during.in_sync().contains(&leaving_id));
+    // One move at a time, with a clear refusal.
+    let other = member_nodes(&report)
+        .into_iter()
+        .find(|n| *n != target_node && *n != leaving)
+        .unwrap();
+    for from in [&leaving, &other] {
+        let err = volumes::replace_replica(&cluster.file(), "live", from, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is being moved already"), "{err}");
+    }
+
+    let done = wait_for_move(&cluster, &cluster.nodes[target], 3).await;
     tokio::task::spawn_blocking(move || writer.join().unwrap())
         .await
         .unwrap();
-    let report = cluster
-        .wait_in_sync("live", 3, Duration::from_secs(60))
-        .await;
-    assert!(report.retired.is_empty());
-    assert!(!member_nodes(&report).contains(&leaving));
-    let held = replicas_on(&cluster.nodes[cluster.index_of(&leaving)]).await;
-    assert!(held.is_empty(), "{held:?}");
+    assert_eq!(member_nodes(&done), {
+        let mut nodes = vec![target_node.clone(), other.clone(), spare.clone()];
+        nodes.sort();
+        nodes
+    });
+    let leaving_node = &cluster.nodes[cluster.index_of(&leaving)];
+    wait_until("the moved replica is deleted", leaving_node, || async {
+        replicas_on(leaving_node).await.is_empty()
+    })
+    .await;
     cluster.assert_replicas_identical("live").await;
     assert!(connect(&uri).read(0, 4 << 20).unwrap() == data);
 
-    // With one member down, replacing another, in-sync one would leave one
-    // of three in sync: refused, nothing changes.
-    let members = member_nodes(&report);
-    let others: Vec<&String> = members.iter().filter(|n| **n != target_node).collect();
-    let down = cluster.index_of(others[0]);
+    // With one member down (two of three in sync), moving another in-sync
+    // one keeps both copies until the new one is in sync.
+    let down = cluster.index_of(&other);
     cluster.nodes[down].kill9();
     connect(&uri).write(0, &[9; 4096], true).unwrap();
-    let err = volumes::replace_replica(&cluster.file(), "live", others[1], Some(&leaving))
+    let outcome = volumes::replace_replica(&cluster.file(), "live", &spare, Some(&leaving))
         .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("would leave 1 of 3 replicas in sync"), "{err}");
-    let after = cluster.report("live").await;
-    assert_eq!(member_nodes(&after), members);
-    assert!(
-        after.retired.is_empty(),
-        "the refused replacement was cleaned up"
+        .unwrap();
+    assert!(outcome.planned.keep_until_copied);
+    let done = wait_for_move(&cluster, &cluster.nodes[target], 2).await;
+    let mut expected = vec![target_node.clone(), other.clone(), leaving.clone()];
+    expected.sort();
+    assert_eq!(member_nodes(&done), expected);
+    assert_eq!(
+        done.in_sync(),
+        [member_id(&done, &target_node), member_id(&done, &leaving)]
+            .into_iter()
+            .collect()
     );
+    let mut expected_data = data.clone();
+    expected_data[..4096].fill(9);
+    assert!(connect(&uri).read(0, 4 << 20).unwrap() == expected_data);
 }
 
 /// A replacement replica starts out of sync: an opening target that hears

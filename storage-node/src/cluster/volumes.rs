@@ -89,6 +89,15 @@ impl VolumeReport {
         newest_members(&self.replicas)
     }
 
+    /// The member of the newest config being moved off its node, if any.
+    pub fn leaving(&self) -> Option<u32> {
+        self.replicas
+            .iter()
+            .max_by_key(|r| r.replica.config_epoch)
+            .map(|r| r.replica.leaving_id)
+            .filter(|&id| id != 0)
+    }
+
     /// The target that owns the volume now, if it is open anywhere.
     pub fn active_target(&self) -> Option<&(NodeEntry, Target)> {
         self.targets.iter().find(|(_, t)| !t.fenced)
@@ -468,12 +477,19 @@ pub struct PlannedReplacement {
     /// The new replica, and the node that holds it.
     pub member: ReplicaMember,
     pub node: NodeEntry,
+    /// Whether the leaving member stays until the new one has a copy: it
+    /// is in sync and its node answers, so the volume keeps its redundancy
+    /// during the copy (`membership::plan_move`). A faulted or unreachable
+    /// one is removed at once.
+    pub keep_until_copied: bool,
 }
 
 /// Checks that the replica of `name` on node `from` can be replaced, and
 /// creates its replacement on `to`, or on a node chosen as `create` would
 /// (one that holds no replica of the volume, in a zone its other replicas
 /// do not use when there is one, with the most room). `from` may be down.
+/// A replica in sync on a node that answers is moved: it stays until the
+/// new one has a full copy.
 pub async fn create_replacement(
     cluster: &ClusterFile,
     name: &str,
@@ -502,6 +518,23 @@ pub async fn create_replacement(
                 member_nodes.join(", ")
             ))
         })?;
+    let keep_until_copied = volume.in_sync().contains(&remove.id)
+        && volume
+            .replicas
+            .iter()
+            .any(|r| r.replica.replica_id == remove.id);
+    if let Some(leaving) = volume.leaving() {
+        if leaving == remove.id || keep_until_copied {
+            let node = members
+                .iter()
+                .find(|m| m.id == leaving)
+                .map_or("?", |m| m.node.as_str());
+            return Err(VolumeError::Invalid(format!(
+                "the replica of volume {name} on {node} is being moved already; \
+                 wait until its successor is in sync (strata volume describe {name})"
+            )));
+        }
+    }
     // Nodes with a replica of the volume, members or leftovers, cannot take
     // another one.
     let holders: BTreeSet<&str> = member_nodes
@@ -579,16 +612,21 @@ pub async fn create_replacement(
         node: node.name.clone(),
         address: info.replication_address.clone(),
     };
-    let new_members: Vec<ReplicaMember> = members
-        .iter()
-        .map(|m| {
-            if m.id == remove.id {
-                member.clone()
-            } else {
-                m.clone()
-            }
-        })
-        .collect();
+    // The member list the change will make (`plan_move` or `plan_replace`).
+    let new_members: Vec<ReplicaMember> = if keep_until_copied {
+        members.iter().cloned().chain([member.clone()]).collect()
+    } else {
+        members
+            .iter()
+            .map(|m| {
+                if m.id == remove.id {
+                    member.clone()
+                } else {
+                    m.clone()
+                }
+            })
+            .collect()
+    };
     client::connect(&node)
         .await
         .map_err(|e| VolumeError::Unavailable(e.to_string()))?
@@ -607,6 +645,7 @@ pub async fn create_replacement(
         remove,
         member,
         node,
+        keep_until_copied,
     })
 }
 
@@ -685,6 +724,7 @@ pub async fn replace_replica(
                 volume: name.to_string(),
                 remove_id: planned.remove.id,
                 replacement: Some(planned.member.clone()),
+                keep_until_copied: planned.keep_until_copied,
             })
             .await
             .map_err(|status| VolumeError::node(&node, status))?;

@@ -70,6 +70,18 @@ pub struct Config {
     /// The replicas that have every acknowledged write: the only ones a target
     /// may read from or treat as a source of truth.
     pub in_sync: BTreeSet<ReplicaId>,
+    /// A move under way (`plan_move`): the member moved off its node stays
+    /// a member, in sync and written, until its successor is in sync, and
+    /// leaves in the change that grows the in-sync set by it (`plan_grow`).
+    pub moving: Option<Move>,
+}
+
+/// A member being moved off its node, and the new member that takes its
+/// place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Move {
+    pub leaving: ReplicaId,
+    pub successor: ReplicaId,
 }
 
 impl Config {
@@ -80,6 +92,7 @@ impl Config {
             epoch: 0,
             members,
             in_sync,
+            moving: None,
         }
     }
 }
@@ -117,6 +130,7 @@ impl ReplicaState {
                 epoch: 0,
                 members,
                 in_sync: BTreeSet::new(),
+                moving: None,
             },
         }
     }
@@ -308,6 +322,7 @@ pub fn plan_open(
         epoch,
         members: members.to_vec(),
         in_sync,
+        moving: latest.moving,
     })
 }
 
@@ -332,6 +347,7 @@ pub fn plan_shrink(current: &Config, failed: &BTreeSet<ReplicaId>) -> Result<Con
         epoch: current.epoch + 1,
         members: current.members.clone(),
         in_sync,
+        moving: current.moving,
     })
 }
 
@@ -353,6 +369,10 @@ pub enum ReplaceError {
         left: usize,
         members: usize,
     },
+    #[error("{0} is leaving already: it goes once its successor is in sync")]
+    Leaving(ReplicaId),
+    #[error("{} is being moved already; one move at a time", .0.leaving)]
+    MoveUnderWay(Move),
 }
 
 /// The config that replaces member `remove` by the new, empty member `add`,
@@ -362,17 +382,15 @@ pub enum ReplaceError {
 /// members, and so the majority needed, the same: losing the new replica
 /// during its copy costs no availability. An in-sync replica is removed only
 /// when a majority of the members stays in sync.
+///
+/// This is for a replica that is faulted or gone; a healthy one is moved
+/// with `plan_move`, which keeps it until its successor has the data.
 pub fn plan_replace(
     current: &Config,
     remove: ReplicaId,
     add: ReplicaId,
 ) -> Result<Config, ReplaceError> {
-    if !current.members.contains(&remove) {
-        return Err(ReplaceError::NotAMember(remove));
-    }
-    if current.members.contains(&add) {
-        return Err(ReplaceError::AlreadyAMember(add));
-    }
+    check_newcomer(current, remove, add)?;
     let mut in_sync = current.in_sync.clone();
     if in_sync.remove(&remove) && in_sync.len() < majority(current.members.len()) {
         return Err(ReplaceError::TooFewInSync {
@@ -386,11 +404,82 @@ pub fn plan_replace(
         .iter()
         .map(|&id| if id == remove { add } else { id })
         .collect();
+    // A successor that failed is replaced like any member; the move goes on
+    // with the new one.
+    let moving = current.moving.map(|moving| Move {
+        successor: if moving.successor == remove {
+            add
+        } else {
+            moving.successor
+        },
+        ..moving
+    });
     Ok(Config {
         epoch: current.epoch + 1,
         members,
         in_sync,
+        moving,
     })
+}
+
+/// The config that starts moving member `remove` to the new, empty member
+/// `add`, at the next epoch: `add` joins not in sync and `remove` stays, in
+/// sync and written, marked as leaving. It leaves in the change that makes
+/// `add` in sync (`plan_grow`), so the volume keeps as many
+/// in-sync copies during the copy as before it: what a user expects of
+/// moving a healthy replica off a node. The price is one more member while
+/// the copy runs (four of three: a majority is three).
+pub fn plan_move(
+    current: &Config,
+    remove: ReplicaId,
+    add: ReplicaId,
+) -> Result<Config, ReplaceError> {
+    check_newcomer(current, remove, add)?;
+    if let Some(moving) = current.moving {
+        return Err(ReplaceError::MoveUnderWay(moving));
+    }
+    let mut members = current.members.clone();
+    members.push(add);
+    Ok(Config {
+        epoch: current.epoch + 1,
+        members,
+        in_sync: current.in_sync.clone(),
+        moving: Some(Move {
+            leaving: remove,
+            successor: add,
+        }),
+    })
+}
+
+fn check_newcomer(current: &Config, remove: ReplicaId, add: ReplicaId) -> Result<(), ReplaceError> {
+    if !current.members.contains(&remove) {
+        return Err(ReplaceError::NotAMember(remove));
+    }
+    if current.members.contains(&add) {
+        return Err(ReplaceError::AlreadyAMember(add));
+    }
+    if current
+        .moving
+        .is_some_and(|moving| moving.leaving == remove)
+    {
+        return Err(ReplaceError::Leaving(remove));
+    }
+    Ok(())
+}
+
+/// The config that adds the rebuilt member `joined` to the in-sync set, at
+/// the next epoch. If it is the successor of a member being moved
+/// (`plan_move`), that member leaves in the same change.
+pub fn plan_grow(current: &Config, joined: ReplicaId) -> Config {
+    let mut next = current.clone();
+    next.epoch += 1;
+    next.in_sync.insert(joined);
+    if let Some(moving) = current.moving.filter(|m| m.successor == joined) {
+        next.members.retain(|&id| id != moving.leaving);
+        next.in_sync.remove(&moving.leaving);
+        next.moving = None;
+    }
+    next
 }
 
 /// A serving target found, in round 1 of a change to its own config, that
@@ -488,6 +577,17 @@ mod tests {
             epoch,
             members: ids(members),
             in_sync: set(in_sync),
+            moving: None,
+        }
+    }
+
+    fn moving(epoch: u64, members: &[u32], in_sync: &[u32], from_to: (u32, u32)) -> Config {
+        Config {
+            moving: Some(Move {
+                leaving: ReplicaId(from_to.0),
+                successor: ReplicaId(from_to.1),
+            }),
+            ..config(epoch, members, in_sync)
         }
     }
 
@@ -772,6 +872,56 @@ mod tests {
                 left: 0,
                 members: 3
             })
+        );
+    }
+
+    #[test]
+    fn a_moved_replica_stays_in_sync_until_its_successor_is() {
+        let r = ReplicaId;
+        let healthy = config(4, &[1, 2, 3], &[1, 2, 3]);
+        let started = plan_move(&healthy, r(2), r(4)).unwrap();
+        assert_eq!(started, moving(5, &[1, 2, 3, 4], &[1, 2, 3], (2, 4)));
+        // A change of four members needs three of them.
+        assert!(!change_quorum_reached(
+            &started.members,
+            &started.members,
+            &set(&[1, 4])
+        ));
+        // One move at a time; the leaving member is not replaced again.
+        assert_eq!(
+            plan_move(&started, r(3), r(5)),
+            Err(ReplaceError::MoveUnderWay(started.moving.unwrap()))
+        );
+        assert_eq!(
+            plan_replace(&started, r(2), r(5)),
+            Err(ReplaceError::Leaving(r(2)))
+        );
+        // The successor failing is replaced as any faulted replica is; the
+        // move goes on with the new one.
+        assert_eq!(
+            plan_replace(&started, r(4), r(5)),
+            Ok(moving(6, &[1, 2, 3, 5], &[1, 2, 3], (2, 5)))
+        );
+        // The grow of the successor takes r2 out.
+        assert_eq!(plan_grow(&started, r(4)), config(6, &[1, 3, 4], &[1, 3, 4]));
+        // Also when another member is out of sync: r3 failed during the copy.
+        let shrunk = plan_shrink(&started, &set(&[3])).unwrap();
+        assert_eq!(shrunk, moving(6, &[1, 2, 3, 4], &[1, 2], (2, 4)));
+        assert_eq!(plan_grow(&shrunk, r(4)), config(7, &[1, 3, 4], &[1, 4]));
+        // The grow of another member keeps the move going.
+        assert_eq!(
+            plan_grow(&shrunk, r(3)),
+            moving(7, &[1, 2, 3, 4], &[1, 2, 3], (2, 4))
+        );
+        // An open carries the move on.
+        let answers = vec![
+            (r(1), started.clone()),
+            (r(3), started.clone()),
+            (r(4), started.clone()),
+        ];
+        assert_eq!(
+            plan_open(&started.members, 9, &answers),
+            Ok(moving(9, &[1, 2, 3, 4], &[1, 3], (2, 4)))
         );
     }
 

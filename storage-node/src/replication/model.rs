@@ -7,7 +7,10 @@
 //! others, the changes a serving target makes to its own config (shrink after
 //! a failed write, a retry after a failed change, the grow that takes a
 //! rebuilt replica back), the replacement of a member by a fourth, spare
-//! replica (a change of the member list), and the conditional reopen of a
+//! replica (a change of the member list), the move of an in-sync member to
+//! the spare (the member list grows to four, and the grow that takes the
+//! rebuilt spare in sync takes the moved member out), and the conditional
+//! reopen of a
 //! restarted node's target, within a budget of faults. A target that
 //! crashed opens again from the volume's first member list, as from a
 //! record that missed a replacement, and must find the new one from the
@@ -57,7 +60,7 @@ use std::fmt;
 use std::time::Instant;
 
 use super::membership::{
-    self, Config, IoReply, OpenError, PrepareReply, ReplicaId, ReplicaState, WriteOutcome,
+    self, Config, IoReply, Move, OpenError, PrepareReply, ReplicaId, ReplicaState, WriteOutcome,
 };
 
 /// Replica slots: the volume's three first members and, for a replacement,
@@ -107,6 +110,10 @@ struct Cfg {
     epoch: u8,
     members: Set,
     in_sync: Set,
+    /// A move under way (`membership::plan_move`): the member leaving and
+    /// its successor, one bit each, or none.
+    leaving: Set,
+    successor: Set,
 }
 
 impl Cfg {
@@ -115,6 +122,10 @@ impl Cfg {
             epoch: self.epoch.into(),
             members: member_list(self.members),
             in_sync: ids(self.in_sync),
+            moving: (self.leaving != 0).then(|| Move {
+                leaving: member_list(self.leaving)[0],
+                successor: member_list(self.successor)[0],
+            }),
         }
     }
 
@@ -123,6 +134,8 @@ impl Cfg {
             epoch: epoch_u8(config.epoch),
             members: set_of(&config.members.iter().copied().collect()),
             in_sync: set_of(&config.in_sync),
+            leaving: set_of(&config.moving.map(|m| m.leaving).into_iter().collect()),
+            successor: set_of(&config.moving.map(|m| m.successor).into_iter().collect()),
         }
     }
 }
@@ -133,6 +146,14 @@ impl fmt::Display for Cfg {
         // The member list is shown once it is not the first one.
         if self.members != FIRST_MEMBERS {
             write!(f, " of {}", SetDisplay(self.members))?;
+        }
+        if self.leaving != 0 {
+            write!(
+                f,
+                " {} moving to {}",
+                SetDisplay(self.leaving),
+                SetDisplay(self.successor)
+            )?;
         }
         Ok(())
     }
@@ -312,6 +333,8 @@ enum Action {
     Grow(usize),
     /// A serving target replaces a member by the spare.
     StartReplace(usize, usize),
+    /// A serving target starts moving an in-sync member to the spare.
+    StartMove(usize, usize),
     /// The node of a crashed target restarts and reopens it.
     Reopen(usize),
     /// The node saves its target records (on any epoch change of any of
@@ -480,6 +503,9 @@ struct Bounds {
     reopens: u8,
     /// Replacements of a member by the spare (0 or 1).
     replaces: u8,
+    /// Moves of an in-sync member to the spare (0 or 1; with `replaces`,
+    /// at most one of the two, as there is one spare).
+    moves: u8,
     /// Whether a fault may be a partition.
     partitions: bool,
 }
@@ -607,6 +633,7 @@ struct World {
     rebuilds_left: u8,
     reopens_left: u8,
     replaces_left: u8,
+    moves_left: u8,
 }
 
 impl World {
@@ -615,6 +642,8 @@ impl World {
             epoch: 0,
             members: FIRST_MEMBERS,
             in_sync: FIRST_MEMBERS,
+            leaving: 0,
+            successor: 0,
         };
         World {
             replicas: [Replica {
@@ -651,6 +680,7 @@ impl World {
             rebuilds_left: bounds.rebuilds,
             reopens_left: bounds.reopens,
             replaces_left: bounds.replaces,
+            moves_left: bounds.moves,
         }
     }
 
@@ -804,13 +834,25 @@ impl World {
                     // As the real target: a replacement waits for no
                     // rebuild but stops one of the leaving member; here
                     // none may run, which keeps the state space small.
-                    if self.replaces_left > 0 && self.rebuild[t].is_none() {
+                    if self.replaces_left > 0 && self.rebuild[t].is_none() && !self.spare_created {
                         for r in 0..REPLICAS {
                             if cfg.members & (1 << r) != 0
                                 && plan_replace(cfg, r).is_ok()
                                 && self.channels[t][SPARE].is_none()
                             {
                                 out.push(Action::StartReplace(t, r));
+                            }
+                        }
+                    }
+                    // A move runs beside a rebuild, as in the real target
+                    // (its successor's rebuild is what ends it).
+                    if self.moves_left > 0 && !self.spare_created {
+                        for r in 0..REPLICAS {
+                            if cfg.in_sync & (1 << r) != 0
+                                && plan_move(cfg, r).is_ok()
+                                && self.channels[t][SPARE].is_none()
+                            {
+                                out.push(Action::StartMove(t, r));
                             }
                         }
                     }
@@ -1045,18 +1087,25 @@ impl World {
                 };
                 let next_cfg = Cfg {
                     epoch: self.change_epoch(t, cfg),
-                    in_sync: cfg.in_sync | (1 << rebuild.replica),
-                    ..cfg
+                    ..Cfg::of(&membership::plan_grow(
+                        &cfg.config(),
+                        replica_id(rebuild.replica.into()),
+                    ))
                 };
                 next.start_prepare(t, next_cfg.epoch, Purpose::Grow { next: next_cfg });
                 None
             }
-            Action::StartReplace(t, r) => {
+            Action::StartReplace(t, r) | Action::StartMove(t, r) => {
                 let Target::Serving { cfg } = self.targets[t] else {
-                    unreachable!("StartReplace is only enabled while serving")
+                    unreachable!("StartReplace and StartMove are only enabled while serving")
                 };
-                next.replaces_left -= 1;
-                let planned = plan_replace(cfg, r).expect("StartReplace checked the plan");
+                let planned = if let Action::StartMove(..) = action {
+                    next.moves_left -= 1;
+                    plan_move(cfg, r).expect("StartMove checked the plan")
+                } else {
+                    next.replaces_left -= 1;
+                    plan_replace(cfg, r).expect("StartReplace checked the plan")
+                };
                 // The new replica is created with the new member list, as
                 // `cluster::volumes::create_replacement` creates it.
                 next.spare_created = true;
@@ -1488,6 +1537,12 @@ fn plan_replace(cfg: Cfg, remove: usize) -> Result<Cfg, membership::ReplaceError
         .map(|config| Cfg::of(&config))
 }
 
+/// `membership::plan_move` of member `remove` to the spare.
+fn plan_move(cfg: Cfg, remove: usize) -> Result<Cfg, membership::ReplaceError> {
+    membership::plan_move(&cfg.config(), replica_id(remove), replica_id(SPARE))
+        .map(|config| Cfg::of(&config))
+}
+
 fn granted_set(prepared: &[Option<Cfg>; REPLICAS]) -> Set {
     (0..REPLICAS)
         .filter(|&r| prepared[r].is_some())
@@ -1589,6 +1644,7 @@ fn describe(action: Action, before: &World, after: &World) -> String {
         | Action::RetryChange(t)
         | Action::StartRebuild(t, _)
         | Action::StartReplace(t, _)
+        | Action::StartMove(t, _)
         | Action::Grow(t) => {
             let verb = match action {
                 Action::CrashTarget(_) => "crashes",
@@ -1756,6 +1812,7 @@ const BOUNDS: Bounds = Bounds {
     rebuilds: 0,
     reopens: 0,
     replaces: 0,
+    moves: 0,
     partitions: false,
 };
 
@@ -1800,6 +1857,23 @@ const REPLACES: Bounds = Bounds {
     faults: 2,
     ..BOUNDS
 };
+
+/// A move of an in-sync member to the spare (`membership::plan_move`) with
+/// the spare's rebuild, whose grow takes the moved member out; by one target
+/// that may crash and open again from the first member list.
+const MOVES: Bounds = Bounds {
+    moves: 1,
+    rebuilds: 1,
+    targets: 1,
+    opens_per_target: 2,
+    faults: 1,
+    ..BOUNDS
+};
+
+#[test]
+fn correct_rules_keep_every_invariant_through_moves() {
+    assert_correct_within(MOVES);
+}
 
 #[test]
 fn correct_rules_keep_every_invariant_through_replacements() {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 use super::lease::LastAccepted;
-use super::membership::{self, Config, IoReply, PrepareReply, ReplicaId, ReplicaState};
+use super::membership::{self, Config, IoReply, Move, PrepareReply, ReplicaId, ReplicaState};
 use super::wire::{
     Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
 };
@@ -54,6 +54,13 @@ pub struct ConfigRecord {
     pub epoch: u64,
     pub members: Vec<u32>,
     pub in_sync: Vec<u32>,
+    /// A move under way (`membership::Move`): the member leaving and the
+    /// one taking its place. Left out when none, so a config without a move
+    /// is stored and sent as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successor: Option<u32>,
 }
 
 impl From<&Config> for ConfigRecord {
@@ -62,6 +69,8 @@ impl From<&Config> for ConfigRecord {
             epoch: config.epoch,
             members: config.members.iter().map(|id| id.0).collect(),
             in_sync: config.in_sync.iter().map(|id| id.0).collect(),
+            leaving: config.moving.map(|m| m.leaving.0),
+            successor: config.moving.map(|m| m.successor.0),
         }
     }
 }
@@ -72,6 +81,13 @@ impl From<&ConfigRecord> for Config {
             epoch: record.epoch,
             members: record.members.iter().map(|&id| ReplicaId(id)).collect(),
             in_sync: record.in_sync.iter().map(|&id| ReplicaId(id)).collect(),
+            moving: record
+                .leaving
+                .zip(record.successor)
+                .map(|(leaving, successor)| Move {
+                    leaving: ReplicaId(leaving),
+                    successor: ReplicaId(successor),
+                }),
         }
     }
 }

@@ -15,9 +15,11 @@
 //! * A replica that answers "fenced" means a newer target owns the volume:
 //!   this target fails every request from then on.
 //!
-//! * Replacing a replica (`replace_member`) changes the member list in one
+//! * Replacing a replica (`replace_member`) changes the member list in a
 //!   configuration change that needs a majority of the old and of the new
 //!   list; the new, empty replica is then filled by the rebuilder (`replace`).
+//!   A healthy replica is moved rather than replaced: it leaves only in the
+//!   change that takes its successor in sync.
 //!
 //! Configuration changes wait for the requests in flight (`gate`), so the
 //! target never fences its own requests.
@@ -71,8 +73,8 @@ pub struct TargetOptions {
     pub rebuild_rate: u64,
     /// Time between scrub passes (zero: no scrub).
     pub scrub_interval: Duration,
-    /// Replaces a replica that stayed faulted this long, on a node it
-    /// chooses (None: never).
+    /// How the target finds other nodes, to delete the replicas it replaced
+    /// and to replace faulted ones on its own (None: it does neither).
     pub replacement: Option<Replacement>,
     /// Runtimes for the tasks that carry links to remote replicas, one
     /// picked per volume (empty: wherever the link is made). A node passes
@@ -180,9 +182,13 @@ pub struct VolumeTarget {
     /// finished: until it has, the in-sync replicas may differ, so no
     /// snapshot is taken.
     unsettled: AtomicUsize,
-    /// Replicas this target replaced whose data may still be on their node
-    /// (it was down): node name by replica id, for the replacer to delete.
+    /// Replicas that left the volume (replaced or moved) whose data may
+    /// still be on their node: node name by replica id, for the replacer to
+    /// delete.
     replaced: Mutex<BTreeMap<u32, String>>,
+    /// Set when a replica was replaced, so the replacer deletes it at once
+    /// rather than on its next periodic round.
+    cleanup_due: AtomicBool,
     /// Until when this target may serve reads (see `lease`).
     lease: ReadLease,
 }
@@ -257,6 +263,7 @@ impl VolumeTarget {
             rebuilding: Mutex::new(BTreeMap::new()),
             unsettled: AtomicUsize::new(0),
             replaced: Mutex::new(BTreeMap::new()),
+            cleanup_due: AtomicBool::new(false),
             lease: ReadLease::default(),
             options,
             local,

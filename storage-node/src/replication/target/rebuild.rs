@@ -309,7 +309,8 @@ impl VolumeTarget {
         Ok(())
     }
 
-    /// Adds the caught-up replica to the in-sync set at a new epoch.
+    /// Adds the caught-up replica to the in-sync set at a new epoch; if it
+    /// is the successor of a member being moved, that member leaves.
     async fn grow(&self, index: usize) -> Result<(), String> {
         let _exclusive = self.gate.write().await;
         if !self.still_rebuilding(index) {
@@ -317,11 +318,24 @@ impl VolumeTarget {
         }
         let current = self.current();
         self.check_member(&current, index)?;
-        let mut next = (*current).clone();
-        next.epoch += 1;
-        next.in_sync.insert(ReplicaId(self.id_of(index)));
+        let next = membership::plan_grow(&current, ReplicaId(self.id_of(index)));
+        let left = current
+            .moving
+            .filter(|_| next.moving.is_none())
+            .map(|moving| self.index_of(moving.leaving));
         self.commit_change(&current, next).await?;
         self.rebuilding.lock().expect("rebuild lock").remove(&index);
+        if let Some(left) = left {
+            self.abort_rebuild(left, "moved");
+            self.retire(left);
+            tracing::warn!(
+                volume = %self.volume,
+                left = %self.node_of(left),
+                successor = %self.node_of(index),
+                epoch = self.epoch(),
+                "moved replica: its successor is in sync, and it left the volume"
+            );
+        }
         Ok(())
     }
 

@@ -2,13 +2,18 @@
 //! volume replace-replica`, through the node's gRPC API) or automatically
 //! when a replica stays faulted longer than `Replacement::after`.
 //!
-//! The change of members is one configuration change
+//! A faulted or lost replica is replaced in one configuration change
 //! (`membership::plan_replace`): the old member leaves and the new, empty
 //! one joins, not in sync, at a new epoch taken by a majority of the old and
-//! of the new member list. The rebuilder then treats the new replica like
-//! any replica that is behind: it takes every write from then on, gets a
-//! copy of every extent that differs from an in-sync replica (all the data
-//! the volume holds, since it is empty), and joins the in-sync set.
+//! of the new member list. A healthy, in-sync replica is moved instead
+//! (`membership::plan_move`): the new one joins as a fourth member and the
+//! old one stays in sync, taking every write, until the new one is in sync;
+//! the change that grows the in-sync set by the new one takes the old one
+//! out. Either way the rebuilder treats the new replica like any replica
+//! that is behind: it takes every write from then on, gets a copy of every
+//! extent that differs from an in-sync replica (all the data the volume
+//! holds, since it is empty), and joins the in-sync set. The old replica's
+//! data is deleted once it is out of the member list and its node answers.
 //!
 //! For automatic replacement, the node finds the candidate nodes through its
 //! `Discovery` (the cluster file of `strata up`, or the headless Service's
@@ -16,6 +21,7 @@
 //! create` would.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,13 +38,15 @@ const CLEANUP_EVERY: u32 = 10;
 /// again (no spare node yet, say).
 const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// Automatic replacement of faulted replicas.
+/// What a target needs to place new replicas and delete replaced ones.
 #[derive(Debug, Clone)]
 pub struct Replacement {
     /// How long a replica stays out of the in-sync set and not being
-    /// rebuilt (or, in the set, unreachable) before it is replaced.
-    pub after: Duration,
-    /// Where the nodes that may take the new replica are found.
+    /// rebuilt (or, in the set, unreachable) before it is replaced
+    /// automatically (None: only on request).
+    pub after: Option<Duration>,
+    /// Where the other nodes are found: those that may take a new replica,
+    /// and those that hold a replaced one.
     pub discovery: Discovery,
 }
 
@@ -58,15 +66,25 @@ pub enum ReplaceError {
 
 impl VolumeTarget {
     /// Replaces member `remove` by `add`, an empty replica already created
-    /// on another node with the new member list. Returns once the change is
-    /// persisted; the rebuilder fills the new replica.
-    pub async fn replace_member(&self, remove: u32, add: Member) -> Result<(), ReplaceError> {
+    /// on another node with the new member list. With `keep_until_copied`
+    /// (a move), `remove` stays until `add` is in sync. Returns once the
+    /// change is persisted; the rebuilder fills the new replica.
+    pub async fn replace_member(
+        &self,
+        remove: u32,
+        add: Member,
+        keep_until_copied: bool,
+    ) -> Result<(), ReplaceError> {
         let _exclusive = self.gate.write().await;
         if self.is_fenced() {
             return Err(ReplaceError::Fenced);
         }
         let current = self.current();
-        let next = membership::plan_replace(&current, ReplicaId(remove), ReplicaId(add.id))?;
+        let (remove, add_id) = (ReplicaId(remove), ReplicaId(add.id));
+        let next = match keep_until_copied {
+            true => membership::plan_move(&current, remove, add_id)?,
+            false => membership::plan_replace(&current, remove, add_id)?,
+        };
         let member_nodes: Vec<String> = self
             .member_indexes(&current)
             .into_iter()
@@ -75,7 +93,7 @@ impl VolumeTarget {
         if member_nodes.contains(&add.node) {
             return Err(ReplaceError::NodeHoldsReplica(add.node));
         }
-        let removed = self.index_of(ReplicaId(remove));
+        let removed = self.index_of(remove);
         let node = add.node.clone();
         {
             let mut slots = self.slots.write().expect("slots lock");
@@ -84,32 +102,51 @@ impl VolumeTarget {
                 slots.push(super::Slot::new(add));
             }
         }
-        // A rebuild of the leaving member stops; its writes stop with it.
-        self.abort_rebuild(removed, "replaced");
+        if !keep_until_copied {
+            // A rebuild of the leaving member stops; its writes stop with it.
+            self.abort_rebuild(removed, "replaced");
+        }
         self.commit_change(&current, next)
             .await
             .map_err(|reason| match self.is_fenced() {
                 true => ReplaceError::Fenced,
                 false => ReplaceError::Change(reason),
             })?;
+        if keep_until_copied {
+            tracing::warn!(
+                volume = %self.volume,
+                moving = %self.node_of(removed),
+                to = %node,
+                epoch = self.epoch(),
+                "moving a replica: the old one stays in sync until the new one has a full copy"
+            );
+        } else {
+            self.retire(removed);
+            tracing::warn!(
+                volume = %self.volume,
+                removed = %self.node_of(removed),
+                added = %node,
+                epoch = self.epoch(),
+                "replica replaced; the new one is rebuilt with a full copy"
+            );
+        }
+        Ok(())
+    }
+
+    /// Notes that member `index` left the volume: its data is deleted from
+    /// its node once the node answers (see `spawn_replacer`).
+    pub(super) fn retire(&self, index: usize) {
         self.replaced
             .lock()
             .expect("replaced lock")
-            .insert(remove, self.node_of(removed));
+            .insert(self.id_of(index), self.node_of(index));
+        self.cleanup_due.store(true, Ordering::Release);
         self.local
             .pool()
             .metrics()
             .replaced_replicas
             .get_or_create(&self.labels())
             .inc();
-        tracing::warn!(
-            volume = %self.volume,
-            removed = %self.node_of(removed),
-            added = %node,
-            epoch = self.epoch(),
-            "replica replaced; the new one is rebuilt with a full copy"
-        );
-        Ok(())
     }
 
     /// Replaces member `remove` on a node the placement rules choose, and
@@ -129,7 +166,9 @@ impl VolumeTarget {
             node: planned.member.node.clone(),
             address: planned.member.address.clone(),
         };
-        let replaced = self.replace_member(remove, member).await;
+        let replaced = self
+            .replace_member(remove, member, planned.keep_until_copied)
+            .await;
         // The old replica, if its node answers, or the new one if it did
         // not join.
         volumes::delete_retired(&cluster, &self.volume).await;
@@ -163,7 +202,8 @@ impl VolumeTarget {
 
 /// Watches the members and replaces those faulted for longer than
 /// `options.replacement.after`, one at a time; deletes the replaced
-/// replicas whose node was down once it is back. Ends with the target.
+/// replicas, at once or, if their node was down, once it is back. Ends with
+/// the target.
 pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
     let Some(replacement) = target.options.replacement.clone() else {
         return;
@@ -182,14 +222,23 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
                 return;
             }
             round += 1;
-            if round % CLEANUP_EVERY == 0 {
+            if target.cleanup_due.swap(false, Ordering::AcqRel) || round % CLEANUP_EVERY == 0 {
                 target.delete_replaced(&replacement.discovery).await;
             }
+            let Some(after) = replacement.after else {
+                continue;
+            };
             let config = target.current();
             let rebuilding = target.rebuilding_indexes();
             faulted_since.retain(|id, _| config.members.contains(&ReplicaId(*id)));
             retry.retain(|id, _| faulted_since.contains_key(id));
+            let leaving = config.moving.map(|moving| moving.leaving);
             for &id in &config.members {
+                // A member being moved leaves once its successor is in
+                // sync; replacing it too would only copy the volume twice.
+                if leaving == Some(id) {
+                    continue;
+                }
                 // An in-sync replica of an idle volume is dropped by no
                 // write; it counts as faulted while it cannot be reached.
                 if config.in_sync.contains(&id)
@@ -203,7 +252,7 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
                 // A rebuild under way may take long on a big volume; the
                 // replica is not replaced while it catches up.
                 if rebuilding.contains(&target.index_of(id))
-                    || since.elapsed() < replacement.after
+                    || since.elapsed() < after
                     || retry.get(&id.0).is_some_and(|(at, _)| Instant::now() < *at)
                 {
                     continue;
