@@ -500,9 +500,9 @@ impl StorageNode for ControlService {
             .replace_member(req.remove_id, member, req.keep_until_copied)
             .await
             .map_err(|err| match err {
-                ReplaceError::Membership(_) | ReplaceError::NodeHoldsReplica(_) => {
-                    Status::failed_precondition(err.to_string())
-                }
+                ReplaceError::Membership(_)
+                | ReplaceError::NodeHoldsReplica(_)
+                | ReplaceError::CannotMove { .. } => Status::failed_precondition(err.to_string()),
                 ReplaceError::Fenced => Status::aborted(err.to_string()),
                 ReplaceError::Change(_) => Status::unavailable(err.to_string()),
             })?;

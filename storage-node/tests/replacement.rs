@@ -386,6 +386,54 @@ async fn a_live_replica_is_moved_without_dropping_a_copy() {
     assert!(connect(&uri).read(0, 4 << 20).unwrap() == expected_data);
 }
 
+/// The target, not the caller's older look at the volume, decides whether
+/// a replica can be moved: one that is unreachable, or out of sync, cannot
+/// stay in sync during the copy, and a move of it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_of_a_replica_that_cannot_stay_in_sync_is_refused() {
+    use strata_proto::storage::{ReplaceReplicaRequest, ReplicaMember};
+    let mut cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);
+    let report = cluster.create_volume("m", 16 * MIB, 3).await;
+    let (target_node, victim, spare) = roles(&cluster, &report);
+    let victim_id = member_id(&report, &victim);
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("m", target).await;
+    let spare_node = &cluster.nodes[cluster.index_of(&spare)];
+    let move_victim = ReplaceReplicaRequest {
+        volume: "m".into(),
+        remove_id: victim_id,
+        replacement: Some(ReplicaMember {
+            id: 9,
+            node: spare.clone(),
+            address: spare_node.replication.to_string(),
+        }),
+        keep_until_copied: true,
+    };
+    let down = cluster.index_of(&victim);
+    cluster.nodes[down].kill9();
+    // Idle: still in sync, but unreachable.
+    let mut client = cluster.nodes[target].client().await;
+    let refused = client
+        .replace_replica(move_victim.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        refused.message(),
+        format!(
+            "the replica on {victim} is unreachable, so it cannot stay in sync while its \
+             successor is copied; replace it instead"
+        )
+    );
+    // A write drops it from the in-sync set.
+    connect(&uri).write(0, &[1; 4096], true).unwrap();
+    let refused = client.replace_replica(move_victim).await.unwrap_err();
+    assert!(refused.message().contains("is out of sync"), "{refused:?}");
+    let after = cluster.report("m").await;
+    assert_eq!(after.members().len(), 3);
+    assert_eq!(after.leaving(), None);
+}
+
 /// A replacement replica starts out of sync: an opening target that hears
 /// only from it and from stale members must not take its empty data for the
 /// volume's (the replication model found that lost write). A fresh volume's

@@ -388,7 +388,7 @@ impl VolumeTarget {
         }
     }
 
-    async fn send_one(&self, index: usize, request: Request) -> Answer {
+    pub(super) async fn send_one(&self, index: usize, request: Request) -> Answer {
         self.ask(&[index], |_| request.clone())
             .await
             .remove(&index)

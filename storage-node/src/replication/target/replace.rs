@@ -25,10 +25,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::VolumeTarget;
+use super::{Answer, VolumeTarget};
 use crate::cluster::{volumes, Discovery};
 use crate::replication::membership::{self, ReplicaId};
 use crate::replication::replica::Member;
+use crate::replication::wire::{Op, Request};
 
 /// How often the target looks for replicas faulted long enough.
 const REPLACE_POLL: Duration = Duration::from_secs(1);
@@ -57,6 +58,13 @@ pub enum ReplaceError {
     Membership(#[from] membership::ReplaceError),
     #[error("node {0} holds a replica of the volume already")]
     NodeHoldsReplica(String),
+    /// A move was asked for a replica that cannot stay in sync during the
+    /// copy (the caller's view of the volume was older than the target's).
+    #[error(
+        "the replica on {node} is {why}, so it cannot stay in sync while its successor is \
+         copied; replace it instead"
+    )]
+    CannotMove { node: String, why: &'static str },
     #[error("the target was fenced by a newer one")]
     Fenced,
     /// The configuration change did not reach a majority.
@@ -85,6 +93,27 @@ impl VolumeTarget {
             true => membership::plan_move(&current, remove, add_id)?,
             false => membership::plan_replace(&current, remove, add_id)?,
         };
+        if keep_until_copied {
+            // The caller decided on a move from its own look at the volume;
+            // the target's config and links are the newer word.
+            let index = self.index_of(remove);
+            let why = if !current.in_sync.contains(&remove) {
+                Some("out of sync")
+            } else if !matches!(
+                self.send_one(index, Request::new(Op::GetState, 0, 0)).await,
+                Answer::Done(_)
+            ) {
+                Some("unreachable")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ReplaceError::CannotMove {
+                    node: self.node_of(index),
+                    why,
+                });
+            }
+        }
         let member_nodes: Vec<String> = self
             .member_indexes(&current)
             .into_iter()
