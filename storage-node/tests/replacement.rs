@@ -386,6 +386,47 @@ async fn a_live_replica_is_moved_without_dropping_a_copy() {
     assert!(connect(&uri).read(0, 4 << 20).unwrap() == expected_data);
 }
 
+/// On an idle volume, an in-sync member that stops answering during a move
+/// does not hold the move up: the final grow needs every in-sync replica, and
+/// the target drops the dead one from the in-sync set without any write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    let mut args = FAST_TIMEOUT.to_vec();
+    args.extend(["--rebuild-rate", "4MiB", "--cluster-dir", &dir_arg]);
+    let mut cluster = TestCluster::start(4, "256MiB", &args);
+    cluster.file().save(dir.path()).unwrap();
+    let report = cluster.create_volume("live", 16 * MIB, 3).await;
+    let (target_node, leaving, spare) = roles(&cluster, &report);
+    let other = member_nodes(&report)
+        .into_iter()
+        .find(|n| *n != target_node && *n != leaving)
+        .unwrap();
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("live", target).await;
+    let data = random_bytes(6 << 20, 11);
+    connect(&uri).write(0, &data, true).unwrap();
+    let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
+        .await
+        .unwrap();
+    assert!(outcome.planned.keep_until_copied);
+    // During the copy (6 MiB at 4 MiB/s), with no write coming.
+    let down = cluster.index_of(&other);
+    cluster.nodes[down].kill9();
+    let done = wait_for_move(&cluster, &cluster.nodes[target], 2).await;
+    let mut expected = vec![target_node.clone(), other.clone(), spare.clone()];
+    expected.sort();
+    assert_eq!(member_nodes(&done), expected);
+    assert_eq!(
+        done.in_sync(),
+        [member_id(&done, &target_node), member_id(&done, &spare)]
+            .into_iter()
+            .collect()
+    );
+    assert!(connect(&uri).read(0, 6 << 20).unwrap() == data);
+}
+
 /// The target, not the caller's older look at the volume, decides whether
 /// a replica can be moved: one that is unreachable, or out of sync, cannot
 /// stay in sync during the copy, and a move of it is refused.

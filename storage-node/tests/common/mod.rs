@@ -17,11 +17,25 @@ use strata_proto::storage::CreateVolumeRequest;
 
 pub const MIB: u64 = 1 << 20;
 
+/// A port that is free now, below the kernel's ephemeral range (32768 and
+/// up by default): a port the kernel handed out for port 0 may be handed
+/// out again, between this call and the node's bind, as the local port of
+/// one of the many client connections the tests make, and the node then
+/// fails with "Address already in use".
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    // Tests of one binary take turns through the span; the process id
+    // spreads binaries that run at once.
+    let start = std::process::id().wrapping_mul(7_919);
+    loop {
+        let port = FIRST + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().unwrap();
+        }
+    }
 }
 
 /// The addresses a node listens on.
