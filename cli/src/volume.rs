@@ -239,6 +239,7 @@ async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
 
 fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
     let in_sync = volume.in_sync();
+    let leaving = volume.leaving();
     let epoch = volume
         .replicas
         .iter()
@@ -278,7 +279,7 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
                         .find(|tr| tr.member.as_ref().is_some_and(|m| m.id == member.id))
                         .filter(|tr| tr.rebuilding)
                 });
-                let state = if volume.leaving() == Some(member.id) {
+                let state = if leaving == Some(member.id) {
                     match in_sync.contains(&member.id) {
                         true => "in-sync, leaving".to_string(),
                         false => "faulted, leaving".to_string(),

@@ -14,6 +14,21 @@ use strata_node::cluster::volumes::{self, VolumeReport};
 /// Replicas that do not answer within a second are dropped: tests go fast.
 const FAST_TIMEOUT: &[&str] = &["--replica-timeout-ms", "1000"];
 
+/// Four nodes, with `FAST_TIMEOUT` and `extra_args`, that find each other
+/// through a cluster file, as under `strata up`: a target finds the nodes
+/// for new replicas, and those of replaced ones to delete, there. The file's
+/// directory lives as long as the returned guard.
+fn start_knowing_the_cluster(extra_args: &[&str]) -> (tempfile::TempDir, TestCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    let mut args = FAST_TIMEOUT.to_vec();
+    args.extend(extra_args);
+    args.extend(["--cluster-dir", &dir_arg]);
+    let cluster = TestCluster::start(4, "256MiB", &args);
+    cluster.file().save(dir.path()).unwrap();
+    (dir, cluster)
+}
+
 fn member_nodes(report: &VolumeReport) -> Vec<String> {
     let mut nodes: Vec<String> = report.members().into_iter().map(|m| m.node).collect();
     nodes.sort();
@@ -146,18 +161,7 @@ async fn a_dead_replica_is_replaced_under_fio_verify_by_a_full_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir_arg = dir.path().to_str().unwrap().to_string();
-    let mut args = FAST_TIMEOUT.to_vec();
-    args.extend([
-        "--replace-faulted-after-secs",
-        "3",
-        "--cluster-dir",
-        &dir_arg,
-    ]);
-    let mut cluster = TestCluster::start(4, "256MiB", &args);
-    // The nodes find each other through the cluster file, as under `strata up`.
-    cluster.file().save(dir.path()).unwrap();
+    let (_dir, mut cluster) = start_knowing_the_cluster(&["--replace-faulted-after-secs", "3"]);
     let report = cluster.create_volume("auto", 16 * MIB, 3).await;
     let (target_node, victim, spare) = roles(&cluster, &report);
     let target = cluster.index_of(&target_node);
@@ -260,15 +264,16 @@ fn member_id(report: &VolumeReport, node: &str) -> u32 {
         .expect("a member on the node")
 }
 
-/// Polls the volume until the move under way is over, checking on every
-/// look that it has at least `min_in_sync` replicas in sync.
+/// Polls `volume` until the move under way is over, checking on every look
+/// that it has at least `min_in_sync` replicas in sync.
 async fn wait_for_move(
+    volume: &str,
     cluster: &TestCluster,
     target: &TestNode,
     min_in_sync: usize,
 ) -> VolumeReport {
     wait_until("the move finishes", target, || async {
-        let report = cluster.report("live").await;
+        let report = cluster.report(volume).await;
         assert!(
             report.in_sync().len() >= min_in_sync,
             "in sync during the move: {:?}",
@@ -280,7 +285,7 @@ async fn wait_for_move(
         report.leaving().is_none() && !rebuilding
     })
     .await;
-    cluster.report("live").await
+    cluster.report(volume).await
 }
 
 /// A healthy replica is moved, not dropped: it stays a member, in sync and
@@ -289,14 +294,8 @@ async fn wait_for_move(
 /// the move started, also when another member failed before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_replica_is_moved_without_dropping_a_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir_arg = dir.path().to_str().unwrap().to_string();
-    let mut args = FAST_TIMEOUT.to_vec();
-    // A slow copy, so the move is seen under way; the cluster file is how
-    // the target finds the old replica's node to delete it.
-    args.extend(["--rebuild-rate", "4MiB", "--cluster-dir", &dir_arg]);
-    let mut cluster = TestCluster::start(4, "256MiB", &args);
-    cluster.file().save(dir.path()).unwrap();
+    // A slow copy, so the move is seen under way.
+    let (_dir, mut cluster) = start_knowing_the_cluster(&["--rebuild-rate", "4MiB"]);
     let report = cluster.create_volume("live", 16 * MIB, 3).await;
     let (target_node, leaving, spare) = roles(&cluster, &report);
     let leaving_id = member_id(&report, &leaving);
@@ -345,7 +344,7 @@ async fn a_live_replica_is_moved_without_dropping_a_copy() {
         assert!(err.contains("is being moved already"), "{err}");
     }
 
-    let done = wait_for_move(&cluster, &cluster.nodes[target], 3).await;
+    let done = wait_for_move("live", &cluster, &cluster.nodes[target], 3).await;
     tokio::task::spawn_blocking(move || writer.join().unwrap())
         .await
         .unwrap();
@@ -371,7 +370,7 @@ async fn a_live_replica_is_moved_without_dropping_a_copy() {
         .await
         .unwrap();
     assert!(outcome.planned.keep_until_copied);
-    let done = wait_for_move(&cluster, &cluster.nodes[target], 2).await;
+    let done = wait_for_move("live", &cluster, &cluster.nodes[target], 2).await;
     let mut expected = vec![target_node.clone(), other.clone(), leaving.clone()];
     expected.sort();
     assert_eq!(member_nodes(&done), expected);
@@ -391,12 +390,7 @@ async fn a_live_replica_is_moved_without_dropping_a_copy() {
 /// the target drops the dead one from the in-sync set without any write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir_arg = dir.path().to_str().unwrap().to_string();
-    let mut args = FAST_TIMEOUT.to_vec();
-    args.extend(["--rebuild-rate", "4MiB", "--cluster-dir", &dir_arg]);
-    let mut cluster = TestCluster::start(4, "256MiB", &args);
-    cluster.file().save(dir.path()).unwrap();
+    let (_dir, mut cluster) = start_knowing_the_cluster(&["--rebuild-rate", "4MiB"]);
     let report = cluster.create_volume("live", 16 * MIB, 3).await;
     let (target_node, leaving, spare) = roles(&cluster, &report);
     let other = member_nodes(&report)
@@ -414,7 +408,7 @@ async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
     // During the copy (6 MiB at 4 MiB/s), with no write coming.
     let down = cluster.index_of(&other);
     cluster.nodes[down].kill9();
-    let done = wait_for_move(&cluster, &cluster.nodes[target], 2).await;
+    let done = wait_for_move("live", &cluster, &cluster.nodes[target], 2).await;
     let mut expected = vec![target_node.clone(), other.clone(), spare.clone()];
     expected.sort();
     assert_eq!(member_nodes(&done), expected);

@@ -77,9 +77,7 @@ pub struct VolumeReport {
 impl VolumeReport {
     /// The in-sync set of the newest config any replica reports.
     pub fn in_sync(&self) -> BTreeSet<u32> {
-        self.replicas
-            .iter()
-            .max_by_key(|r| r.replica.config_epoch)
+        newest_config(&self.replicas)
             .map(|r| r.replica.in_sync.iter().copied().collect())
             .unwrap_or_default()
     }
@@ -91,9 +89,7 @@ impl VolumeReport {
 
     /// The member of the newest config being moved off its node, if any.
     pub fn leaving(&self) -> Option<u32> {
-        self.replicas
-            .iter()
-            .max_by_key(|r| r.replica.config_epoch)
+        newest_config(&self.replicas)
             .map(|r| r.replica.leaving_id)
             .filter(|&id| id != 0)
     }
@@ -104,10 +100,13 @@ impl VolumeReport {
     }
 }
 
+/// The replica that reports the newest config.
+fn newest_config(replicas: &[ReplicaReport]) -> Option<&ReplicaReport> {
+    replicas.iter().max_by_key(|r| r.replica.config_epoch)
+}
+
 fn newest_members(replicas: &[ReplicaReport]) -> Vec<ReplicaMember> {
-    replicas
-        .iter()
-        .max_by_key(|r| r.replica.config_epoch)
+    newest_config(replicas)
         .map(|r| r.replica.members.clone())
         .unwrap_or_default()
 }

@@ -93,14 +93,15 @@ impl VolumeTarget {
             true => membership::plan_move(&current, remove, add_id)?,
             false => membership::plan_replace(&current, remove, add_id)?,
         };
+        let removed = self.index_of(remove);
         if keep_until_copied {
             // The caller decided on a move from its own look at the volume;
             // the target's config and links are the newer word.
-            let index = self.index_of(remove);
             let why = if !current.in_sync.contains(&remove) {
                 Some("out of sync")
             } else if !matches!(
-                self.send_one(index, Request::new(Op::GetState, 0, 0)).await,
+                self.send_one(removed, Request::new(Op::GetState, 0, 0))
+                    .await,
                 Answer::Done(_)
             ) {
                 Some("unreachable")
@@ -109,7 +110,7 @@ impl VolumeTarget {
             };
             if let Some(why) = why {
                 return Err(ReplaceError::CannotMove {
-                    node: self.node_of(index),
+                    node: self.node_of(removed),
                     why,
                 });
             }
@@ -122,7 +123,6 @@ impl VolumeTarget {
         if member_nodes.contains(&add.node) {
             return Err(ReplaceError::NodeHoldsReplica(add.node));
         }
-        let removed = self.index_of(remove);
         let node = add.node.clone();
         {
             let mut slots = self.slots.write().expect("slots lock");
