@@ -560,7 +560,7 @@ impl VolumeTarget {
                     String::from_utf8_lossy(&reply.payload).into_owned(),
                 ),
                 Err(err) => {
-                    self.drop_link(index);
+                    self.drop_link(index, &link);
                     Answer::Lost(err)
                 }
             },
@@ -642,8 +642,21 @@ impl VolumeTarget {
         self.slot(index).link.lock().expect("link lock").restarted
     }
 
-    fn drop_link(&self, index: usize) {
-        self.slot(index).link.lock().expect("link lock").link = None;
+    /// Forgets `failed` as member `index`'s link, unless a newer one took its
+    /// place. A call on an old link can fail after a reconnect (it timed out
+    /// on a connection the partition ate); dropping the new link then would
+    /// make the next request find the member "not connected" and shrink it
+    /// out of the in-sync set although it answers.
+    fn drop_link(&self, index: usize, failed: &Arc<Link>) {
+        let slot = self.slot(index);
+        let mut slot = slot.link.lock().expect("link lock");
+        if slot
+            .link
+            .as_ref()
+            .is_some_and(|link| Arc::ptr_eq(link, failed))
+        {
+            slot.link = None;
+        }
     }
 
     /// Makes `config` (persisted on a majority) the one requests use, and
