@@ -208,6 +208,56 @@ async fn a_replica_faulted_past_the_limit_is_replaced_automatically() {
     assert!(cluster.report("auto").await.retired.is_empty());
 }
 
+/// A replaced replica whose node was down outlives the target that
+/// replaced it (that target is gone, and with it the note to delete the
+/// replica). The next target deletes it once the config that left it out is
+/// held by every member, without another replacement or a `volume rm`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_that_outlived_its_target_is_deleted_by_the_next_one() {
+    let (_dir, mut cluster) = start_knowing_the_cluster(&[]);
+    let report = cluster.create_volume("left", 16 * MIB, 3).await;
+    let (target_node, victim, spare) = roles(&cluster, &report);
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("left", target).await;
+    let data = random_bytes(1 << 20, 3);
+    connect(&uri).write(0, &data, true).unwrap();
+
+    let victim_index = cluster.index_of(&victim);
+    cluster.nodes[victim_index].kill9();
+    let outcome = volumes::replace_replica(&cluster.file(), "left", &victim, None)
+        .await
+        .unwrap();
+    assert!(!outcome.old_deleted, "the victim's node is down");
+    assert_eq!(outcome.planned.node.name, spare);
+    cluster
+        .wait_in_sync("left", 3, Duration::from_secs(60))
+        .await;
+
+    // The target's node dies before the victim's is back; then both return.
+    cluster.nodes[target].kill9();
+    cluster.nodes[victim_index].spawn();
+    cluster.nodes[target].spawn();
+    assert_eq!(cluster.report("left").await.retired.len(), 1);
+
+    // A target opened on the third member finds the leftover and deletes it.
+    let other = member_nodes(&cluster.report("left").await)
+        .into_iter()
+        .find(|n| *n != target_node && *n != spare)
+        .expect("a third member");
+    let other_index = cluster.index_of(&other);
+    let uri = cluster.export("left", other_index).await;
+    wait_until(
+        "the leftover was not deleted",
+        &cluster.nodes[other_index],
+        || async { replicas_on(&cluster.nodes[victim_index]).await.is_empty() },
+    )
+    .await;
+    let report = cluster.report("left").await;
+    assert!(report.retired.is_empty());
+    assert!(!member_nodes(&report).contains(&victim));
+    assert!(connect(&uri).read(0, 1 << 20).unwrap() == data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacements_that_cannot_be_done_are_refused_with_one_line() {
     let cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);

@@ -98,6 +98,44 @@ impl VolumeReport {
     pub fn active_target(&self) -> Option<&(NodeEntry, Target)> {
         self.targets.iter().find(|(_, t)| !t.fenced)
     }
+
+    /// The retired replicas that can be deleted without losing a copy the
+    /// volume may still count on. Not being named in the newest config is
+    /// not enough: that config may have reached only some replicas (the grow
+    /// that ends a move, say, persisted on the successor alone), and a
+    /// target that opens next could go on from the config before it, in
+    /// which the replica is an in-sync member. So the newest config must be
+    /// held by a majority of its members and the retired replica together
+    /// (the retired one counts if it took that config itself), which covers
+    /// the majority of the old member list and of the new one that a change
+    /// of members needs. Once that config is settled, no later one names the
+    /// replica again: ids are never reused.
+    pub fn deletable(&self) -> Vec<&ReplicaReport> {
+        let Some(newest) = newest_config(&self.replicas) else {
+            return Vec::new();
+        };
+        let epoch = newest.replica.config_epoch;
+        let members = &newest.replica.members;
+        let holding_members = self
+            .replicas
+            .iter()
+            .filter(|r| r.replica.config_epoch == epoch)
+            .filter(|r| {
+                members
+                    .iter()
+                    .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
+            })
+            .count();
+        // The members and the retired replica.
+        let voters = members.len() + 1;
+        self.retired
+            .iter()
+            .filter(|retired| {
+                let holders = holding_members + usize::from(retired.replica.config_epoch == epoch);
+                holders > voters / 2
+            })
+            .collect()
+    }
 }
 
 /// The replica that reports the newest config.
@@ -749,15 +787,16 @@ pub async fn replace_replica(
     })
 }
 
-/// Deletes the replicas of `name` that the newest config the replicas report
-/// does not name (replaced ones, and replacements that never joined), on
-/// the nodes that answer; returns those nodes.
+/// Deletes the replicas of `name` that the newest config does not name
+/// (replaced ones, and replacements that never joined), on the nodes that
+/// answer, once that config is settled (see [`VolumeReport::deletable`]);
+/// returns those nodes.
 pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
     let Ok(volume) = get(cluster, name).await else {
         return Vec::new();
     };
     let mut deleted = Vec::new();
-    for report in &volume.retired {
+    for report in volume.deletable() {
         match delete_replica_on(&report.node, name).await {
             Ok(()) => {
                 tracing::info!(volume = name, node = %report.node.name, "deleted a replaced replica");
@@ -884,4 +923,157 @@ pub async fn resize(
         open_target(cluster, name, Some(&node.name)).await?;
     }
     get(cluster, name).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report of replica `id` on node-`id`, holding the config at
+    /// `epoch` with `members`.
+    fn replica(id: u32, epoch: u64, members: &[u32]) -> ReplicaReport {
+        let node = format!("node-{id}");
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        ReplicaReport {
+            node: NodeEntry {
+                name: node.clone(),
+                zone: String::new(),
+                grpc: addr,
+                nbd: addr,
+                http: addr,
+                replication: None,
+                pool: Default::default(),
+                pid: None,
+            },
+            replica: Replica {
+                volume: "db".into(),
+                replica_id: id,
+                node,
+                config_epoch: epoch,
+                promised_epoch: epoch,
+                in_sync: members.to_vec(),
+                members: members
+                    .iter()
+                    .map(|&m| ReplicaMember {
+                        id: m,
+                        node: format!("node-{m}"),
+                        address: String::new(),
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn volume(replicas: Vec<ReplicaReport>, retired: Vec<ReplicaReport>) -> VolumeReport {
+        VolumeReport {
+            name: "db".into(),
+            size_bytes: 0,
+            replicas,
+            retired,
+            missing: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    fn deletable_ids(volume: &VolumeReport) -> Vec<u32> {
+        volume
+            .deletable()
+            .iter()
+            .map(|r| r.replica.replica_id)
+            .collect()
+    }
+
+    #[test]
+    fn a_moved_replica_is_deletable_only_once_the_config_without_it_is_settled() {
+        // Replica 2 is moved to 4: {1, 2, 3, 4} at epoch 5, then the grow
+        // of 4 makes {1, 3, 4} at epoch 6 and leaves 2 out.
+        let moving = [1, 2, 3, 4];
+        let moved = [1, 3, 4];
+        let leaving = replica(2, 5, &moving);
+
+        // Epoch 6 reached the successor only: a target opening now may go on
+        // from epoch 5, where 2 is in sync. It stays.
+        let early = volume(
+            vec![
+                replica(1, 5, &moving),
+                replica(3, 5, &moving),
+                replica(4, 6, &moved),
+            ],
+            vec![leaving.clone()],
+        );
+        assert_eq!(deletable_ids(&early), Vec::<u32>::new());
+
+        // On two of three new members: a majority of the new list, but two
+        // of the old four is not a majority of it. Still kept.
+        let half = volume(
+            vec![
+                replica(1, 6, &moved),
+                replica(3, 5, &moving),
+                replica(4, 6, &moved),
+            ],
+            vec![leaving.clone()],
+        );
+        assert_eq!(deletable_ids(&half), Vec::<u32>::new());
+
+        // On all three: settled, 2 can go.
+        let settled = volume(
+            vec![
+                replica(1, 6, &moved),
+                replica(3, 6, &moved),
+                replica(4, 6, &moved),
+            ],
+            vec![leaving],
+        );
+        assert_eq!(deletable_ids(&settled), vec![2]);
+    }
+
+    #[test]
+    fn a_replaced_replica_and_a_replacement_that_never_joined_go_once_settled() {
+        // 3 replaced by 4 at epoch 3; 3 still holds epoch 2.
+        let after = [1, 2, 4];
+        let replaced = replica(3, 2, &[1, 2, 3]);
+        let settled = volume(
+            vec![
+                replica(1, 3, &after),
+                replica(2, 3, &after),
+                replica(4, 3, &after),
+            ],
+            vec![replaced.clone()],
+        );
+        assert_eq!(deletable_ids(&settled), vec![3]);
+        // The new replica's node did not answer: two of the four that the
+        // change involved hold it, which settles nothing for sure.
+        let unsure = volume(
+            vec![replica(1, 3, &after), replica(2, 3, &after)],
+            vec![replaced],
+        );
+        assert_eq!(deletable_ids(&unsure), Vec::<u32>::new());
+
+        // A replacement created for a change that never reached anyone
+        // (it reports the empty epoch-0 config of a new replica).
+        let before = [1, 2, 3];
+        let mut stray = replica(5, 0, &[1, 2, 3, 5]);
+        stray.replica.in_sync.clear();
+        let never_joined = volume(
+            vec![
+                replica(1, 2, &before),
+                replica(2, 2, &before),
+                replica(3, 2, &before),
+            ],
+            vec![stray],
+        );
+        assert_eq!(deletable_ids(&never_joined), vec![5]);
+    }
+
+    #[test]
+    fn the_one_replica_of_a_volume_is_deletable_once_it_took_its_removal() {
+        // A 1-replica volume moved from 1 to 2: the change needs both, and
+        // the old replica holds the config that leaves it out.
+        let moved = volume(vec![replica(2, 4, &[2])], vec![replica(1, 4, &[2])]);
+        assert_eq!(deletable_ids(&moved), vec![1]);
+        // It did not take it: the change may not be complete.
+        let unsure = volume(vec![replica(2, 4, &[2])], vec![replica(1, 3, &[1, 2])]);
+        assert_eq!(deletable_ids(&unsure), Vec::<u32>::new());
+    }
 }

@@ -35,6 +35,10 @@ use crate::replication::wire::{Op, Request};
 const REPLACE_POLL: Duration = Duration::from_secs(1);
 /// How often it tries to delete replaced replicas whose node was down.
 const CLEANUP_EVERY: u32 = 10;
+/// How often it looks over the whole cluster for replicas of the volume that
+/// no settled config names (besides once as it opens): leftovers of a
+/// target that stopped before it deleted them, on a node that was down then.
+const SWEEP_EVERY: u32 = 60;
 /// The longest wait before an automatic replacement that failed is tried
 /// again (no spare node yet, say).
 const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -205,6 +209,16 @@ impl VolumeTarget {
         Ok(planned.node.name)
     }
 
+    /// Deletes the replicas of the volume that no settled config names,
+    /// wherever they are: the replicas another target replaced or moved and
+    /// did not get to delete (it stopped, or their node was down).
+    async fn sweep_retired(&self, discovery: &Discovery) {
+        let Ok(cluster) = discovery.cluster().await else {
+            return;
+        };
+        volumes::delete_retired(&cluster, &self.volume).await;
+    }
+
     /// Deletes the replicas this target replaced on nodes that are back.
     async fn delete_replaced(&self, discovery: &Discovery) {
         let pending = self.replaced.lock().expect("replaced lock").clone();
@@ -231,8 +245,9 @@ impl VolumeTarget {
 
 /// Watches the members and replaces those faulted for longer than
 /// `options.replacement.after`, one at a time; deletes the replaced
-/// replicas, at once or, if their node was down, once it is back. Ends with
-/// the target.
+/// replicas, at once or, if their node was down, once it is back, and
+/// sweeps the cluster for leftovers of earlier targets as it opens and
+/// every minute. Ends with the target.
 pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
     let Some(replacement) = target.options.replacement.clone() else {
         return;
@@ -253,6 +268,9 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             round += 1;
             if target.cleanup_due.swap(false, Ordering::AcqRel) || round % CLEANUP_EVERY == 0 {
                 target.delete_replaced(&replacement.discovery).await;
+            }
+            if round == 1 || round % SWEEP_EVERY == 0 {
+                target.sweep_retired(&replacement.discovery).await;
             }
             let Some(after) = replacement.after else {
                 continue;
