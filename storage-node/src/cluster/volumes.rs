@@ -136,6 +136,20 @@ impl VolumeReport {
             })
             .collect()
     }
+
+    /// The leftovers the target at `target_epoch` deletes on its own (see
+    /// [`delete_leftovers`]), and whether they are all the retired replicas
+    /// that had joined; `None` unless the target's config is the newest.
+    pub fn leftovers_of(&self, target_epoch: u64) -> Option<(Vec<&ReplicaReport>, bool)> {
+        let newest_epoch = newest_config(&self.replicas)?.replica.config_epoch;
+        if newest_epoch != target_epoch {
+            return None;
+        }
+        let joined = |r: &&ReplicaReport| r.replica.config_epoch > 0;
+        let leftovers: Vec<&ReplicaReport> = self.deletable().into_iter().filter(joined).collect();
+        let all = leftovers.len() == self.retired.iter().filter(joined).count();
+        Some((leftovers, all))
+    }
 }
 
 /// The replica that reports the newest config.
@@ -795,8 +809,36 @@ pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
     let Ok(volume) = get(cluster, name).await else {
         return Vec::new();
     };
+    delete_reports(name, volume.deletable()).await
+}
+
+/// What a volume's target deletes on its own: like [`delete_retired`], but
+/// only while the newest config anywhere is the target's own (at
+/// `target_epoch`), and not the replacements that never joined.
+/// - A target deposed by a newer one, which may have added members this
+///   one never heard of, deletes nothing.
+/// - Replicas of an older volume of the same name, on a node that was down
+///   when it was deleted, may report a higher epoch than the new volume's;
+///   they do not make the new volume's replicas look replaced.
+/// - A replacement that never joined may be one a replace is creating right
+///   now, before it asks the target to add it.
+///
+/// Returns whether every retired replica that had joined is gone (false
+/// when the configs were not settled, or a node did not answer or refused).
+pub async fn delete_leftovers(cluster: &ClusterFile, name: &str, target_epoch: u64) -> bool {
+    let Ok(volume) = get(cluster, name).await else {
+        return false;
+    };
+    let Some((leftovers, all)) = volume.leftovers_of(target_epoch) else {
+        return false;
+    };
+    let found = leftovers.len();
+    all && delete_reports(name, leftovers).await.len() == found
+}
+
+async fn delete_reports(name: &str, reports: Vec<&ReplicaReport>) -> Vec<String> {
     let mut deleted = Vec::new();
-    for report in volume.deletable() {
+    for report in reports {
         match delete_replica_on(&report.node, name).await {
             Ok(()) => {
                 tracing::info!(volume = name, node = %report.node.name, "deleted a replaced replica");
@@ -1064,6 +1106,62 @@ mod tests {
             vec![stray],
         );
         assert_eq!(deletable_ids(&never_joined), vec![5]);
+    }
+
+    #[test]
+    fn a_target_deletes_leftovers_only_while_its_config_is_the_newest() {
+        let after = [1, 2, 4];
+        let settled = volume(
+            vec![
+                replica(1, 3, &after),
+                replica(2, 3, &after),
+                replica(4, 3, &after),
+            ],
+            vec![replica(3, 2, &[1, 2, 3])],
+        );
+        let ids = |found: Option<(Vec<&ReplicaReport>, bool)>| {
+            found.map(|(l, all)| {
+                (
+                    l.iter().map(|r| r.replica.replica_id).collect::<Vec<_>>(),
+                    all,
+                )
+            })
+        };
+        assert_eq!(ids(settled.leftovers_of(3)), Some((vec![3], true)));
+        // A deposed target, at an older epoch, deletes nothing.
+        assert_eq!(ids(settled.leftovers_of(2)), None);
+
+        // Replicas of an older volume of the same name (epoch 9, on nodes
+        // 7 to 9) make the new volume's replicas look retired: the target of
+        // the new one, at epoch 3, leaves everything alone.
+        let old = [7, 8, 9];
+        let reborn = volume(
+            vec![
+                replica(7, 9, &old),
+                replica(8, 9, &old),
+                replica(9, 9, &old),
+            ],
+            vec![
+                replica(1, 3, &after),
+                replica(2, 3, &after),
+                replica(4, 3, &after),
+            ],
+        );
+        assert_eq!(ids(reborn.leftovers_of(3)), None);
+
+        // A replacement being created (epoch 0, nothing in sync) is not the
+        // target's to delete, and does not keep it sweeping.
+        let mut creating = replica(5, 0, &[1, 2, 4, 5]);
+        creating.replica.in_sync.clear();
+        let busy = volume(
+            vec![
+                replica(1, 3, &after),
+                replica(2, 3, &after),
+                replica(4, 3, &after),
+            ],
+            vec![creating],
+        );
+        assert_eq!(ids(busy.leftovers_of(3)), Some((vec![], true)));
     }
 
     #[test]

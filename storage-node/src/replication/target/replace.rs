@@ -209,14 +209,15 @@ impl VolumeTarget {
         Ok(planned.node.name)
     }
 
-    /// Deletes the replicas of the volume that no settled config names,
-    /// wherever they are: the replicas another target replaced or moved and
-    /// did not get to delete (it stopped, or their node was down).
-    async fn sweep_retired(&self, discovery: &Discovery) {
+    /// Deletes the replicas of the volume that this target's settled config
+    /// leaves out, wherever they are: those another target replaced or
+    /// moved and did not get to delete (it stopped, or their node was down).
+    /// Whether it found nothing left to delete.
+    async fn sweep_retired(&self, discovery: &Discovery) -> bool {
         let Ok(cluster) = discovery.cluster().await else {
-            return;
+            return false;
         };
-        volumes::delete_retired(&cluster, &self.volume).await;
+        volumes::delete_leftovers(&cluster, &self.volume, self.epoch()).await
     }
 
     /// Deletes the replicas this target replaced on nodes that are back.
@@ -259,6 +260,7 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
         let mut faulted_since: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut retry: BTreeMap<u32, (Instant, Duration)> = BTreeMap::new();
         let mut round = 0u32;
+        let mut next_sweep = 1;
         loop {
             tokio::time::sleep(REPLACE_POLL).await;
             let Some(target) = weak.upgrade() else { return };
@@ -269,8 +271,11 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             if target.cleanup_due.swap(false, Ordering::AcqRel) || round % CLEANUP_EVERY == 0 {
                 target.delete_replaced(&replacement.discovery).await;
             }
-            if round == 1 || round % SWEEP_EVERY == 0 {
-                target.sweep_retired(&replacement.discovery).await;
+            if round >= next_sweep {
+                // Soon again if it could not tell (the config was changing,
+                // or a leftover's node did not answer).
+                let settled = target.sweep_retired(&replacement.discovery).await;
+                next_sweep = round + if settled { SWEEP_EVERY } else { CLEANUP_EVERY };
             }
             let Some(after) = replacement.after else {
                 continue;
