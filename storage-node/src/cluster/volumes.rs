@@ -102,37 +102,48 @@ impl VolumeReport {
     /// The retired replicas that can be deleted without losing a copy the
     /// volume may still count on. Not being named in the newest config is
     /// not enough: that config may have reached only some replicas (the grow
-    /// that ends a move, say, persisted on the successor alone), and a
-    /// target that opens next could go on from the config before it, in
-    /// which the replica is an in-sync member. So the newest config must be
-    /// held by a majority of its members and the retired replica together
-    /// (the retired one counts if it took that config itself), which covers
-    /// the majority of the old member list and of the new one that a change
-    /// of members needs. Once that config is settled, no later one names the
-    /// replica again: ids are never reused.
+    /// that ends a move, say, persisted on the leaving replica or the
+    /// successor alone), and a target that opens next, or the target that
+    /// runs the change, could go on from the config before it, in which the
+    /// replica is an in-sync member. So the newest config (over every
+    /// replica found, retired ones too) must be settled: held by a majority
+    /// of its own members and by a majority of the list it changed. That
+    /// list is not known here; it is the new one plus the retired replica,
+    /// minus at most one member it added, so both shapes are checked, the
+    /// added member counted as a holder (the worst case). Once that config
+    /// is settled, no later one names the replica again: ids are never
+    /// reused.
     pub fn deletable(&self) -> Vec<&ReplicaReport> {
-        let Some(newest) = newest_config(&self.replicas) else {
+        let all: Vec<&ReplicaReport> = self.replicas.iter().chain(&self.retired).collect();
+        let Some(newest) = all.iter().max_by_key(|r| r.replica.config_epoch) else {
             return Vec::new();
         };
         let epoch = newest.replica.config_epoch;
         let members = &newest.replica.members;
-        let holding_members = self
-            .replicas
+        let n = members.len();
+        let named = |r: &ReplicaReport| {
+            members
+                .iter()
+                .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
+        };
+        let holding_members = all
             .iter()
-            .filter(|r| r.replica.config_epoch == epoch)
-            .filter(|r| {
-                members
-                    .iter()
-                    .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
-            })
+            .filter(|r| r.replica.config_epoch == epoch && named(r))
             .count();
-        // The members and the retired replica.
-        let voters = members.len() + 1;
+        if holding_members <= n / 2 {
+            return Vec::new();
+        }
         self.retired
             .iter()
+            .filter(|retired| !named(retired))
             .filter(|retired| {
-                let holders = holding_members + usize::from(retired.replica.config_epoch == epoch);
-                holders > voters / 2
+                let own = usize::from(retired.replica.config_epoch == epoch);
+                // The old list was the new one plus this replica ...
+                let old_size = n + 1;
+                let removed_only = holding_members + own > old_size / 2;
+                // ... or that with one member swapped for it.
+                let swapped = holding_members - 1 + own > n / 2;
+                removed_only && swapped
             })
             .collect()
     }
@@ -141,7 +152,12 @@ impl VolumeReport {
     /// [`delete_leftovers`]), and whether they are all the retired replicas
     /// that had joined; `None` unless the target's config is the newest.
     pub fn leftovers_of(&self, target_epoch: u64) -> Option<(Vec<&ReplicaReport>, bool)> {
-        let newest_epoch = newest_config(&self.replicas)?.replica.config_epoch;
+        let newest_epoch = self
+            .replicas
+            .iter()
+            .chain(&self.retired)
+            .map(|r| r.replica.config_epoch)
+            .max()?;
         if newest_epoch != target_epoch {
             return None;
         }
@@ -839,7 +855,8 @@ pub async fn delete_leftovers(cluster: &ClusterFile, name: &str, target_epoch: u
 async fn delete_reports(name: &str, reports: Vec<&ReplicaReport>) -> Vec<String> {
     let mut deleted = Vec::new();
     for report in reports {
-        match delete_replica_on(&report.node, name).await {
+        // By id: the node may hold a new replica of the volume by now.
+        match delete_replaced_replica(&report.node, name, report.replica.replica_id).await {
             Ok(()) => {
                 tracing::info!(volume = name, node = %report.node.name, "deleted a replaced replica");
                 deleted.push(report.node.name.clone());
@@ -1068,6 +1085,58 @@ mod tests {
             vec![leaving],
         );
         assert_eq!(deletable_ids(&settled), vec![2]);
+
+        // Epoch 6 reached the leaving replica alone: it is the newest config
+        // anywhere, held by no member. Neither the CLI nor the target, still
+        // at epoch 5, deletes it.
+        let only_leaving = volume(
+            vec![
+                replica(1, 5, &moving),
+                replica(3, 5, &moving),
+                replica(4, 5, &moving),
+            ],
+            vec![replica(2, 6, &moved)],
+        );
+        assert_eq!(deletable_ids(&only_leaving), Vec::<u32>::new());
+        assert!(only_leaving.leftovers_of(5).is_none());
+
+        // The leaving replica and two new members took it: three of the old
+        // four, two of the new three. Settled.
+        let with_leaving = volume(
+            vec![
+                replica(1, 6, &moved),
+                replica(3, 5, &moving),
+                replica(4, 6, &moved),
+            ],
+            vec![replica(2, 6, &moved)],
+        );
+        assert_eq!(deletable_ids(&with_leaving), vec![2]);
+    }
+
+    #[test]
+    fn an_even_member_list_needs_a_majority_of_both_lists() {
+        // A 2-replica volume moved from 2 to 3: {1, 2, 3}, then {1, 3}. The
+        // leaving replica and the successor hold {1, 3}: two of the old
+        // three, but one of the new two. Not settled.
+        let two = volume(
+            vec![replica(1, 7, &[1, 2, 3]), replica(3, 8, &[1, 3])],
+            vec![replica(2, 8, &[1, 3])],
+        );
+        assert_eq!(deletable_ids(&two), Vec::<u32>::new());
+
+        // During a move of 2 to 4, member 1 is replaced by 5: {1, 2, 3, 4}
+        // to {5, 2, 3, 4}. 1, 5 and 2 hold it: three of five replicas, but
+        // two of each four-member list. Not settled.
+        let during_move = volume(
+            vec![
+                replica(5, 9, &[5, 2, 3, 4]),
+                replica(2, 9, &[5, 2, 3, 4]),
+                replica(3, 8, &[1, 2, 3, 4]),
+                replica(4, 8, &[1, 2, 3, 4]),
+            ],
+            vec![replica(1, 9, &[5, 2, 3, 4])],
+        );
+        assert_eq!(deletable_ids(&during_move), Vec::<u32>::new());
     }
 
     #[test]

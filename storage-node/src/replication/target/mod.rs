@@ -280,6 +280,7 @@ impl VolumeTarget {
         scrub::spawn_scrubber(&target);
         spawn_lease_keeper(&target);
         replace::spawn_replacer(&target);
+        replace::spawn_sweeper(&target);
         Ok(target)
     }
 

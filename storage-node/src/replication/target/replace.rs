@@ -35,10 +35,13 @@ use crate::replication::wire::{Op, Request};
 const REPLACE_POLL: Duration = Duration::from_secs(1);
 /// How often it tries to delete replaced replicas whose node was down.
 const CLEANUP_EVERY: u32 = 10;
-/// How often it looks over the whole cluster for replicas of the volume that
-/// no settled config names (besides once as it opens): leftovers of a
-/// target that stopped before it deleted them, on a node that was down then.
-const SWEEP_EVERY: u32 = 60;
+/// How often a target looks over the whole cluster for replicas of its
+/// volume that no settled config names (besides once as it opens):
+/// leftovers of a target that stopped before it deleted them, or on a node
+/// that was down then. Each look asks every node, so it is rare, spread
+/// out, and backs off while it cannot settle.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const SWEEP_FIRST_RETRY: Duration = Duration::from_secs(10);
 /// The longest wait before an automatic replacement that failed is tried
 /// again (no spare node yet, say).
 const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -244,11 +247,52 @@ impl VolumeTarget {
     }
 }
 
+/// Sweeps the cluster for leftover replicas of the target's volume (see
+/// `SWEEP_EVERY`): once as it opens, then every minute, sooner (10 s,
+/// doubling) while a sweep could not settle. Ends with the target.
+pub(super) fn spawn_sweeper(target: &Arc<VolumeTarget>) {
+    let Some(replacement) = target.options.replacement.clone() else {
+        return;
+    };
+    let weak = Arc::downgrade(target);
+    tokio::spawn(async move {
+        let mut wait = REPLACE_POLL;
+        let mut retry = SWEEP_FIRST_RETRY;
+        loop {
+            // Jitter, so the targets a node opens at once do not all ask
+            // every node in the same second.
+            let jitter = wait.mul_f64(random_fraction() * 0.2);
+            tokio::time::sleep(wait + jitter).await;
+            let Some(target) = weak.upgrade() else { return };
+            if target.is_fenced() || target.is_closed() {
+                return;
+            }
+            if target.sweep_retired(&replacement.discovery).await {
+                wait = SWEEP_EVERY;
+                retry = SWEEP_FIRST_RETRY;
+            } else {
+                // The config was changing, or a node did not answer.
+                wait = retry;
+                retry = (retry * 2).min(SWEEP_EVERY);
+            }
+        }
+    });
+}
+
+/// A number in [0, 1), from the standard library's per-process random
+/// hash keys (enough for jitter).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Watches the members and replaces those faulted for longer than
 /// `options.replacement.after`, one at a time; deletes the replaced
-/// replicas, at once or, if their node was down, once it is back, and
-/// sweeps the cluster for leftovers of earlier targets as it opens and
-/// every minute. Ends with the target.
+/// replicas, at once or, if their node was down, once it is back. Ends with
+/// the target.
 pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
     let Some(replacement) = target.options.replacement.clone() else {
         return;
@@ -260,7 +304,6 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
         let mut faulted_since: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut retry: BTreeMap<u32, (Instant, Duration)> = BTreeMap::new();
         let mut round = 0u32;
-        let mut next_sweep = 1;
         loop {
             tokio::time::sleep(REPLACE_POLL).await;
             let Some(target) = weak.upgrade() else { return };
@@ -270,12 +313,6 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             round += 1;
             if target.cleanup_due.swap(false, Ordering::AcqRel) || round % CLEANUP_EVERY == 0 {
                 target.delete_replaced(&replacement.discovery).await;
-            }
-            if round >= next_sweep {
-                // Soon again if it could not tell (the config was changing,
-                // or a leftover's node did not answer).
-                let settled = target.sweep_retired(&replacement.discovery).await;
-                next_sweep = round + if settled { SWEEP_EVERY } else { CLEANUP_EVERY };
             }
             let Some(after) = replacement.after else {
                 continue;
