@@ -18,13 +18,22 @@
 #      random reads hit real data (Strata is thin-provisioned: an unwritten
 #      block would be answered with zeroes without touching the disk), then
 #      runs each fio job on r1, r3 and qemu-nbd in turn;
-#   5. prints a table (IOPS and mean latency of each, and the ratios
-#      1-replica/qemu-nbd, 3-replica/qemu-nbd and 3-replica/1-replica);
-#   6. stops the servers and deletes the temp dir on exit, whatever happens.
+#   5. runs each job's pattern with fio's own io_uring engine (O_DIRECT) on
+#      raw files beside the pools, as the disk's own figure: "disk" is one
+#      file (what a 1-replica volume could get), "disk x3" three files at
+#      once, the pattern of three replicas' writes on this one disk (each
+#      write goes to all three: the figure is the files' writes / 3). A
+#      3-replica volume reads from the target's local replica, so its reads
+#      compare with the one-file figure;
+#   6. prints a table (IOPS and mean latency of each, and the ratios
+#      1-replica/qemu-nbd, 3-replica/qemu-nbd, 3-replica/1-replica,
+#      1-replica/disk and 3-replica/disk x3);
+#   7. stops the servers and deletes the temp dir on exit, whatever happens.
 #
 # All three nodes share this machine's disk and CPUs: a 3-replica write does
 # three times the disk work of a 1-replica write here, where a real cluster
-# spreads it over three machines.
+# spreads it over three machines. The "disk x3" column shows what that costs
+# on this disk before any server is involved.
 #
 # Jobs (fio's nbd engine, one connection per job, time-based):
 #   randread   4 KiB random read,  QD32
@@ -314,6 +323,39 @@ run_fio() {
     fi
 }
 
+# Runs one job's fio options with fio's io_uring engine on raw files: disk1
+# on one file, disk3 on three at once (see the header). JSON to OUT.
+run_fio_disk() {
+    local which=$1 out=$2 deadline=$3
+    shift 3
+    local jobs=() i
+    for i in $([[ $which == disk1 ]] && echo 1 || echo 1 2 3); do
+        jobs+=(--name="disk$i" --filename="$TMP/disk-$i.img")
+    done
+    timeout --kill-after=10 "$deadline" fio --ioengine=io_uring --direct=1 \
+        --size="$VOL_BYTES" --group_reporting \
+        --output-format=json --output="$out" "$@" "${jobs[@]}" >"$out.stderr" 2>&1 &
+    FIO_PID=$!
+    local status=0
+    wait "$FIO_PID" || status=$?
+    FIO_PID=""
+    if ((status != 0)); then
+        cat "$out.stderr" >&2
+        die "fio failed on the raw files (${*})"
+    fi
+}
+
+# Writes the raw files of the disk columns once, as the volumes are
+# prefilled, so their reads and overwrites touch allocated, written blocks.
+prefill_disk_files() {
+    local i
+    log "writing three raw files of $VOL_SIZE for the disk columns"
+    for i in 1 2 3; do
+        fallocate -l "$VOL_BYTES" "$TMP/disk-$i.img" 2>/dev/null || true
+    done
+    run_fio_disk disk3 "$TMP/prefill-disk.json" 1800 --rw=write --bs=1M --iodepth=8 --end_fsync=1
+}
+
 # The same full sequential write on both targets, so that every later read
 # hits written data and the two servers start from the same state.
 prefill() {
@@ -329,7 +371,7 @@ JOBS=(
     "randwrite|--rw=randwrite --bs=4k --iodepth=32"
     "seqwrite|--rw=write --bs=1M --iodepth=$SEQ_IODEPTH"
 )
-TARGETS=(r1 r3 qemu)
+TARGETS=(r1 r3 qemu disk1 disk3)
 
 # utime + stime of processes (and their threads), in clock ticks.
 cpu_ticks() {
@@ -349,12 +391,22 @@ run_jobs() {
         # machine hits all of them; the table reports each one's median round.
         for round in $(seq 1 "$ROUNDS"); do
             for target in "${TARGETS[@]}"; do
+                # Reads of r3 come from one replica: disk1 is their figure.
+                [[ $target == disk3 && $job == *read* ]] && continue
+                log "$job on $target, round $round of $ROUNDS (${RUNTIME}s)"
                 case $target in
                     r1) uri=$R1_URI; pids=("${STRATA_PIDS[0]}") ;;
                     r3) uri=$R3_URI; pids=("${STRATA_PIDS[@]}") ;;
                     qemu) uri=$QEMU_URI; pids=("$QEMU_PID") ;;
+                    disk*)
+                        # No server: no CPU figure.
+                        echo "0 0" >"$TMP/$job-$target-$round.cpu"
+                        # shellcheck disable=SC2086 # opts is a list of fio options
+                        run_fio_disk "$target" "$TMP/$job-$target-$round.json" $((RUNTIME + 120)) \
+                            $opts --runtime="$RUNTIME" --time_based
+                        continue
+                        ;;
                 esac
-                log "$job on $target, round $round of $ROUNDS (${RUNTIME}s)"
                 # The servers' CPU time (user + system, in clock ticks) around
                 # the job gives the CPU cost per request, a figure that the
                 # shared, noisy machine disturbs far less than IOPS.
@@ -389,9 +441,12 @@ def one_round(job, target, rnd):
         before, after = (int(x) for x in f.read().split())
     ios = d["total_ios"]
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-    cpu_per_io = (after - before) * tick_us / ios if ios else float("nan")
+    cpu_per_io = (after - before) * tick_us / ios if ios and after else float("nan")
+    # Three replicas write every block three times: the disk x3 figure is
+    # the replicated writes that the three files' writes make.
+    share = 3 if target == "disk3" and "read" not in job else 1
     # lat_ns: submission to completion, what the client waits for.
-    return d["iops"], d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6, cpu_per_io
+    return d["iops"] / share, d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6 / share, cpu_per_io
 
 def stats(job, target):
     """The round with the median IOPS (its latency, throughput and CPU too)."""
@@ -405,17 +460,22 @@ header = ("job",
           "1-replica IOPS", "lat µs", "CPU µs/IO",
           "3-replica IOPS", "lat µs", "CPU µs/IO",
           "qemu-nbd IOPS", "lat µs", "CPU µs/IO",
-          "1r/qemu", "3r/qemu", "3r/1r")
+          "disk IOPS", "disk x3 IOPS",
+          "1r/qemu", "3r/qemu", "3r/1r", "1r/disk", "3r/disk x3")
 rows = []
 for job in jobs:
     r1 = stats(job, "r1")
     r3 = stats(job, "r3")
     q = stats(job, "qemu")
+    d1 = stats(job, "disk1")
+    d3 = stats(job, "disk1" if "read" in job else "disk3")
     rows.append((job,
                  f"{r1[0]:,.0f}", f"{r1[1]:,.1f}", f"{r1[3]:,.1f}",
                  f"{r3[0]:,.0f}", f"{r3[1]:,.1f}", f"{r3[3]:,.1f}",
                  f"{q[0]:,.0f}", f"{q[1]:,.1f}", f"{q[3]:,.1f}",
-                 ratio(r1[0], q[0]), ratio(r3[0], q[0]), ratio(r3[0], r1[0])))
+                 f"{d1[0]:,.0f}", f"{d3[0]:,.0f}",
+                 ratio(r1[0], q[0]), ratio(r3[0], q[0]), ratio(r3[0], r1[0]),
+                 ratio(r1[0], d1[0]), ratio(r3[0], d3[0])))
 
 widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
 def line(r):
@@ -427,6 +487,8 @@ for r in rows:
     print(line(r))
 print()
 print("seqwrite IOPS are MiB/s (1 MiB requests). CPU µs/IO: all three nodes for 3-replica.")
+print("disk: fio's io_uring on one raw file; disk x3: on three at once, writes / 3;")
+print("reads of r3 come from the target's local replica, so their disk x3 is the one-file figure.")
 PY
 }
 
@@ -461,6 +523,7 @@ main() {
     prefill r1 "$R1_URI"
     prefill r3 "$R3_URI"
     prefill qemu "$QEMU_URI"
+    prefill_disk_files
     # A replica that missed the timeout under the prefill's load would be
     # rebuilding during the jobs: measure only a fully in-sync volume.
     local deadline=$((SECONDS + 600)) described
