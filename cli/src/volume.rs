@@ -306,8 +306,16 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
     for leftover in &volume.retired {
         println!(
             "Leftover:  replica {} on {} was replaced; its node was down then (deleted by \
-             the next replacement or `strata volume rm`)",
+             the volume's target, the next replacement or `strata volume rm`)",
             leftover.replica.replica_id, leftover.node.name
+        );
+    }
+    for leftover in &volume.earlier {
+        println!(
+            "Leftover:  {} holds a replica of an earlier volume named {}, deleted while \
+             the node was down; it is not part of this volume (`strata volume rm` deletes it \
+             with the volume)",
+            leftover.node.name, volume.name
         );
     }
     if let Some((_, t)) = volume.active_target() {

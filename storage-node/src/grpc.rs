@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::pool::{is_internal_volume_name, validate_volume_name, Pool, PoolError, VolumeInfo};
 use crate::registry::NodeRegistry;
-use crate::replication::replica::{ReplicaError, ReplicaStart};
+use crate::replication::replica::{ReplicaError, ReplicaIdentity, ReplicaStart};
 use crate::replication::target::{OpenError, ReplaceError};
 use crate::replication::{Member, Replicas, TargetOptions, VolumeTarget};
 use crate::target::BlockError;
@@ -66,6 +66,7 @@ impl ControlService {
         let state = replica.state().await;
         Replica {
             volume: state.volume,
+            volume_uid: state.volume_uid,
             replica_id: state.replica_id,
             node: self.identity.name.clone(),
             size_bytes: state.size,
@@ -305,7 +306,16 @@ impl StorageNode for ControlService {
         };
         let replica = self
             .replicas
-            .create_from(volume, req.size_bytes, req.replica_id, members, start)
+            .create_from(
+                ReplicaIdentity {
+                    volume,
+                    volume_uid: req.volume_uid,
+                    replica_id: req.replica_id,
+                },
+                req.size_bytes,
+                members,
+                start,
+            )
             .await
             .map_err(replica_status)?;
         Ok(Response::new(self.replica(&replica).await))

@@ -1,6 +1,7 @@
 //! Replacing a replica by a new one on another node, with real storage node
 //! processes on loopback: on request while fio writes and verifies, and
-//! automatically once a replica stayed faulted long enough; refusals.
+//! automatically once a replica stayed faulted long enough; refusals; and
+//! the replicas a replacement or a deletion leaves on a node that was down.
 
 mod common;
 
@@ -256,6 +257,52 @@ async fn a_leftover_that_outlived_its_target_is_deleted_by_the_next_one() {
     assert!(report.retired.is_empty());
     assert!(!member_nodes(&report).contains(&victim));
     assert!(connect(&uri).read(0, 1 << 20).unwrap() == data);
+}
+
+/// A volume deleted while a node was down leaves its replica there. A new
+/// volume of the same name is a different volume: when the node comes back,
+/// the old replica (whose config has the higher epoch, from more opens)
+/// neither takes the new volume's place nor joins it, and the new volume
+/// serves its own data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_volumes_replica_does_not_join_a_new_volume_of_the_same_name() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("db", 16 * MIB, 3).await;
+    // Opened on each node in turn: the old volume's epoch climbs.
+    for index in [0, 1, 2, 0] {
+        let uri = cluster.export("db", index).await;
+        connect(&uri).write(0, &[1; 4096], true).unwrap();
+    }
+    let old_epoch = cluster.report("db").await.replicas[0].replica.config_epoch;
+
+    cluster.nodes[2].kill9();
+    let err = volumes::delete(&cluster.file(), "db").await.unwrap_err();
+    assert!(err.to_string().contains("node-3"), "{err}");
+    let report = cluster.create_volume("db", 16 * MIB, 2).await;
+    let new_nodes = member_nodes(&report);
+    assert!(!new_nodes.contains(&"node-3".to_string()), "{new_nodes:?}");
+    let uri = cluster.export("db", 0).await;
+    connect(&uri).write(0, &[2; 4096], true).unwrap();
+
+    cluster.nodes[2].spawn();
+    let report = cluster.report("db").await;
+    assert_eq!(member_nodes(&report), new_nodes);
+    assert!(report.missing.is_empty() && report.retired.is_empty());
+    // Opened again, on another node: the new volume's data, its members.
+    let uri = cluster.export("db", 1).await;
+    assert!(connect(&uri).read(0, 4096).unwrap() == vec![2; 4096]);
+    let report = cluster.report("db").await;
+    assert_eq!(member_nodes(&report), new_nodes);
+    // The old replica is there, apart, with the higher epoch.
+    assert!(
+        report.earlier.len() == 1 && report.earlier[0].replica.config_epoch >= old_epoch,
+        "{:?}",
+        report.earlier
+    );
+    assert!(report.earlier[0].replica.config_epoch > report.replicas[0].replica.config_epoch);
+    // `volume rm` deletes the leftover with the volume.
+    volumes::delete(&cluster.file(), "db").await.unwrap();
+    assert!(replicas_on(&cluster.nodes[2]).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,7 +570,7 @@ async fn a_move_of_a_replica_that_cannot_stay_in_sync_is_refused() {
 /// only from it and from stale members must not take its empty data for the
 /// volume's (the replication model found that lost write). A fresh volume's
 /// replica starts in sync; asking for both a replacement and a snapshot is
-/// refused.
+/// refused. Both keep the volume uid they were created with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_replica_starts_out_of_sync() {
     use strata_proto::storage::{CreateReplicaRequest, ReplicaMember};
@@ -543,6 +590,7 @@ async fn a_replacement_replica_starts_out_of_sync() {
         members: members.clone(),
         from_snapshot: from_snapshot.to_string(),
         replacement,
+        volume_uid: 7,
     };
     let mut client = node.client().await;
     let fresh = client
@@ -564,4 +612,15 @@ async fn a_replacement_replica_starts_out_of_sync() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(replicas_on(node).await.iter().all(|r| r.volume != "both"));
+    // Both carry the volume's uid, also once the node restarted.
+    assert_eq!((fresh.volume_uid, joining.volume_uid), (7, 7));
+    let mut cluster = cluster;
+    cluster.nodes[0].kill9();
+    cluster.nodes[0].spawn();
+    let uids: Vec<u64> = replicas_on(&cluster.nodes[0])
+        .await
+        .iter()
+        .map(|r| r.volume_uid)
+        .collect();
+    assert_eq!(uids, vec![7, 7]);
 }

@@ -60,6 +60,9 @@ pub struct ReplicaReport {
 #[derive(Debug, Clone)]
 pub struct VolumeReport {
     pub name: String,
+    /// Which volume of this name (the highest uid found; see
+    /// `Replica.volume_uid` in storage.proto).
+    pub uid: u64,
     pub size_bytes: u64,
     /// Replicas found, by replica id (members of the newest config only).
     pub replicas: Vec<ReplicaReport>,
@@ -67,6 +70,9 @@ pub struct VolumeReport {
     /// removed from the volume: leftovers, deleted by the next replacement
     /// or `volume rm`.
     pub retired: Vec<ReplicaReport>,
+    /// Replicas of an earlier volume of the same name, deleted while their
+    /// node was down: not part of this volume in any way.
+    pub earlier: Vec<ReplicaReport>,
     /// Members whose node did not answer.
     pub missing: Vec<ReplicaMember>,
     /// Targets open on it, newest epoch first (more than one only while an
@@ -274,13 +280,14 @@ fn reports(survey: &Survey) -> Result<Vec<VolumeReport>, VolumeError> {
             .entry(report.replica.volume.clone())
             .or_insert_with(|| VolumeReport {
                 name: report.replica.volume.clone(),
-                size_bytes: report.replica.size_bytes,
+                uid: 0,
+                size_bytes: 0,
                 replicas: Vec::new(),
                 retired: Vec::new(),
+                earlier: Vec::new(),
                 missing: Vec::new(),
                 targets: Vec::new(),
             });
-        entry.size_bytes = entry.size_bytes.max(report.replica.size_bytes);
         entry.replicas.push(report);
     }
     for (node, target) in survey.targets.iter().cloned() {
@@ -289,32 +296,61 @@ fn reports(survey: &Survey) -> Result<Vec<VolumeReport>, VolumeError> {
         }
     }
     for volume in by_name.values_mut() {
-        let members = newest_members(&volume.replicas);
-        let (current, retired) = std::mem::take(&mut volume.replicas)
-            .into_iter()
-            .partition(|r| {
-                members
-                    .iter()
-                    .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
-            });
-        volume.replicas = current;
-        volume.retired = retired;
-        volume.replicas.sort_by_key(|r| r.replica.replica_id);
-        volume
-            .targets
-            .sort_by_key(|(_, t)| std::cmp::Reverse(t.epoch));
-        let found: BTreeSet<u32> = volume
+        volume.sort_out();
+    }
+    Ok(by_name.into_values().collect())
+}
+
+impl VolumeReport {
+    /// Sorts the replicas found (all in `replicas`) into this volume's
+    /// members, its retired replicas and those of an earlier volume of the
+    /// same name, and finds the missing members.
+    fn sort_out(&mut self) {
+        // A volume deleted while a node was down left its replica there; a
+        // newer volume of the same name has a higher uid. Its configs share
+        // nothing with this one's: mixed in, the one with the higher epoch
+        // would pass for the newest config of the volume.
+        self.uid = self
             .replicas
             .iter()
-            .map(|r| r.replica.replica_id)
-            .collect();
-        volume.missing = volume
+            .map(|r| r.replica.volume_uid)
+            .max()
+            .unwrap_or(0);
+        let uid = self.uid;
+        let (this, earlier): (Vec<ReplicaReport>, Vec<ReplicaReport>) =
+            std::mem::take(&mut self.replicas)
+                .into_iter()
+                .partition(|r| r.replica.volume_uid == uid);
+        self.earlier = earlier;
+        self.size_bytes = this.iter().map(|r| r.replica.size_bytes).max().unwrap_or(0);
+        let members = newest_members(&this);
+        let (current, retired) = this.into_iter().partition(|r| {
+            members
+                .iter()
+                .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
+        });
+        self.replicas = current;
+        self.retired = retired;
+        self.replicas.sort_by_key(|r| r.replica.replica_id);
+        self.targets
+            .sort_by_key(|(_, t)| std::cmp::Reverse(t.epoch));
+        let found: BTreeSet<u32> = self.replicas.iter().map(|r| r.replica.replica_id).collect();
+        self.missing = self
             .members()
             .into_iter()
             .filter(|m| !found.contains(&m.id))
             .collect();
     }
-    Ok(by_name.into_values().collect())
+}
+
+/// A uid for a new volume: its creation time in nanoseconds, so a volume
+/// created after another of the same name was deleted has a higher one
+/// (across hosts, as far as their clocks agree).
+fn new_volume_uid() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |t| t.as_nanos() as u64)
+        .max(1)
 }
 
 pub async fn get(cluster: &ClusterFile, name: &str) -> Result<VolumeReport, VolumeError> {
@@ -446,6 +482,7 @@ async fn create_replicas(
     nodes: &[(NodeEntry, String)],
     from_snapshot: Option<&str>,
 ) -> Result<VolumeReport, VolumeError> {
+    let volume_uid = new_volume_uid();
     let members: Vec<ReplicaMember> = nodes
         .iter()
         .enumerate()
@@ -468,6 +505,7 @@ async fn create_replicas(
                     members: members.clone(),
                     from_snapshot: from_snapshot.unwrap_or_default().to_string(),
                     replacement: false,
+                    volume_uid,
                 })
                 .await
                 .map_err(|status| VolumeError::node(node, status))
@@ -608,6 +646,7 @@ pub async fn create_replacement(
         .iter()
         .copied()
         .chain(volume.retired.iter().map(|r| r.node.name.as_str()))
+        .chain(volume.earlier.iter().map(|r| r.node.name.as_str()))
         .collect();
     let candidates: Vec<(NodeEntry, NodeInfo)> = match to {
         Some(to) => {
@@ -704,6 +743,7 @@ pub async fn create_replacement(
             members: new_members,
             from_snapshot: String::new(),
             replacement: true,
+            volume_uid: volume.uid,
         })
         .await
         .map_err(|status| VolumeError::node(&node, status))?;
@@ -935,7 +975,12 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
     for (node, _) in &volume.targets {
         close_target_on(node, name).await;
     }
-    for report in volume.replicas.iter().chain(&volume.retired) {
+    for report in volume
+        .replicas
+        .iter()
+        .chain(&volume.retired)
+        .chain(&volume.earlier)
+    {
         delete_replica_on(&report.node, name).await?;
     }
     if !volume.missing.is_empty() {
@@ -1027,9 +1072,11 @@ mod tests {
     fn volume(replicas: Vec<ReplicaReport>, retired: Vec<ReplicaReport>) -> VolumeReport {
         VolumeReport {
             name: "db".into(),
+            uid: 0,
             size_bytes: 0,
             replicas,
             retired,
+            earlier: Vec::new(),
             missing: Vec::new(),
             targets: Vec::new(),
         }
@@ -1111,6 +1158,41 @@ mod tests {
             vec![replica(2, 6, &moved)],
         );
         assert_eq!(deletable_ids(&with_leaving), vec![2]);
+    }
+
+    #[test]
+    fn replicas_of_an_earlier_volume_of_the_same_name_are_kept_apart() {
+        // "db" (uid 100) lived on nodes 1 to 3 and was opened many times
+        // (epoch 9); it was deleted while node-3 was down. The new "db"
+        // (uid 200) is on nodes 4 to 6, at epoch 2.
+        let mut old = replica(3, 9, &[1, 2, 3]);
+        old.replica.volume_uid = 100;
+        let new: Vec<ReplicaReport> = [4, 5, 6]
+            .into_iter()
+            .map(|id| {
+                let mut r = replica(id, 2, &[4, 5, 6]);
+                r.replica.volume_uid = 200;
+                r
+            })
+            .collect();
+        let mut found = volume(vec![old].into_iter().chain(new).collect(), Vec::new());
+        found.sort_out();
+        assert_eq!(found.uid, 200);
+        let ids = |reports: &[ReplicaReport]| -> Vec<u32> {
+            reports.iter().map(|r| r.replica.replica_id).collect()
+        };
+        // Without the uid, the old replica's epoch 9 was the newest config:
+        // its members would have been the volume's, nodes 4 to 6 leftovers.
+        assert_eq!(ids(&found.replicas), vec![4, 5, 6]);
+        assert_eq!(ids(&found.earlier), vec![3]);
+        assert!(found.retired.is_empty());
+        assert!(found.missing.is_empty());
+        let members: Vec<u32> = found.members().iter().map(|m| m.id).collect();
+        assert_eq!(members, vec![4, 5, 6]);
+        assert_eq!(
+            found.leftovers_of(2).map(|(l, all)| (l.len(), all)),
+            Some((0, true))
+        );
     }
 
     #[test]
@@ -1201,8 +1283,9 @@ mod tests {
         assert_eq!(ids(settled.leftovers_of(2)), None);
 
         // Replicas of an older volume of the same name (epoch 9, on nodes
-        // 7 to 9) make the new volume's replicas look retired: the target of
-        // the new one, at epoch 3, leaves everything alone.
+        // 7 to 9), made before volumes had uids, make the new volume's
+        // replicas look retired: the target of the new one, at epoch 3,
+        // leaves everything alone.
         let old = [7, 8, 9];
         let reborn = volume(
             vec![

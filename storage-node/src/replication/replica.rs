@@ -106,6 +106,9 @@ pub struct PersistRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateRecord {
     pub volume: String,
+    /// Which volume of that name (see `Header::volume_uid`).
+    #[serde(default)]
+    pub volume_uid: u64,
     pub replica_id: u32,
     pub members: Vec<Member>,
     pub size: u64,
@@ -137,6 +140,10 @@ pub struct ReplicaSnapshot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Header {
     volume: String,
+    /// Which volume of that name this replica belongs to, chosen when the
+    /// volume was created (0 in headers written before there was one).
+    #[serde(default)]
+    volume_uid: u64,
     replica_id: u32,
     members: Vec<Member>,
     promised_epoch: u64,
@@ -164,6 +171,7 @@ pub enum ReplicaError {
 pub struct Replica {
     pool: Arc<Pool>,
     volume_name: String,
+    volume_uid: u64,
     replica_id: u32,
     /// Changed only under the `state` write lock, with the config.
     members: std::sync::RwLock<Vec<Member>>,
@@ -212,6 +220,7 @@ impl Replica {
     fn record(&self, state: &ReplicaState) -> StateRecord {
         StateRecord {
             volume: self.volume_name.clone(),
+            volume_uid: self.volume_uid,
             replica_id: self.replica_id,
             members: self.members(),
             size: self.size(),
@@ -232,6 +241,7 @@ impl Replica {
     ) -> Result<(), BlockError> {
         let header = Header {
             volume: self.volume_name.clone(),
+            volume_uid: self.volume_uid,
             replica_id: self.replica_id,
             members,
             promised_epoch: state.promised_epoch,
@@ -492,6 +502,15 @@ fn decode_header(block: &[u8]) -> Result<Header, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
+/// Which replica a new one is: of which volume, and which member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaIdentity<'a> {
+    pub volume: &'a str,
+    /// See `Header::volume_uid`.
+    pub volume_uid: u64,
+    pub replica_id: u32,
+}
+
 /// What a new replica holds when it is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaStart<'a> {
@@ -539,6 +558,7 @@ impl Replicas {
                     let replica = Replica {
                         pool: pool.clone(),
                         volume_name: header.volume.clone(),
+                        volume_uid: header.volume_uid,
                         replica_id: header.replica_id,
                         members: std::sync::RwLock::new(header.members),
                         data,
@@ -597,7 +617,12 @@ impl Replicas {
         replica_id: u32,
         members: Vec<Member>,
     ) -> Result<Arc<Replica>, ReplicaError> {
-        self.create_from(volume, size, replica_id, members, ReplicaStart::Empty)
+        let id = ReplicaIdentity {
+            volume,
+            volume_uid: 0,
+            replica_id,
+        };
+        self.create_from(id, size, members, ReplicaStart::Empty)
             .await
     }
 
@@ -606,12 +631,16 @@ impl Replicas {
     /// snapshot's), or out of sync as the replacement of a member.
     pub async fn create_from(
         &self,
-        volume: &str,
+        id: ReplicaIdentity<'_>,
         size: u64,
-        replica_id: u32,
         members: Vec<Member>,
         start: ReplicaStart<'_>,
     ) -> Result<Arc<Replica>, ReplicaError> {
+        let ReplicaIdentity {
+            volume,
+            volume_uid,
+            replica_id,
+        } = id;
         let snapshot = match start {
             ReplicaStart::Snapshot(snapshot) => Some(snapshot),
             ReplicaStart::Empty | ReplicaStart::Replacement => None,
@@ -658,6 +687,7 @@ impl Replicas {
         let replica = Arc::new(Replica {
             pool: self.pool.clone(),
             volume_name: volume.to_string(),
+            volume_uid,
             replica_id,
             members: std::sync::RwLock::new(members),
             data,
