@@ -302,15 +302,14 @@ start_qemu_nbd() {
     die "qemu-nbd did not start"
 }
 
-# Runs one fio job against URI, JSON to OUT. Any extra arguments are fio
-# options. A hung server must not hang the benchmark: fio gets a deadline.
-run_fio() {
-    local uri=$1 out=$2 deadline=$3
+# Runs fio with ARGS (JSON to OUT), saying WHAT it ran against if it fails.
+# A hung server must not hang the benchmark: fio gets a deadline.
+fio_json() {
+    local what=$1 out=$2 deadline=$3
     shift 3
     # In the background plus `wait`, because bash defers a trap until a
     # foreground child exits: Ctrl-C would otherwise wait out the whole job.
-    timeout --kill-after=10 "$deadline" fio --ioengine=nbd --uri="$uri" \
-        --size="$VOL_BYTES" --group_reporting \
+    timeout --kill-after=10 "$deadline" fio --size="$VOL_BYTES" --group_reporting \
         --output-format=json --output="$out" "$@" >"$out.stderr" 2>&1 &
     FIO_PID=$!
     local status=0
@@ -318,9 +317,17 @@ run_fio() {
     FIO_PID=""
     if ((status != 0)); then
         cat "$out.stderr" >&2
-        ((status == 124)) && die "fio against $uri did not finish within ${deadline}s"
-        die "fio failed against $uri (${*})"
+        ((status == 124)) && die "fio against $what did not finish within ${deadline}s"
+        die "fio failed against $what (${*})"
     fi
+}
+
+# Runs one fio job against URI, JSON to OUT. Any extra arguments are fio
+# options.
+run_fio() {
+    local uri=$1 out=$2 deadline=$3
+    shift 3
+    fio_json "$uri" "$out" "$deadline" --ioengine=nbd --uri="$uri" "$@"
 }
 
 # Runs one job's fio options with fio's io_uring engine on raw files: disk1
@@ -332,17 +339,7 @@ run_fio_disk() {
     for i in $([[ $which == disk1 ]] && echo 1 || echo 1 2 3); do
         jobs+=(--name="disk$i" --filename="$TMP/disk-$i.img")
     done
-    timeout --kill-after=10 "$deadline" fio --ioengine=io_uring --direct=1 \
-        --size="$VOL_BYTES" --group_reporting \
-        --output-format=json --output="$out" "$@" "${jobs[@]}" >"$out.stderr" 2>&1 &
-    FIO_PID=$!
-    local status=0
-    wait "$FIO_PID" || status=$?
-    FIO_PID=""
-    if ((status != 0)); then
-        cat "$out.stderr" >&2
-        die "fio failed on the raw files (${*})"
-    fi
+    fio_json "the raw files" "$out" "$deadline" --ioengine=io_uring --direct=1 "$@" "${jobs[@]}"
 }
 
 # Writes the raw files of the disk columns once, as the volumes are

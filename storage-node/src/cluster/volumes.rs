@@ -120,28 +120,24 @@ impl VolumeReport {
     /// is settled, no later one names the replica again: ids are never
     /// reused.
     pub fn deletable(&self) -> Vec<&ReplicaReport> {
-        let all: Vec<&ReplicaReport> = self.replicas.iter().chain(&self.retired).collect();
-        let Some(newest) = all.iter().max_by_key(|r| r.replica.config_epoch) else {
+        let Some(newest) = self.newest_anywhere() else {
             return Vec::new();
         };
         let epoch = newest.replica.config_epoch;
         let members = &newest.replica.members;
         let n = members.len();
-        let named = |r: &ReplicaReport| {
-            members
-                .iter()
-                .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
-        };
-        let holding_members = all
+        let holding_members = self
+            .replicas
             .iter()
-            .filter(|r| r.replica.config_epoch == epoch && named(r))
+            .chain(&self.retired)
+            .filter(|r| r.replica.config_epoch == epoch && is_member(members, r))
             .count();
         if holding_members <= n / 2 {
             return Vec::new();
         }
         self.retired
             .iter()
-            .filter(|retired| !named(retired))
+            .filter(|retired| !is_member(members, retired))
             .filter(|retired| {
                 let own = usize::from(retired.replica.config_epoch == epoch);
                 // The old list was the new one plus this replica ...
@@ -154,17 +150,20 @@ impl VolumeReport {
             .collect()
     }
 
+    /// The replica reporting the newest config, retired replicas included
+    /// (one may hold the config that removed it, and no member yet).
+    fn newest_anywhere(&self) -> Option<&ReplicaReport> {
+        self.replicas
+            .iter()
+            .chain(&self.retired)
+            .max_by_key(|r| r.replica.config_epoch)
+    }
+
     /// The leftovers the target at `target_epoch` deletes on its own (see
     /// [`delete_leftovers`]), and whether they are all the retired replicas
     /// that had joined; `None` unless the target's config is the newest.
     pub fn leftovers_of(&self, target_epoch: u64) -> Option<(Vec<&ReplicaReport>, bool)> {
-        let newest_epoch = self
-            .replicas
-            .iter()
-            .chain(&self.retired)
-            .map(|r| r.replica.config_epoch)
-            .max()?;
-        if newest_epoch != target_epoch {
+        if self.newest_anywhere()?.replica.config_epoch != target_epoch {
             return None;
         }
         let joined = |r: &&ReplicaReport| r.replica.config_epoch > 0;
@@ -324,11 +323,7 @@ impl VolumeReport {
         self.earlier = earlier;
         self.size_bytes = this.iter().map(|r| r.replica.size_bytes).max().unwrap_or(0);
         let members = newest_members(&this);
-        let (current, retired) = this.into_iter().partition(|r| {
-            members
-                .iter()
-                .any(|m| m.id == r.replica.replica_id && m.node == r.node.name)
-        });
+        let (current, retired) = this.into_iter().partition(|r| is_member(&members, r));
         self.replicas = current;
         self.retired = retired;
         self.replicas.sort_by_key(|r| r.replica.replica_id);
@@ -341,6 +336,13 @@ impl VolumeReport {
             .filter(|m| !found.contains(&m.id))
             .collect();
     }
+}
+
+/// Whether `replica` is the one `members` names: same id, on the same node.
+fn is_member(members: &[ReplicaMember], replica: &ReplicaReport) -> bool {
+    members
+        .iter()
+        .any(|m| m.id == replica.replica.replica_id && m.node == replica.node.name)
 }
 
 /// A uid for a new volume: its creation time in nanoseconds, so a volume

@@ -215,7 +215,8 @@ impl VolumeTarget {
     /// Deletes the replicas of the volume that this target's settled config
     /// leaves out, wherever they are: those another target replaced or
     /// moved and did not get to delete (it stopped, or their node was down).
-    /// Whether it found nothing left to delete.
+    /// Returns whether every such leftover is gone (false when the configs
+    /// were not settled or a node did not answer).
     async fn sweep_retired(&self, discovery: &Discovery) -> bool {
         let Ok(cluster) = discovery.cluster().await else {
             return false;
