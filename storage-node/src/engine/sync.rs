@@ -39,7 +39,11 @@ impl SyncEngine {
             .faults
             .tear_writes
             .load(std::sync::atomic::Ordering::SeqCst);
+        #[cfg(test)]
+        let hold = self.faults.hold.clone();
         tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            let _done = hold.wait();
             #[cfg(test)]
             if torn {
                 file.write_all_at(&data[..data.len() / 2], offset)?;
@@ -71,6 +75,55 @@ pub(crate) struct Faults {
     syncs_left: std::sync::atomic::AtomicI64,
     /// Writes put the first half of their bytes on disk and fail with EIO.
     pub(crate) tear_writes: std::sync::atomic::AtomicBool,
+    /// Holds writes back before they touch the file.
+    pub(crate) hold: Arc<WriteHold>,
+}
+
+/// Lets a test stop writes on their way to the file, and see them go by.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct WriteHold {
+    holding: std::sync::atomic::AtomicBool,
+    waiting: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl WriteHold {
+    pub(crate) fn set(&self, holding: bool) {
+        self.holding
+            .store(holding, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes waiting at the hold now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes that went past the hold and finished.
+    pub(crate) fn done(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits while writes are held (on a blocking thread); the guard counts
+    /// the write done when it drops.
+    fn wait(self: Arc<Self>) -> impl Drop {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_add(1, SeqCst);
+        while self.holding.load(SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.waiting.fetch_sub(1, SeqCst);
+        struct Done(Arc<WriteHold>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0
+                    .done
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        Done(self)
+    }
 }
 
 #[cfg(test)]
@@ -79,6 +132,7 @@ impl Default for Faults {
         Faults {
             syncs_left: std::sync::atomic::AtomicI64::new(-1),
             tear_writes: std::sync::atomic::AtomicBool::new(false),
+            hold: Arc::default(),
         }
     }
 }

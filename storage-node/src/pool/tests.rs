@@ -1131,3 +1131,57 @@ async fn shared_writes_of_whole_blocks_and_of_odd_bytes_read_back() {
     assert_same_bytes!(vol.read(0, 4 * MIB as u32).await.unwrap(), image);
     assert_eq!(pool.checksum_failures(), 0);
 }
+
+/// A node that stops drops the runtimes its connections run on, with the
+/// write tasks on them. An in-place write dropped after its data went to the
+/// device may land, though its new checksum never reaches the map: the clean
+/// stop's commit must not close its region as if it had, or the block fails
+/// its checksum from then on (a replica whose header write was cut off so
+/// was deleted as unfinished when its node started again).
+#[tokio::test]
+async fn an_in_place_write_dropped_by_a_stopping_runtime_still_reads_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(4096, 1), true).await.unwrap();
+    // In place, which opens the block's region: the next write goes straight
+    // to the device.
+    vol.write(0, &pattern(4096, 2), true).await.unwrap();
+    let writes = pool.engine.faults().hold.clone();
+    writes.set(true);
+
+    // The write runs on a runtime of its own, which stops while the write
+    // waits at the device.
+    let writer = pool.volume("v").unwrap();
+    let held = writes.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move { writer.write(0, &pattern(4096, 3), false).await });
+        runtime.block_on(async move {
+            while held.waiting() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        runtime.shutdown_background();
+    })
+    .join()
+    .unwrap();
+    let done = writes.done();
+    writes.set(false);
+    while writes.done() == done {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    pool.close().await.unwrap();
+    drop(vol);
+    drop(pool);
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
+    assert_eq!(pool.checksum_failures(), 0);
+}

@@ -442,6 +442,7 @@ impl BlockWriter {
             pool.release_unused(&plan.new_blocks());
             return Err(BlockError::Gone);
         }
+        plan.handed_to_device = true;
         if let Err(err) = self.write_runs(buf, &plan.pbas).await {
             pool.release_unused(&plan.new_blocks());
             if let Err(read_err) = self.adopt_failed_in_place(first, &mut plan).await {
@@ -466,6 +467,7 @@ impl BlockWriter {
             Some(pending) => Ok(pending),
             None => {
                 pool.release_unused(&plan.new_blocks());
+                plan.end_regions();
                 Err(BlockError::Gone)
             }
         }
@@ -527,9 +529,14 @@ impl BlockWriter {
                 ));
             }
         }
-        // A volume deleted meanwhile has nothing to record; dropping the
-        // plan ends its regions.
-        self.map_blocks(adopted.into_iter(), &mut plan.regions);
+        // A volume deleted meanwhile has nothing to record: its blocks are
+        // no one's, whatever they hold.
+        if self
+            .map_blocks(adopted.into_iter(), &mut plan.regions)
+            .is_none()
+        {
+            plan.end_regions();
+        }
         Ok(())
     }
 
@@ -589,6 +596,7 @@ impl BlockWriter {
             pbas: old.iter().map(|e| e.pba).collect(),
             in_place,
             regions,
+            handed_to_device: false,
         };
         let elsewhere: Vec<BlockEntry> = old
             .iter()
@@ -635,11 +643,24 @@ struct WritePlan<'a> {
     /// Whether each is written in place (else it is newly allocated).
     in_place: Vec<bool>,
     /// The overwrite regions this write has in-place writes in flight in
-    /// (ended by the map update, or by dropping the plan).
+    /// (ended by the map update; see `Drop` for a plan dropped before it).
     regions: Vec<u32>,
+    /// Set as the data goes to the device: from then on it may land whatever
+    /// becomes of this write's task.
+    handed_to_device: bool,
 }
 
 impl WritePlan<'_> {
+    /// Ends the in-place writes into the regions without a map update: only
+    /// right when no map points at the blocks any more (a deleted volume).
+    fn end_regions(&mut self) {
+        let regions = std::mem::take(&mut self.regions);
+        if !regions.is_empty() {
+            let mut state = self.pool.state.lock().expect("state lock");
+            state.regions.end(&regions);
+        }
+    }
+
     fn new_blocks(&self) -> Vec<u32> {
         self.pbas
             .iter()
@@ -650,12 +671,27 @@ impl WritePlan<'_> {
     }
 }
 
+/// A plan dropped before its map update: the write failed before any data
+/// went to the device, or its task was dropped (the runtime it ran on shut
+/// down, as a node's connection threads do when it stops).
 impl Drop for WritePlan<'_> {
     fn drop(&mut self) {
-        if !self.regions.is_empty() {
-            let mut state = self.pool.state.lock().expect("state lock");
-            state.regions.end(&self.regions);
+        if self.regions.is_empty() {
+            return;
         }
+        if !self.handed_to_device {
+            return self.end_regions();
+        }
+        // The blocks written in place may hold the new data while the map
+        // has the old checksums. Ending the writes would let the next commit
+        // close their regions as if every new checksum were recorded, and
+        // the blocks would fail their checksums from then on. Left in
+        // flight, the regions stay open on disk until the pool is next
+        // opened, whose scan records what the blocks hold.
+        tracing::warn!(
+            regions = ?self.regions,
+            "an in-place write was abandoned; its regions stay open until the pool is next opened"
+        );
     }
 }
 
