@@ -20,6 +20,7 @@ use crate::pool::{is_internal_volume_name, validate_volume_name, Pool, PoolError
 use crate::registry::NodeRegistry;
 use crate::replication::replica::{ReplicaError, ReplicaIdentity, ReplicaStart};
 use crate::replication::target::{OpenError, ReplaceError};
+use crate::replication::wire::ExpectedReplica;
 use crate::replication::{Member, Replicas, TargetOptions, VolumeTarget};
 use crate::target::BlockError;
 
@@ -143,6 +144,7 @@ fn replica_status(err: ReplicaError) -> Status {
         ReplicaError::AlreadyExists(_) => Status::already_exists(err.to_string()),
         ReplicaError::SnapshotNotFound(_) => Status::not_found(err.to_string()),
         ReplicaError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        ReplicaError::OtherReplica(_) => Status::failed_precondition(err.to_string()),
         ReplicaError::Header(_) | ReplicaError::Block(_) => Status::internal(err.to_string()),
     }
 }
@@ -327,7 +329,14 @@ impl StorageNode for ControlService {
     ) -> Result<Response<DeleteReplicaResponse>, Status> {
         let req = request.into_inner();
         let volume = required_name(&req.volume)?;
-        self.replicas.delete(volume).await.map_err(replica_status)?;
+        let only_if = req.only_if.map(|r| ExpectedReplica {
+            replica_id: r.replica_id,
+            volume_uid: r.volume_uid,
+        });
+        self.replicas
+            .delete(volume, only_if)
+            .await
+            .map_err(replica_status)?;
         Ok(Response::new(DeleteReplicaResponse {}))
     }
 

@@ -305,6 +305,74 @@ async fn a_deleted_volumes_replica_does_not_join_a_new_volume_of_the_same_name()
     assert!(replicas_on(&cluster.nodes[2]).await.is_empty());
 }
 
+/// A target cut off while its volume was deleted and created again under
+/// the same name comes back at a higher epoch than the new volume's, with
+/// member ids the new replicas also use. It cannot reach the new volume's
+/// replicas: every link names the replica it expects (id and volume uid),
+/// so its writes fail and the new volume keeps its data and members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_of_a_deleted_volume_cannot_write_to_a_new_one_of_the_same_name() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("db", 16 * MIB, 3).await;
+    // Opened on each node in turn, node-1 last: the old target's epoch is
+    // above the new volume's, so the new replicas answer it "behind", not
+    // "fenced", and without the identity check it would take them over.
+    for index in [1, 2] {
+        cluster.export("db", index).await;
+    }
+    let old_uri = cluster.export("db", 0).await;
+    let mut old_client = connect(&old_uri);
+    old_client.write(0, &[1; 4096], true).unwrap();
+    let old_epoch = cluster.report("db").await.replicas[0].replica.config_epoch;
+
+    // node-1, with the old target, is cut off; the others see the volume
+    // deleted and a new one of the same name created on node-2 and node-3,
+    // opened there (at the same epoch as the old one) and written.
+    cluster.nodes[0].freeze();
+    let mut others = cluster.file();
+    others.nodes.retain(|n| n.name != "node-1");
+    let err = volumes::delete(&others, "db").await.unwrap_err();
+    assert!(err.to_string().contains("node-1"), "{err}");
+    let placement = volumes::Placement {
+        replicas: 2,
+        ..volumes::Placement::default()
+    };
+    volumes::create(&others, "db", 16 * MIB, &placement)
+        .await
+        .unwrap();
+    let (_, target) = volumes::open_target(&others, "db", Some("node-2"))
+        .await
+        .unwrap();
+    connect(&target.export_uri)
+        .write(0, &[2; 4096], true)
+        .unwrap();
+    // Both restart: the old target's connections to them are gone, so it
+    // connects again, to whatever replica of "db" they hold now.
+    for index in [1, 2] {
+        cluster.nodes[index].stop();
+        cluster.nodes[index].spawn();
+    }
+    let new_report = volumes::get(&others, "db").await.unwrap();
+    assert!(new_report.replicas[0].replica.config_epoch < old_epoch);
+
+    cluster.nodes[0].thaw();
+    // Its first write finds the links gone; later ones connect again (once
+    // a second).
+    for _ in 0..5 {
+        let written = old_client.write(0, &[9; 4096], true);
+        assert!(written.is_err(), "the old target wrote to the new volume");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    // node-2 opened the new volume again as it restarted.
+    let (_, target) = volumes::open_target(&others, "db", Some("node-2"))
+        .await
+        .unwrap();
+    assert!(connect(&target.export_uri).read(0, 4096).unwrap() == vec![2; 4096]);
+    let report = cluster.report("db").await;
+    assert_eq!(member_nodes(&report), ["node-2", "node-3"]);
+    assert_eq!(report.earlier.len(), 1, "{:?}", report.earlier);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacements_that_cannot_be_done_are_refused_with_one_line() {
     let cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);

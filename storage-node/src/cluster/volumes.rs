@@ -10,12 +10,13 @@ use std::time::Duration;
 use strata_proto::storage::{
     CloseTargetRequest, CreateReplicaRequest, DeleteReplicaRequest, ListReplicasRequest,
     ListTargetsRequest, NodeInfo, OpenTargetRequest, ReplaceReplicaRequest, Replica, ReplicaMember,
-    ResizeReplicaRequest, Target,
+    ReplicaRef, ResizeReplicaRequest, Target,
 };
 use tonic::Code;
 
 use super::client;
 use super::{ClusterFile, NodeEntry};
+use crate::replication::wire::ExpectedReplica;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -159,11 +160,16 @@ impl VolumeReport {
             .max_by_key(|r| r.replica.config_epoch)
     }
 
-    /// The leftovers the target at `target_epoch` deletes on its own (see
-    /// [`delete_leftovers`]), and whether they are all the retired replicas
-    /// that had joined; `None` unless the target's config is the newest.
-    pub fn leftovers_of(&self, target_epoch: u64) -> Option<(Vec<&ReplicaReport>, bool)> {
-        if self.newest_anywhere()?.replica.config_epoch != target_epoch {
+    /// The leftovers the target of volume uid `target_uid` at `target_epoch`
+    /// deletes on its own (see [`delete_leftovers`]), and whether they are
+    /// all the retired replicas that had joined; `None` unless the target is
+    /// this volume's and its config is the newest.
+    pub fn leftovers_of(
+        &self,
+        target_uid: u64,
+        target_epoch: u64,
+    ) -> Option<(Vec<&ReplicaReport>, bool)> {
+        if self.uid != target_uid || self.newest_anywhere()?.replica.config_epoch != target_epoch {
             return None;
         }
         let joined = |r: &&ReplicaReport| r.replica.config_epoch > 0;
@@ -494,7 +500,7 @@ async fn create_replicas(
             address: address.clone(),
         })
         .collect();
-    let mut created: Vec<&NodeEntry> = Vec::new();
+    let mut created: Vec<(&NodeEntry, u32)> = Vec::new();
     for ((node, _), member) in nodes.iter().zip(&members) {
         let result = async {
             client::connect(node)
@@ -514,18 +520,16 @@ async fn create_replicas(
         }
         .await;
         if let Err(err) = result {
-            for node in created {
-                if let Ok(mut c) = client::connect(node).await {
-                    let _ = c
-                        .delete_replica(DeleteReplicaRequest {
-                            volume: name.to_string(),
-                        })
-                        .await;
-                }
+            for (node, replica_id) in created {
+                let replica = ExpectedReplica {
+                    replica_id,
+                    volume_uid,
+                };
+                let _ = delete_replica_by_id(node, name, replica).await;
             }
             return Err(err);
         }
-        created.push(node);
+        created.push((node, member.id));
     }
     get(cluster, name).await
 }
@@ -765,35 +769,38 @@ pub async fn delete_replica_on(node: &NodeEntry, volume: &str) -> Result<(), Vol
         .map_err(|e| VolumeError::Unavailable(e.to_string()))?
         .delete_replica(DeleteReplicaRequest {
             volume: volume.to_string(),
+            only_if: None,
         })
         .await
         .map_err(|status| VolumeError::node(node, status))?;
     Ok(())
 }
 
-/// Deletes replica `replica_id` of `volume` on `node` if the node still
-/// holds it; Ok(()) once it is gone. A replica of another id there (a later
-/// replacement put one on that node) is left alone.
-pub async fn delete_replaced_replica(
+/// Deletes `replica` of `volume` on `node` if the node still holds it;
+/// Ok(()) once it is gone. Another replica there (a later replacement put
+/// one on that node, or the volume was created again under its name) is
+/// left alone: the node checks, in the same step as the deletion.
+pub async fn delete_replica_by_id(
     node: &NodeEntry,
     volume: &str,
-    replica_id: u32,
+    replica: ExpectedReplica,
 ) -> Result<(), VolumeError> {
-    let held = client::connect(node)
+    let deleted = client::connect(node)
         .await
         .map_err(|e| VolumeError::Unavailable(e.to_string()))?
-        .list_replicas(ListReplicasRequest {})
-        .await
-        .map_err(|status| VolumeError::node(node, status))?
-        .into_inner()
-        .replicas;
-    if held
-        .iter()
-        .any(|r| r.volume == volume && r.replica_id == replica_id)
-    {
-        delete_replica_on(node, volume).await?;
+        .delete_replica(DeleteReplicaRequest {
+            volume: volume.to_string(),
+            only_if: Some(ReplicaRef {
+                replica_id: replica.replica_id,
+                volume_uid: replica.volume_uid,
+            }),
+        })
+        .await;
+    match deleted {
+        Ok(_) => Ok(()),
+        Err(status) if matches!(status.code(), Code::NotFound | Code::FailedPrecondition) => Ok(()),
+        Err(status) => Err(VolumeError::node(node, status)),
     }
-    Ok(())
 }
 
 /// What `replace_replica` did.
@@ -872,7 +879,9 @@ pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
 
 /// What a volume's target deletes on its own: like [`delete_retired`], but
 /// only while the newest config anywhere is the target's own (at
-/// `target_epoch`), and not the replacements that never joined.
+/// `target_epoch`) and the target is the volume's (of `target_uid`, not of
+/// a deleted volume of the same name), and not the replacements that never
+/// joined.
 /// - A target deposed by a newer one, which may have added members this
 ///   one never heard of, deletes nothing.
 /// - Replicas of an older volume of the same name, on a node that was down
@@ -883,11 +892,16 @@ pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
 ///
 /// Returns whether every retired replica that had joined is gone (false
 /// when the configs were not settled, or a node did not answer or refused).
-pub async fn delete_leftovers(cluster: &ClusterFile, name: &str, target_epoch: u64) -> bool {
+pub async fn delete_leftovers(
+    cluster: &ClusterFile,
+    name: &str,
+    target_uid: u64,
+    target_epoch: u64,
+) -> bool {
     let Ok(volume) = get(cluster, name).await else {
         return false;
     };
-    let Some((leftovers, all)) = volume.leftovers_of(target_epoch) else {
+    let Some((leftovers, all)) = volume.leftovers_of(target_uid, target_epoch) else {
         return false;
     };
     let found = leftovers.len();
@@ -898,7 +912,11 @@ async fn delete_reports(name: &str, reports: Vec<&ReplicaReport>) -> Vec<String>
     let mut deleted = Vec::new();
     for report in reports {
         // By id: the node may hold a new replica of the volume by now.
-        match delete_replaced_replica(&report.node, name, report.replica.replica_id).await {
+        let replica = ExpectedReplica {
+            replica_id: report.replica.replica_id,
+            volume_uid: report.replica.volume_uid,
+        };
+        match delete_replica_by_id(&report.node, name, replica).await {
             Ok(()) => {
                 tracing::info!(volume = name, node = %report.node.name, "deleted a replaced replica");
                 deleted.push(report.node.name.clone());
@@ -1147,7 +1165,7 @@ mod tests {
             vec![replica(2, 6, &moved)],
         );
         assert_eq!(deletable_ids(&only_leaving), Vec::<u32>::new());
-        assert!(only_leaving.leftovers_of(5).is_none());
+        assert!(only_leaving.leftovers_of(0, 5).is_none());
 
         // The leaving replica and two new members took it: three of the old
         // four, two of the new three. Settled.
@@ -1192,9 +1210,11 @@ mod tests {
         let members: Vec<u32> = found.members().iter().map(|m| m.id).collect();
         assert_eq!(members, vec![4, 5, 6]);
         assert_eq!(
-            found.leftovers_of(2).map(|(l, all)| (l.len(), all)),
+            found.leftovers_of(200, 2).map(|(l, all)| (l.len(), all)),
             Some((0, true))
         );
+        // The old volume's target, if one still ran, sweeps nothing.
+        assert!(found.leftovers_of(100, 2).is_none());
     }
 
     #[test]
@@ -1280,9 +1300,13 @@ mod tests {
                 )
             })
         };
-        assert_eq!(ids(settled.leftovers_of(3)), Some((vec![3], true)));
+        assert_eq!(ids(settled.leftovers_of(0, 3)), Some((vec![3], true)));
         // A deposed target, at an older epoch, deletes nothing.
-        assert_eq!(ids(settled.leftovers_of(2)), None);
+        assert_eq!(ids(settled.leftovers_of(0, 2)), None);
+        // The target of a deleted volume of the same name (a lower uid),
+        // still running on a node that was cut off, deletes nothing, even
+        // at the same epoch.
+        assert_eq!(ids(settled.leftovers_of(7, 3)), None);
 
         // Replicas of an older volume of the same name (epoch 9, on nodes
         // 7 to 9), made before volumes had uids, make the new volume's
@@ -1301,7 +1325,7 @@ mod tests {
                 replica(4, 3, &after),
             ],
         );
-        assert_eq!(ids(reborn.leftovers_of(3)), None);
+        assert_eq!(ids(reborn.leftovers_of(0, 3)), None);
 
         // A replacement being created (epoch 0, nothing in sync) is not the
         // target's to delete, and does not keep it sweeping.
@@ -1315,7 +1339,7 @@ mod tests {
             ],
             vec![creating],
         );
-        assert_eq!(ids(busy.leftovers_of(3)), Some((vec![], true)));
+        assert_eq!(ids(busy.leftovers_of(0, 3)), Some((vec![], true)));
     }
 
     #[test]

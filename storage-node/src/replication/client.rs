@@ -12,7 +12,7 @@ use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::wire::{self, Op, Reply, Request, Status};
+use super::wire::{self, ExpectedReplica, Reply, Request, Status};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum LinkError {
@@ -39,11 +39,13 @@ pub struct ReplicaClient {
 
 impl ReplicaClient {
     /// Connects to the replication endpoint at `address` and says Hello for
-    /// `volume`. The tasks that send and receive the link's frames run on
-    /// `runtime` when given, else on the caller's runtime.
+    /// `volume`; with `expected`, a replica other than that one refuses
+    /// (`LinkError::Refused`). The tasks that send and receive the link's
+    /// frames run on `runtime` when given, else on the caller's runtime.
     pub async fn connect(
         address: &str,
         volume: &str,
+        expected: Option<ExpectedReplica>,
         timeout: Duration,
         runtime: Option<&tokio::runtime::Handle>,
     ) -> Result<ReplicaClient, LinkError> {
@@ -76,8 +78,7 @@ impl ReplicaClient {
         let (frames, mut frames_rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
 
         // Hello is answered before anything else is sent.
-        let mut hello = Request::new(Op::Hello, 0, 0);
-        hello.payload = Bytes::copy_from_slice(volume.as_bytes());
+        let hello = Request::hello(volume, expected);
         let mut out = Vec::new();
         wire::encode_request(&hello, &mut out);
         let answer = tokio::time::timeout(timeout, async {

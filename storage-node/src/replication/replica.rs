@@ -27,7 +27,8 @@ use tokio::sync::RwLock;
 use super::lease::LastAccepted;
 use super::membership::{self, Config, IoReply, Move, PrepareReply, ReplicaId, ReplicaState};
 use super::wire::{
-    Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
+    ExpectedReplica, Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE,
+    FLAG_ONLY_IF_PROMISE_AT_MOST,
 };
 use crate::pool::{Pool, PoolError, Volume};
 use crate::target::{BlockError, BlockTarget};
@@ -162,6 +163,9 @@ pub enum ReplicaError {
     SnapshotNotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The replica here is not the one a request named.
+    #[error("{0}")]
+    OtherReplica(String),
     #[error("replica header: {0}")]
     Header(String),
     #[error("{0}")]
@@ -267,7 +271,13 @@ impl Replica {
 
     async fn execute(&self, request: Request) -> Result<Vec<u8>, (Status, Vec<u8>)> {
         match request.op {
-            Op::Hello => Ok(self.incarnation.to_le_bytes().to_vec()),
+            Op::Hello => {
+                if let Some(expected) = request.expected_replica() {
+                    self.check_identity(expected)
+                        .map_err(|message| (Status::NotFound, message.into_bytes()))?;
+                }
+                Ok(self.incarnation.to_le_bytes().to_vec())
+            }
             Op::GetState => Ok(json(&self.state().await)),
             Op::Prepare => {
                 let mut state = self.state.write().await;
@@ -376,6 +386,24 @@ impl Replica {
                 self.data_request(&request).await.map_err(block_status)
             }
         }
+    }
+
+    /// Refuses a target that expects another replica than this one: epochs
+    /// are only ordered within one replica's volume, so a target of a
+    /// deleted volume, or one that knows an older member in this place,
+    /// could otherwise send requests this replica takes for its own.
+    pub fn check_identity(&self, expected: ExpectedReplica) -> Result<(), String> {
+        if expected.replica_id == self.replica_id && expected.volume_uid == self.volume_uid {
+            return Ok(());
+        }
+        Err(format!(
+            "this node holds replica {} of volume {:?} (uid {}), not replica {} (uid {})",
+            self.replica_id,
+            self.volume_name,
+            self.volume_uid,
+            expected.replica_id,
+            expected.volume_uid
+        ))
     }
 
     /// Whether a request at `epoch` may touch the data (see
@@ -532,7 +560,9 @@ pub struct Replicas {
 
 impl Replicas {
     /// Finds the replicas in the pool. A replica whose creation never
-    /// finished (no header) is deleted: nobody was told it exists.
+    /// finished (no header, or a clone's that still names its source) is
+    /// deleted: nobody was told it exists. One whose header cannot be read
+    /// is left alone, unused: its data may be all a volume has left.
     pub async fn load(pool: Arc<Pool>) -> Result<Arc<Replicas>, ReplicaError> {
         let mut by_volume = HashMap::new();
         for info in pool.list_volumes() {
@@ -540,19 +570,32 @@ impl Replicas {
                 continue;
             };
             let data = pool.volume(&info.name).expect("listed volume exists");
-            let header = match data.read(0, HEADER_BYTES as u32).await {
-                Ok(block) => decode_header(&block),
-                Err(err) => Err(err.to_string()),
+            let block = match data.read(0, HEADER_BYTES as u32).await {
+                Ok(block) => block,
+                Err(err) => {
+                    tracing::error!(
+                        volume = volume_name,
+                        %err,
+                        "cannot read the replica's header; the replica is kept in the pool but not served"
+                    );
+                    continue;
+                }
             };
             // A volume cloned from a snapshot starts with the source's
             // header until its own is written: such a clone is unfinished.
-            let header = header.and_then(|h| {
-                if h.volume == volume_name {
-                    Ok(h)
-                } else {
-                    Err(format!("header names volume {:?}", h.volume))
+            let header = match decode_header(&block) {
+                Ok(h) if h.volume == volume_name => Ok(h),
+                Ok(h) => Err(format!("header names volume {:?}", h.volume)),
+                Err(err) if block.starts_with(HEADER_MAGIC) => {
+                    tracing::error!(
+                        volume = volume_name,
+                        %err,
+                        "the replica's header does not decode; the replica is kept in the pool but not served"
+                    );
+                    continue;
                 }
-            });
+                Err(err) => Err(err),
+            };
             match header {
                 Ok(header) => {
                     let replica = Replica {
@@ -707,10 +750,22 @@ impl Replicas {
         Ok(replica)
     }
 
-    pub async fn delete(&self, volume: &str) -> Result<(), ReplicaError> {
-        let removed = self.by_volume.lock().expect("replicas lock").remove(volume);
-        if removed.is_none() {
-            return Err(ReplicaError::NotFound(volume.to_string()));
+    pub async fn delete(
+        &self,
+        volume: &str,
+        only_if: Option<ExpectedReplica>,
+    ) -> Result<(), ReplicaError> {
+        {
+            let mut by_volume = self.by_volume.lock().expect("replicas lock");
+            let replica = by_volume
+                .get(volume)
+                .ok_or_else(|| ReplicaError::NotFound(volume.to_string()))?;
+            if let Some(expected) = only_if {
+                replica
+                    .check_identity(expected)
+                    .map_err(ReplicaError::OtherReplica)?;
+            }
+            by_volume.remove(volume);
         }
         self.pool
             .delete_volume(&format!("{POOL_VOLUME_PREFIX}{volume}"))
@@ -765,5 +820,139 @@ impl Replicas {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::pool::PoolOptions;
+
+    const MIB: u64 = 1 << 20;
+
+    async fn open_pool(path: &std::path::Path) -> Arc<Pool> {
+        let options = PoolOptions {
+            create_size: Some(64 * MIB),
+            ..PoolOptions::default()
+        };
+        Pool::open(path, &options, Arc::new(Metrics::new()))
+            .await
+            .unwrap()
+    }
+
+    fn members() -> Vec<Member> {
+        (1..=3)
+            .map(|id| Member {
+                id,
+                node: format!("node-{id}"),
+                address: format!("127.0.0.1:{}", 7000 + id),
+            })
+            .collect()
+    }
+
+    async fn create(replicas: &Replicas, volume_uid: u64) -> Arc<Replica> {
+        let id = ReplicaIdentity {
+            volume: "db",
+            volume_uid,
+            replica_id: 2,
+        };
+        replicas
+            .create_from(id, 4 * MIB, members(), ReplicaStart::Empty)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_hello_naming_another_replica_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let replicas = Replicas::load(open_pool(&dir.path().join("pool")).await)
+            .await
+            .unwrap();
+        let replica = create(&replicas, 77).await;
+        let hello = |replica_id, volume_uid| {
+            Request::hello(
+                "db",
+                Some(ExpectedReplica {
+                    replica_id,
+                    volume_uid,
+                }),
+            )
+        };
+        assert_eq!(replica.handle(hello(2, 77)).await.status, Status::Ok);
+        assert_eq!(
+            replica.handle(Request::hello("db", None)).await.status,
+            Status::Ok
+        );
+        // Another member's id, or the same id of another volume of the name.
+        for (id, uid) in [(1, 77), (2, 76), (2, 0)] {
+            let reply = replica.handle(hello(id, uid)).await;
+            assert_eq!(reply.status, Status::NotFound, "replica {id}, uid {uid}");
+            let message = String::from_utf8(reply.payload).unwrap();
+            assert!(
+                message.contains("holds replica 2") && message.contains("uid 77"),
+                "{message}"
+            );
+        }
+        assert!(replica
+            .check_identity(ExpectedReplica {
+                replica_id: 2,
+                volume_uid: 77
+            })
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_header_fails_its_checksum_is_kept_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool");
+        let pool = open_pool(&path).await;
+        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        create(&replicas, 5).await;
+        pool.close().await.unwrap();
+        drop(replicas);
+        drop(pool);
+
+        // Damage the header block where it lies in the pool file.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut block = vec![0u8; HEADER_BYTES as usize];
+        let mut at = 0u64;
+        loop {
+            file.read_exact_at(&mut block, at).unwrap();
+            if block.starts_with(HEADER_MAGIC) {
+                break;
+            }
+            at += HEADER_BYTES;
+        }
+        file.write_all_at(b"X", at + 20).unwrap();
+
+        let pool = open_pool(&path).await;
+        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        assert!(
+            replicas.get("db").is_none(),
+            "a replica with a bad header is not served"
+        );
+        let names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
+        assert!(
+            names.contains(&format!("{POOL_VOLUME_PREFIX}db")),
+            "its data is kept: {names:?}"
+        );
+        // A replica whose creation never finished (no header) still goes.
+        pool.create_internal_volume(&format!("{POOL_VOLUME_PREFIX}half"), 4 * MIB)
+            .await
+            .unwrap();
+        drop(replicas);
+        Replicas::load(pool.clone()).await.unwrap();
+        let names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
+        assert!(
+            !names.contains(&format!("{POOL_VOLUME_PREFIX}half")),
+            "{names:?}"
+        );
     }
 }

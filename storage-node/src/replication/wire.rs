@@ -41,13 +41,19 @@ pub const FLAG_NO_HOLE: u8 = 2;
 /// no epoch above `length`. A node reopening the target it served before a
 /// restart uses it, so it never takes a volume over from a newer target.
 pub const FLAG_ONLY_IF_PROMISE_AT_MOST: u8 = 4;
+/// Request flag (hello): the target names the replica it expects, the
+/// replica id in `offset` and the volume uid in `length`. A replica that is
+/// another one (a replica of a volume deleted and created again under the
+/// same name, or one that replaced the expected one) refuses with NotFound.
+pub const FLAG_EXPECT_REPLICA: u8 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Op {
-    /// First request on a connection: the payload names the volume. The
-    /// reply carries the replica's incarnation (8 bytes, little-endian),
-    /// which changes when its process restarts.
+    /// First request on a connection: the payload names the volume, and
+    /// `FLAG_EXPECT_REPLICA` which replica of it. The reply carries the
+    /// replica's incarnation (8 bytes, little-endian), which changes when its
+    /// process restarts.
     Hello = 1,
     /// The replica's membership state (no epoch check).
     GetState = 2,
@@ -163,6 +169,39 @@ impl Request {
             payload: Bytes::new(),
         }
     }
+
+    /// The Hello for `volume`, naming the replica expected when known.
+    pub fn hello(volume: &str, expected: Option<ExpectedReplica>) -> Request {
+        let mut hello = Request::new(Op::Hello, 0, 0);
+        hello.payload = Bytes::copy_from_slice(volume.as_bytes());
+        if let Some(expected) = expected {
+            hello.flags = FLAG_EXPECT_REPLICA;
+            hello.offset = u64::from(expected.replica_id);
+            hello.length = expected.volume_uid;
+        }
+        hello
+    }
+
+    /// The replica a Hello names (see `FLAG_EXPECT_REPLICA`), if any.
+    pub fn expected_replica(&self) -> Option<ExpectedReplica> {
+        if self.op != Op::Hello || self.flags & FLAG_EXPECT_REPLICA == 0 {
+            return None;
+        }
+        Some(ExpectedReplica {
+            // A replica id past u32 matches no replica.
+            replica_id: u32::try_from(self.offset).unwrap_or(u32::MAX),
+            volume_uid: self.length,
+        })
+    }
+}
+
+/// Which replica of a volume a target expects at the other end: replica ids
+/// are only unique within one volume, and a volume name can be reused after
+/// a delete, so both are needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpectedReplica {
+    pub replica_id: u32,
+    pub volume_uid: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -123,6 +123,7 @@ impl TestCluster {
         let client = ReplicaClient::connect(
             &self.nodes[index].replication.to_string(),
             volume,
+            None,
             timeout,
             None,
         )

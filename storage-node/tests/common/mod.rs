@@ -215,6 +215,23 @@ impl TestNode {
         }
     }
 
+    /// SIGSTOP: the process stops where it is, as a node cut off from the
+    /// network looks to the others; it goes on from there on `thaw`.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.pid().expect("node is running");
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

@@ -44,7 +44,8 @@ use super::lease::{self, ReadLease};
 use super::membership::{self, Config, IoReply, ReplicaId, WriteOutcome};
 use super::replica::{ConfigRecord, Member, PersistRecord, Replica, Replicas, StateRecord};
 use super::wire::{
-    Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE, FLAG_ONLY_IF_PROMISE_AT_MOST,
+    ExpectedReplica, Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE,
+    FLAG_ONLY_IF_PROMISE_AT_MOST,
 };
 use crate::range_lock::RangeLock;
 use crate::target::{BlockError, BlockResult, BlockTarget};
@@ -156,6 +157,9 @@ pub struct ReplicaView {
 
 pub struct VolumeTarget {
     volume: String,
+    /// Which volume of that name (see `StateRecord::volume_uid`): every link
+    /// checks that the replica at the other end is the member it expects.
+    volume_uid: u64,
     options: TargetOptions,
     local: Arc<Replicas>,
     slots: RwLock<Vec<Arc<Slot>>>,
@@ -247,6 +251,7 @@ impl VolumeTarget {
         };
         let target = Arc::new(VolumeTarget {
             volume: volume.to_string(),
+            volume_uid: state.volume_uid,
             slots: RwLock::new(state.members.iter().cloned().map(Slot::new).collect()),
             config: RwLock::new(Arc::new(Config::from(&state.config))),
             gate: tokio::sync::RwLock::new(()),
@@ -594,9 +599,18 @@ impl VolumeTarget {
             slot.last_attempt = Some(Instant::now());
         }
         let member = self.member(index);
+        let expected = ExpectedReplica {
+            replica_id: member.id,
+            volume_uid: self.volume_uid,
+        };
         let link = if member.node == self.options.node {
             match self.local.get(&self.volume) {
-                Some(replica) => Link::Local(replica),
+                Some(replica) => {
+                    replica
+                        .check_identity(expected)
+                        .map_err(LinkError::Refused)?;
+                    Link::Local(replica)
+                }
                 None => {
                     return Err(LinkError::Refused(format!(
                         "no replica of {} on this node",
@@ -609,6 +623,7 @@ impl VolumeTarget {
                 ReplicaClient::connect(
                     &member.address,
                     &self.volume,
+                    Some(expected),
                     self.options.timeout,
                     self.link_runtime(),
                 )
@@ -1451,7 +1466,7 @@ async fn find_state(
     timeout: Duration,
 ) -> Result<StateRecord, OpenError> {
     for seed in seeds {
-        let Ok(client) = ReplicaClient::connect(seed, volume, timeout, None).await else {
+        let Ok(client) = ReplicaClient::connect(seed, volume, None, timeout, None).await else {
             continue;
         };
         if let Ok(reply) = client.call(Request::new(Op::GetState, 0, 0), timeout).await {

@@ -29,7 +29,7 @@ use super::{Answer, VolumeTarget};
 use crate::cluster::{volumes, Discovery};
 use crate::replication::membership::{self, ReplicaId};
 use crate::replication::replica::Member;
-use crate::replication::wire::{Op, Request};
+use crate::replication::wire::{ExpectedReplica, Op, Request};
 
 /// How often the target looks for replicas faulted long enough.
 const REPLACE_POLL: Duration = Duration::from_secs(1);
@@ -221,7 +221,7 @@ impl VolumeTarget {
         let Ok(cluster) = discovery.cluster().await else {
             return false;
         };
-        volumes::delete_leftovers(&cluster, &self.volume, self.epoch()).await
+        volumes::delete_leftovers(&cluster, &self.volume, self.volume_uid, self.epoch()).await
     }
 
     /// Deletes the replicas this target replaced on nodes that are back.
@@ -237,7 +237,11 @@ impl VolumeTarget {
             let Ok(entry) = cluster.node(&node) else {
                 continue;
             };
-            if volumes::delete_replaced_replica(entry, &self.volume, id)
+            let replica = ExpectedReplica {
+                replica_id: id,
+                volume_uid: self.volume_uid,
+            };
+            if volumes::delete_replica_by_id(entry, &self.volume, replica)
                 .await
                 .is_ok()
             {
