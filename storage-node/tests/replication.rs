@@ -141,6 +141,44 @@ async fn a_newer_target_fences_the_older_one() {
     assert!(target.epoch >= 2);
 }
 
+/// Two nodes open the same volume at the same moment (two controllers that
+/// each think the target is theirs to move): their prepares cross, each
+/// fencing the other's. They back off at random and try again, so one of
+/// them opens and serves, rather than both giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_targets_opened_at_once_leave_one_serving() {
+    let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    for round in 0..5u8 {
+        let name = format!("duel-{round}");
+        let report = cluster.create_volume(&name, 16 * MIB, 3).await;
+        let seeds: Vec<String> = report.members().into_iter().map(|m| m.address).collect();
+        let open = |index: usize| {
+            let request = strata_proto::storage::OpenTargetRequest {
+                volume: name.clone(),
+                seeds: seeds.clone(),
+            };
+            let node = &cluster.nodes[index];
+            async move { node.client().await.open_target(request).await }
+        };
+        let (a, b) = tokio::join!(open(1), open(2));
+        assert!(
+            a.is_ok() || b.is_ok(),
+            "round {round}: neither target opened: {a:?} {b:?}"
+        );
+        // The newest target (the other one, if it opened too, was opened
+        // first and is fenced) takes writes and reads them back.
+        let report = cluster.report(&name).await;
+        let (node, _) = report
+            .targets
+            .iter()
+            .max_by_key(|(_, target)| target.epoch)
+            .expect("a target serves");
+        let mut client = connect(&cluster.nodes[cluster.index_of(&node.name)].uri(&name));
+        client.write(0, &[round + 1; 4096], true).unwrap();
+        assert!(client.read(0, 4096).unwrap() == vec![round + 1; 4096]);
+    }
+}
+
 /// Records of 4 KiB at consecutive offsets, each naming its number.
 fn record(n: u64) -> Vec<u8> {
     let mut block = random_bytes(4096, n);

@@ -297,7 +297,7 @@ impl VolumeTarget {
             reason,
         };
         let mut seen_promises = Vec::new();
-        for _attempt in 0..5 {
+        for attempt in 0..5 {
             let ids = self.member_ids();
             let all: Vec<usize> = (0..ids.len()).collect();
             let states = self.ask(&all, |_| Request::new(Op::GetState, 0, 0)).await;
@@ -350,7 +350,10 @@ impl VolumeTarget {
             }
             let config = match membership::plan_open(&ids, epoch, &prepared) {
                 Ok(config) => config,
-                Err(membership::OpenError::NoMajority { .. }) if fenced => continue,
+                Err(membership::OpenError::NoMajority { .. }) if fenced => {
+                    tokio::time::sleep(open_retry_pause(attempt)).await;
+                    continue;
+                }
                 Err(membership::OpenError::OtherMembers { .. }) => {
                     // A replica was replaced since the state this target
                     // started from: ask the members of the newest config.
@@ -397,7 +400,10 @@ impl VolumeTarget {
                     self.install(config);
                     return Ok(());
                 }
-                Err(PersistError::Fenced) => continue,
+                Err(PersistError::Fenced) => {
+                    tokio::time::sleep(open_retry_pause(attempt)).await;
+                    continue;
+                }
                 Err(PersistError::NoQuorum(reason)) => return Err(membership_error(reason)),
             }
         }
@@ -1457,6 +1463,15 @@ fn common_client_error<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<
         Status::NoSpace => BlockError::NoSpace,
         _ => BlockError::Io("request past the end of a replica".into()),
     })
+}
+
+/// How long an open waits before it tries again after another target got
+/// in between: random, and up to twice as long each time, so two targets
+/// opening the volume at once do not fence each other round after round
+/// until both give up.
+fn open_retry_pause(attempt: u32) -> Duration {
+    const FIRST: Duration = Duration::from_millis(20);
+    (FIRST * 2u32.pow(attempt)).mul_f64(replace::random_fraction())
 }
 
 /// Asks the seeds, in turn, for a replica's state of `volume`.

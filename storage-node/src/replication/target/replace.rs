@@ -286,7 +286,7 @@ pub(super) fn spawn_sweeper(target: &Arc<VolumeTarget>) {
 
 /// A number in [0, 1), from the standard library's per-process random
 /// hash keys (enough for jitter).
-fn random_fraction() -> f64 {
+pub(super) fn random_fraction() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let bits = std::collections::hash_map::RandomState::new()
         .build_hasher()
