@@ -110,6 +110,63 @@ async fn replica_killed_under_fio_verify_is_rebuilt_to_identical_data() {
     cluster.assert_replicas_identical("fio").await;
 }
 
+/// A node stopped cleanly (SIGTERM, as in a rolling upgrade) while a target
+/// writes to its replica drops the writes in flight there. Its pool must
+/// open with every block readable: a write dropped after its data went to
+/// the disk once left its block failing its checksum (and a replica header
+/// cut off that way got the replica deleted when the node started again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_node_stopped_under_writes_keeps_every_block_readable() {
+    use std::sync::Arc;
+    use strata_node::pool::{Pool, PoolOptions};
+    use strata_node::target::BlockTarget;
+
+    let mut cluster = TestCluster::start(3, "512MiB", FAST_TIMEOUT);
+    cluster.create_volume("fio", 64 * MIB, 3).await;
+    let uri = cluster.export("fio", 0).await;
+    // Written once, so fio's writes overwrite blocks in place.
+    let mut client = connect(&uri);
+    for i in 0..32u64 {
+        client.write(i * MIB, &[7u8; MIB as usize], false).unwrap();
+    }
+    client.flush().unwrap();
+    let fio = std::thread::spawn(move || fio_verify_over(&uri, "32M", &["--loops=2"]));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.nodes[1].stop();
+
+    // The pool as the node finds it when it starts again.
+    let pool = Pool::open(
+        &cluster.nodes[1].pool_path(),
+        &PoolOptions::default(),
+        Arc::new(strata_node::metrics::Metrics::new()),
+    )
+    .await
+    .unwrap();
+    let replica = pool.volume("replica:fio").expect("the replica is there");
+    for offset in (0..replica.size()).step_by(MIB as usize) {
+        let len = (replica.size() - offset).min(MIB) as u32;
+        if let Err(err) = replica.read(offset, len).await {
+            panic!(
+                "reading the stopped node's replica at {offset}: {err}\n{}",
+                cluster.nodes[1].log()
+            );
+        }
+    }
+    assert_eq!(pool.checksum_failures(), 0);
+    pool.close().await.unwrap();
+    drop((replica, pool));
+
+    cluster.nodes[1].spawn();
+    let out = tokio::task::spawn_blocking(move || fio.join().unwrap())
+        .await
+        .unwrap();
+    fio_report(&out);
+    cluster
+        .wait_in_sync("fio", 3, Duration::from_secs(60))
+        .await;
+    cluster.assert_replicas_identical("fio").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_target_fences_the_older_one() {
     let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);

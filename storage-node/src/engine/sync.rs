@@ -61,9 +61,15 @@ impl SyncEngine {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .expect("blocking sync task panicked")
+        #[cfg(test)]
+        let hold = self.faults.hold.clone();
+        tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            let _done = hold.wait();
+            file.sync_data()
+        })
+        .await
+        .expect("blocking sync task panicked")
     }
 }
 
@@ -75,11 +81,12 @@ pub(crate) struct Faults {
     syncs_left: std::sync::atomic::AtomicI64,
     /// Writes put the first half of their bytes on disk and fail with EIO.
     pub(crate) tear_writes: std::sync::atomic::AtomicBool,
-    /// Holds writes back before they touch the file.
+    /// Holds writes and syncs back before they reach the file.
     pub(crate) hold: Arc<WriteHold>,
 }
 
-/// Lets a test stop writes on their way to the file, and see them go by.
+/// Lets a test stop writes and syncs on their way to the file, and see them
+/// go by.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct WriteHold {
@@ -95,12 +102,12 @@ impl WriteHold {
             .store(holding, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Writes waiting at the hold now.
+    /// Writes and syncs waiting at the hold now.
     pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Writes that went past the hold and finished.
+    /// Writes and syncs that went past the hold and finished.
     pub(crate) fn done(&self) -> usize {
         self.done.load(std::sync::atomic::Ordering::SeqCst)
     }

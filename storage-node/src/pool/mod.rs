@@ -634,37 +634,30 @@ impl Pool {
             // No region opens here: writes that wanted one go copy-on-write.
             return self.checkpoint_locked(commit, Vec::new(), &[]).await;
         }
-        let (records, frees, dirty, opening, closing) = {
+        let (taken, dirty, opening, closing) = {
             let mut state = self.state.lock().expect("state lock");
             // Closed here, under the lock that in-place writes start under:
             // every write into these regions has its record in this batch.
             let (opening, mut closing) = state.regions.make_room(open);
             closing.extend(state.regions.take_idle(close_idle));
             (
-                std::mem::take(&mut state.pending_records),
-                std::mem::take(&mut state.pending_frees),
+                TakenChanges::take(self, &mut state),
                 std::mem::replace(&mut state.data_dirty, false),
                 opening,
                 closing,
             )
         };
-        if records.is_empty()
-            && frees.is_empty()
-            && !dirty
-            && opening.is_empty()
-            && closing.is_empty()
-        {
+        if taken.is_empty() && !dirty && opening.is_empty() && closing.is_empty() {
+            taken.durable();
             return Ok(());
         }
+        // From here an error, or the caller dropping this future, leaves
+        // every change pending (`TakenChanges`). The regions taken for
+        // closing stay open on disk (they are only left out of memory, which
+        // costs a scan at most); the ones opening stay closed.
         // Data first: a journal batch must never point at data that is not on disk.
         if dirty {
-            if let Err(err) = self.engine.sync_data().await {
-                // Nothing was written: every change stays pending. The
-                // regions taken for closing stay open on disk (they are only
-                // left out of memory, which costs a scan at most).
-                self.requeue(records, frees);
-                return Err(err.into());
-            }
+            self.engine.sync_data().await?;
         }
         let layout = &self.superblock.layout;
         let region_records: Vec<JournalRecord> = closing
@@ -672,19 +665,18 @@ impl Pool {
             .map(|r| JournalRecord::region(*r, false))
             .chain(opening.iter().map(|r| JournalRecord::region(*r, true)))
             .collect();
-        let count = records.len() + region_records.len();
+        let count = taken.records.len() + region_records.len();
         if count > 0 {
             let blocks = format::journal_batch_blocks(count);
             if commit.journal_pos + blocks > layout.journal_blocks {
                 // The journal is full: a checkpoint holds these changes too.
                 // They go back to pending, where the checkpoint takes them
                 // (and puts them back if it fails).
-                self.requeue(records, frees);
+                drop(taken);
                 return self.checkpoint_locked(commit, Vec::new(), &opening).await;
             }
             let seq = commit.journal_seq + 1;
-            let mut batch_records = records;
-            let map_records = batch_records.len();
+            let mut batch_records = taken.records.clone();
             batch_records.extend(region_records);
             let batch = format::encode_journal_batch(seq, &batch_records);
             let res = write_bytes(
@@ -697,20 +689,15 @@ impl Pool {
                 Ok(()) => self.engine.sync_data().await,
                 Err(err) => Err(err),
             };
-            if let Err(err) = res {
-                // The batch may be half on disk. Keep the map changes pending;
-                // the next commit writes them at the same place under the same
-                // sequence number, replacing whatever part of this one landed.
-                // Region records are not kept: the regions closed here stay
-                // closed in memory (the durable state may have them open,
-                // which only costs a scan), the ones opening stay closed.
-                batch_records.truncate(map_records);
-                self.requeue(batch_records, frees);
-                return Err(err.into());
-            }
+            // On an error the batch may be half on disk. The map changes
+            // stay pending; the next commit writes them at the same place
+            // under the same sequence number, replacing whatever part of
+            // this one landed.
+            res?;
             commit.journal_seq = seq;
             commit.journal_pos += blocks;
         }
+        let frees = taken.durable();
         self.state
             .lock()
             .expect("state lock")
@@ -746,7 +733,7 @@ impl Pool {
     ) -> Result<(), PoolError> {
         let layout = &self.superblock.layout;
         let generation = commit.checkpoint_generation + 1;
-        let (encoded, taken_records, taken_frees) = {
+        let (encoded, taken) = {
             let mut state = self.state.lock().expect("state lock");
             let mut volumes: Vec<VolumeRecord> = state
                 .volumes
@@ -781,34 +768,25 @@ impl Pool {
             };
             // The snapshot includes every pending change, so they need no batch.
             state.data_dirty = false;
-            (
-                checkpoint.encode(),
-                std::mem::take(&mut state.pending_records),
-                std::mem::take(&mut state.pending_frees),
-            )
+            (checkpoint.encode(), TakenChanges::take(self, &mut state))
         };
         if encoded.len() as u64 > layout.checkpoint_blocks * BLOCK_SIZE_U64 {
-            self.requeue(taken_records, taken_frees);
             return Err(PoolError::Corrupt(
                 "metadata no longer fits a checkpoint slot".into(),
             ));
         }
         let slot = (generation % 2) as usize;
-        let res = async {
-            // Data covered by the snapshot must be durable before the snapshot is.
-            self.engine.sync_data().await?;
-            write_bytes(&self.engine, layout.checkpoint_start[slot], &encoded).await?;
-            self.engine.sync_data().await
-        }
-        .await;
-        if let Err(err) = res {
-            self.requeue(taken_records, taken_frees);
-            // Written or not, the slot may now hold this checkpoint. The retry
-            // goes to the same slot under the same generation.
-            commit.checkpoint_needed = true;
-            return Err(err.into());
-        }
-        frees.extend(taken_frees);
+        // Until it is durable, whatever ends this checkpoint (an error, or
+        // the caller dropping this future) may leave it in the slot. The
+        // retry goes to the same slot under the same generation, and no
+        // journal batch is written before it: replay would not find one
+        // written at the old journal position after this checkpoint.
+        commit.checkpoint_needed = true;
+        // Data covered by the snapshot must be durable before the snapshot is.
+        self.engine.sync_data().await?;
+        write_bytes(&self.engine, layout.checkpoint_start[slot], &encoded).await?;
+        self.engine.sync_data().await?;
+        frees.extend(taken.durable());
         commit.checkpoint_generation = generation;
         commit.journal_pos = 0;
         commit.checkpoint_needed = false;
@@ -819,6 +797,51 @@ impl Pool {
             .mark_open(opening);
         self.epochs.release_after_readers(frees);
         Ok(())
+    }
+}
+
+/// The map changes and frees a commit or checkpoint took from pending. They
+/// go back to pending unless the commit marks them durable: on an error, and
+/// also when the commit's future is dropped halfway (a client that goes away
+/// in the middle of a FLUSH, a runtime that stops). Lost instead, a later
+/// commit would close their overwrite regions as if their checksums were
+/// recorded, and the blocks would fail them after the next open.
+struct TakenChanges<'a> {
+    pool: &'a Pool,
+    records: Vec<JournalRecord>,
+    frees: Vec<u32>,
+    durable: bool,
+}
+
+impl<'a> TakenChanges<'a> {
+    fn take(pool: &'a Pool, state: &mut State) -> Self {
+        TakenChanges {
+            pool,
+            records: std::mem::take(&mut state.pending_records),
+            frees: std::mem::take(&mut state.pending_frees),
+            durable: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.frees.is_empty()
+    }
+
+    /// The changes are durable: the frees, to release.
+    fn durable(mut self) -> Vec<u32> {
+        self.durable = true;
+        std::mem::take(&mut self.frees)
+    }
+}
+
+impl Drop for TakenChanges<'_> {
+    fn drop(&mut self) {
+        if !self.durable {
+            self.pool.requeue(
+                std::mem::take(&mut self.records),
+                std::mem::take(&mut self.frees),
+            );
+        }
     }
 }
 

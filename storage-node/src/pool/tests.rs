@@ -1185,3 +1185,45 @@ async fn an_in_place_write_dropped_by_a_stopping_runtime_still_reads_after_reope
     assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
     assert_eq!(pool.checksum_failures(), 0);
 }
+
+/// A commit whose future is dropped halfway (a client that goes away in the
+/// middle of a FLUSH, a node's connection runtime stopping) puts the map
+/// changes it took back: the next commit, here the clean stop's, records
+/// them before it closes their overwrite region. Lost, the region closed
+/// with the old checksum while the block held the new data.
+#[tokio::test]
+async fn a_commit_dropped_halfway_keeps_its_changes_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(4096, 1), true).await.unwrap();
+    vol.write(0, &pattern(4096, 2), true).await.unwrap(); // opens the region
+    vol.write(0, &pattern(4096, 3), false).await.unwrap(); // in place, pending
+
+    let hold = pool.engine.faults().hold.clone();
+    hold.set(true);
+    let committing = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.commit().await })
+    };
+    while hold.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    committing.abort();
+    assert!(committing.await.unwrap_err().is_cancelled());
+    let done = hold.done();
+    hold.set(false);
+    while hold.done() == done {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    pool.close().await.unwrap();
+    drop(vol);
+    drop(pool);
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
+    assert_eq!(pool.checksum_failures(), 0);
+}
