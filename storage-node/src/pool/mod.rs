@@ -733,6 +733,11 @@ impl Pool {
     ) -> Result<(), PoolError> {
         let layout = &self.superblock.layout;
         let generation = commit.checkpoint_generation + 1;
+        // A checkpoint uses up a sequence number. A commit that failed or was
+        // dropped may have left its batch at the journal's start under the
+        // next number; replay after this checkpoint must not take it for a
+        // later change (its records are older than the checkpoint).
+        let journal_seq = commit.journal_seq + 1;
         let (encoded, taken) = {
             let mut state = self.state.lock().expect("state lock");
             let mut volumes: Vec<VolumeRecord> = state
@@ -760,7 +765,7 @@ impl Pool {
             open_regions.dedup();
             let checkpoint = Checkpoint {
                 generation,
-                journal_seq: commit.journal_seq,
+                journal_seq,
                 next_volume_id: state.next_volume_id,
                 volumes,
                 snapshots,
@@ -788,6 +793,7 @@ impl Pool {
         self.engine.sync_data().await?;
         frees.extend(taken.durable());
         commit.checkpoint_generation = generation;
+        commit.journal_seq = journal_seq;
         commit.journal_pos = 0;
         commit.checkpoint_needed = false;
         self.state

@@ -1227,3 +1227,31 @@ async fn a_commit_dropped_halfway_keeps_its_changes_for_the_next() {
     assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
     assert_eq!(pool.checksum_failures(), 0);
 }
+
+/// A commit whose batch landed at the journal's start but whose sync failed
+/// keeps its changes pending; a checkpoint then takes them, and newer ones.
+/// Replay after that checkpoint must not apply the stray batch on top: here
+/// it would map a trimmed block again, its old data back in the volume.
+#[tokio::test]
+async fn a_stray_batch_from_a_failed_commit_is_not_replayed_after_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    // Creating a volume checkpoints: the next batch goes to the journal's start.
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(4096, 1), false).await.unwrap();
+    // Data sync, batch written, its sync fails.
+    pool.engine.faults().fail_syncs_after(1);
+    assert!(vol.flush().await.is_err());
+    pool.engine.faults().heal();
+    vol.trim(0, 4096).await.unwrap();
+    // A checkpoint (another volume), then a crash.
+    pool.create_volume("w", MIB).await.unwrap();
+    drop(vol);
+    drop(pool);
+
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    let vol = pool.volume("v").unwrap();
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+}
