@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::cluster::Discovery;
 use crate::engine::EngineKind;
-use crate::grpc::{ControlService, NodeIdentity};
+use crate::grpc::{ControlService, NodeIdentity, RunToCompletion};
 use crate::metrics::Metrics;
 use crate::nbd::NbdServer;
 use crate::pool::{Pool, PoolOptions};
@@ -283,11 +283,13 @@ pub async fn run(args: NodeArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     });
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(StorageNodeServer::new(ControlService::new(
-                identity.clone(),
-                replicas.clone(),
-                registry.clone(),
-                target_options,
+            .add_service(RunToCompletion(StorageNodeServer::new(
+                ControlService::new(
+                    identity.clone(),
+                    replicas.clone(),
+                    registry.clone(),
+                    target_options,
+                ),
             )))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),

@@ -14,6 +14,7 @@ use strata_proto::storage::{
     Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest, Snapshot, Target,
     TargetReplica, Volume,
 };
+use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
 use crate::pool::{is_internal_volume_name, validate_volume_name, Pool, PoolError, VolumeInfo};
@@ -526,5 +527,107 @@ impl StorageNode for ControlService {
                 ReplaceError::Change(_) => Status::unavailable(err.to_string()),
             })?;
         Ok(Response::new(self.target(&target)))
+    }
+}
+
+/// Runs every call of the wrapped service to completion in a task of its
+/// own. tonic drops a handler's future when its client goes away or times
+/// out, and a pool or replica change cut off at an `.await` can leave memory
+/// and disk apart: a volume created in memory whose checkpoint never ran, a
+/// replica gone from the node's list but still in the pool. Detached, a call
+/// finishes whatever becomes of its client; only the answer is lost.
+#[derive(Clone)]
+pub struct RunToCompletion<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RunToCompletion<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// What a detached call returns to tonic.
+type DetachedCall<R, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<R, E>> + Send>>;
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for RunToCompletion<S>
+where
+    S: tonic::codegen::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = DetachedCall<S::Response, S::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> DetachedCall<S::Response, S::Error> {
+        let call = tokio::spawn(self.0.call(request));
+        Box::pin(async move {
+            match call.await {
+                Ok(answer) => answer,
+                // A handler that panicked: the client gets an error, the
+                // node goes on.
+                Err(err) => {
+                    tracing::error!(%err, "a gRPC call failed");
+                    Ok(Status::internal("the call failed on the node").into_http())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use tonic::codegen::Service;
+
+    use super::*;
+
+    /// A call that takes a while and then notes that it finished.
+    #[derive(Clone)]
+    struct SlowCall(Arc<AtomicBool>);
+
+    impl Service<http::Request<()>> for SlowCall {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = DetachedCall<Self::Response, Self::Error>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let finished = self.0.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                finished.store(true, Ordering::SeqCst);
+                Ok(http::Response::new(tonic::body::Body::empty()))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_client_went_away_still_finishes() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let mut service = RunToCompletion(SlowCall(finished.clone()));
+        // The client goes away at once: tonic drops the call's future.
+        drop(service.call(http::Request::new(())));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(finished.load(Ordering::SeqCst));
+
+        // Waited for, it answers as the service does.
+        let answer = service.call(http::Request::new(())).await.unwrap();
+        assert_eq!(answer.status(), http::StatusCode::OK);
     }
 }

@@ -7,7 +7,7 @@
 //! Callers see the same API either way.
 
 mod buf;
-mod sync;
+pub(crate) mod sync;
 mod uring;
 mod uring_local;
 

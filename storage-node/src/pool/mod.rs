@@ -600,6 +600,12 @@ impl Pool {
         Ok(())
     }
 
+    /// The failures a test injects (a pool on the pread/pwrite engine).
+    #[cfg(test)]
+    pub(crate) fn faults(&self) -> &crate::engine::sync::Faults {
+        self.engine.faults()
+    }
+
     /// Makes every write that completed before this call durable.
     pub async fn commit(&self) -> Result<(), PoolError> {
         let mut commit = self.commit.lock().await;

@@ -755,7 +755,7 @@ impl Replicas {
         volume: &str,
         only_if: Option<ExpectedReplica>,
     ) -> Result<(), ReplicaError> {
-        {
+        let replica = {
             let mut by_volume = self.by_volume.lock().expect("replicas lock");
             let replica = by_volume
                 .get(volume)
@@ -765,11 +765,21 @@ impl Replicas {
                     .check_identity(expected)
                     .map_err(ReplicaError::OtherReplica)?;
             }
-            by_volume.remove(volume);
-        }
-        self.pool
+            by_volume.remove(volume).expect("just found")
+        };
+        if let Err(err) = self
+            .pool
             .delete_volume(&format!("{POOL_VOLUME_PREFIX}{volume}"))
-            .await?;
+            .await
+        {
+            // The pool still has it (a failed delete changes nothing): it
+            // stays a replica this node lists and serves.
+            self.by_volume
+                .lock()
+                .expect("replicas lock")
+                .insert(volume.to_string(), replica);
+            return Err(err.into());
+        }
         tracing::info!(volume, "deleted replica");
         Ok(())
     }
@@ -902,6 +912,30 @@ mod tests {
                 volume_uid: 77
             })
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_deletion_fails_is_still_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = PoolOptions {
+            create_size: Some(64 * MIB),
+            engine: crate::engine::EngineKind::Sync,
+            ..PoolOptions::default()
+        };
+        let pool = Pool::open(&dir.path().join("pool"), &options, Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        create(&replicas, 5).await;
+        pool.faults().fail_syncs_after(0);
+        assert!(replicas.delete("db", None).await.is_err());
+        pool.faults().heal();
+        assert!(
+            replicas.get("db").is_some(),
+            "the pool kept it: still listed"
+        );
+        replicas.delete("db", None).await.unwrap();
+        assert!(replicas.get("db").is_none());
     }
 
     #[tokio::test]
