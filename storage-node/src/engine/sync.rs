@@ -82,21 +82,21 @@ pub(crate) struct Faults {
     /// Writes put the first half of their bytes on disk and fail with EIO.
     pub(crate) tear_writes: std::sync::atomic::AtomicBool,
     /// Holds writes and syncs back before they reach the file.
-    pub(crate) hold: Arc<WriteHold>,
+    pub(crate) hold: Arc<IoHold>,
 }
 
 /// Lets a test stop writes and syncs on their way to the file, and see them
 /// go by.
 #[cfg(test)]
 #[derive(Debug, Default)]
-pub(crate) struct WriteHold {
+pub(crate) struct IoHold {
     holding: std::sync::atomic::AtomicBool,
     waiting: std::sync::atomic::AtomicUsize,
     done: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(test)]
-impl WriteHold {
+impl IoHold {
     pub(crate) fn set(&self, holding: bool) {
         self.holding
             .store(holding, std::sync::atomic::Ordering::SeqCst);
@@ -112,8 +112,8 @@ impl WriteHold {
         self.done.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Waits while writes are held (on a blocking thread); the guard counts
-    /// the write done when it drops.
+    /// Waits while I/O is held (on a blocking thread); the guard counts the
+    /// write or sync done when it drops.
     fn wait(self: Arc<Self>) -> impl Drop {
         use std::sync::atomic::Ordering::SeqCst;
         self.waiting.fetch_add(1, SeqCst);
@@ -121,7 +121,7 @@ impl WriteHold {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         self.waiting.fetch_sub(1, SeqCst);
-        struct Done(Arc<WriteHold>);
+        struct Done(Arc<IoHold>);
         impl Drop for Done {
             fn drop(&mut self) {
                 self.0
