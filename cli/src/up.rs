@@ -61,6 +61,9 @@ struct RunningNode {
     entry: NodeEntry,
     child: Option<Child>,
     restart_at: Option<Instant>,
+    /// Its pool did not exist when this `strata up` began: nothing records
+    /// its addresses yet, so it may be moved to other ports.
+    fresh: bool,
 }
 
 pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
@@ -116,6 +119,7 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         .map(|mut entry| {
             entry.pid = None;
             RunningNode {
+                fresh: !entry.pool.exists(),
                 entry,
                 child: None,
                 restart_at: None,
@@ -129,7 +133,7 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     }
     save(&dir, &nodes)?;
     let ready = tokio::select! {
-        ready = wait_until_ready(&mut nodes, &dir) => ready,
+        ready = wait_until_ready(&mut nodes, &dir, &args) => ready,
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted while starting")),
         _ = terminate.recv() => Err(anyhow::anyhow!("terminated while starting")),
     };
@@ -138,6 +142,8 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         clear(&dir, &mut nodes)?;
         return Err(err);
     }
+    // A node moved to other ports while starting.
+    save(&dir, &nodes)?;
     print_endpoints(&dir, &nodes).await;
     let databases = DbController::start(dir.clone());
 
@@ -213,11 +219,26 @@ fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()
     Ok(())
 }
 
-async fn wait_until_ready(nodes: &mut [RunningNode], dir: &Path) -> anyhow::Result<()> {
+/// Ports a node was given are free when chosen, not when it binds them:
+/// another process may take one in between. A new node is started again
+/// on other ports, this many times.
+const PORT_RETRIES: usize = 3;
+/// How long one readiness probe of a starting node may take.
+const READY_PROBE: Duration = Duration::from_secs(2);
+
+async fn wait_until_ready(
+    nodes: &mut [RunningNode],
+    dir: &Path,
+    args: &UpArgs,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     for node in nodes.iter_mut() {
+        let mut port_retries = PORT_RETRIES;
         loop {
-            if client::node_info(&node.entry).await.is_ok() {
+            // Briefly: whatever holds the port may not be the node, and the
+            // node may have exited meanwhile.
+            let answer = tokio::time::timeout(READY_PROBE, client::node_info(&node.entry)).await;
+            if matches!(answer, Ok(Ok(_))) {
                 break;
             }
             if let Some(status) = node
@@ -225,10 +246,23 @@ async fn wait_until_ready(nodes: &mut [RunningNode], dir: &Path) -> anyhow::Resu
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
+                let log = log_tail(&dir.join(&node.entry.name).join("node.log"), 10);
+                if node.fresh && port_retries > 0 && log.contains("Address already in use") {
+                    port_retries -= 1;
+                    eprintln!(
+                        "{}: a port chosen for it was taken meanwhile; starting it on other ports",
+                        node.entry.name
+                    );
+                    node.entry.grpc = free_local_addr()?;
+                    node.entry.nbd = free_local_addr()?;
+                    node.entry.http = free_local_addr()?;
+                    node.entry.replication = Some(free_local_addr()?);
+                    start(node, dir, args)?;
+                    continue;
+                }
                 bail!(
-                    "{} exited during start-up ({status}):\n{}",
-                    node.entry.name,
-                    log_tail(&dir.join(&node.entry.name).join("node.log"), 10)
+                    "{} exited during start-up ({status}):\n{log}",
+                    node.entry.name
                 );
             }
             if Instant::now() > deadline {

@@ -293,6 +293,47 @@ fn commands_without_a_cluster_say_how_to_start_one() {
     assert!(err.contains("no Strata cluster"), "{err}");
 }
 
+/// The ports `strata up` gives a new node are free when it picks them, not
+/// necessarily when the node binds them (a concurrent test, or any program,
+/// can take one in between). A new node that cannot bind one is started
+/// again on other ports instead of failing the whole `strata up`.
+#[test]
+fn a_new_node_whose_port_was_taken_starts_on_other_ports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A cluster file naming a node that has never run, on a port held here.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let cluster = serde_json::json!({
+        "supervisor_pid": null,
+        "nodes": [{
+            "name": "node-1",
+            "zone": "zone-a",
+            "grpc": taken.local_addr().unwrap().to_string(),
+            "nbd": free(),
+            "http": free(),
+            "replication": free(),
+            "pool": dir.join("node-1").join("pool.img"),
+            "pid": null,
+        }],
+    });
+    std::fs::write(dir.join("cluster.json"), cluster.to_string()).unwrap();
+
+    let up = Up::start(&dir, &["--nodes", "1", "--pool-size", "64MiB"]);
+    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let grpc = saved["nodes"][0]["grpc"].as_str().unwrap().to_string();
+    assert_ne!(grpc, taken.local_addr().unwrap().to_string());
+    let nodes = ok(&dir, &["node", "ls"]);
+    assert!(nodes.contains("node-1") && nodes.contains("up"), "{nodes}");
+    let out = up.interrupt();
+    assert!(out.contains("stopped"), "{out}");
+}
+
 #[test]
 fn nodes_do_not_outlive_a_killed_strata_up() {
     let tmp = tempfile::tempdir().unwrap();
