@@ -373,6 +373,32 @@ async fn a_target_of_a_deleted_volume_cannot_write_to_a_new_one_of_the_same_name
     assert_eq!(report.earlier.len(), 1, "{:?}", report.earlier);
 }
 
+/// A replica whose header no longer reads (a flipped byte) is kept by its
+/// node, unserved: its data may be all that is left of the volume. The node
+/// does not list it, so the volume shows it missing; `volume rm` still
+/// deletes it, and the name is free on that node again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_an_unreadable_header_is_kept_until_volume_rm() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("db", 16 * MIB, 3).await;
+    cluster.nodes[2].stop();
+    let pool = cluster.nodes[2].pool_path();
+    let header = find_in_file(&pool, b"STRATREP", 4096).expect("the replica's header");
+    let file = std::fs::OpenOptions::new().write(true).open(&pool).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"X", header + 20).unwrap();
+    cluster.nodes[2].spawn();
+
+    let report = cluster.report("db").await;
+    let missing: Vec<&str> = report.missing.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(missing, ["node-3"]);
+    assert!(cluster.nodes[2]
+        .log()
+        .contains("cannot read the replica's header"));
+    volumes::delete(&cluster.file(), "db").await.unwrap();
+    // Three replicas on three nodes: node-3 must take one of the name again.
+    cluster.create_volume("db", 16 * MIB, 3).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacements_that_cannot_be_done_are_refused_with_one_line() {
     let cluster = TestCluster::start(4, "256MiB", FAST_TIMEOUT);

@@ -1003,14 +1003,44 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
     {
         delete_replica_on(&report.node, name).await?;
     }
-    if !volume.missing.is_empty() {
-        let nodes: Vec<&str> = volume.missing.iter().map(|m| m.node.as_str()).collect();
+    // A member missing from the survey is on a node that did not answer, or
+    // that answered without listing it: a replica whose header it cannot
+    // read, which it deletes only with its volume. Asked again here.
+    let mut remaining = Vec::new();
+    for member in &volume.missing {
+        let deleted = match cluster.node(&member.node) {
+            Ok(node) => delete_unlisted_replica(node, name).await,
+            Err(_) => false,
+        };
+        if !deleted {
+            remaining.push(member.node.as_str());
+        }
+    }
+    if !remaining.is_empty() {
         return Err(VolumeError::Unavailable(format!(
             "deleted the reachable replicas of {name}; the ones on {} remain (nodes down)",
-            nodes.join(", ")
+            remaining.join(", ")
         )));
     }
     Ok(())
+}
+
+/// Whether `node` holds no replica of `volume` after it was asked to delete
+/// one it did not list.
+async fn delete_unlisted_replica(node: &NodeEntry, volume: &str) -> bool {
+    let Ok(mut client) = client::connect(node).await else {
+        return false;
+    };
+    let deleted = client
+        .delete_replica(DeleteReplicaRequest {
+            volume: volume.to_string(),
+            only_if: None,
+        })
+        .await;
+    match deleted {
+        Ok(_) => true,
+        Err(status) => status.code() == Code::NotFound,
+    }
 }
 
 /// Grows every replica, then has the open target (if any) take the new size;

@@ -556,6 +556,9 @@ pub enum ReplicaStart<'a> {
 pub struct Replicas {
     pool: Arc<Pool>,
     by_volume: Mutex<HashMap<String, Arc<Replica>>>,
+    /// Replicas kept in the pool whose header cannot be read, by volume
+    /// name, with why: not served, deleted only with their volume.
+    unreadable: Mutex<HashMap<String, String>>,
 }
 
 impl Replicas {
@@ -565,6 +568,7 @@ impl Replicas {
     /// is left alone, unused: its data may be all a volume has left.
     pub async fn load(pool: Arc<Pool>) -> Result<Arc<Replicas>, ReplicaError> {
         let mut by_volume = HashMap::new();
+        let mut unreadable = HashMap::new();
         for info in pool.list_volumes() {
             let Some(volume_name) = info.name.strip_prefix(POOL_VOLUME_PREFIX) else {
                 continue;
@@ -578,6 +582,7 @@ impl Replicas {
                         %err,
                         "cannot read the replica's header; the replica is kept in the pool but not served"
                     );
+                    unreadable.insert(volume_name.to_string(), err.to_string());
                     continue;
                 }
             };
@@ -592,6 +597,7 @@ impl Replicas {
                         %err,
                         "the replica's header does not decode; the replica is kept in the pool but not served"
                     );
+                    unreadable.insert(volume_name.to_string(), err);
                     continue;
                 }
                 Err(err) => Err(err),
@@ -623,6 +629,7 @@ impl Replicas {
         Ok(Arc::new(Replicas {
             pool,
             by_volume: Mutex::new(by_volume),
+            unreadable: Mutex::new(unreadable),
         }))
     }
 
@@ -755,6 +762,14 @@ impl Replicas {
         volume: &str,
         only_if: Option<ExpectedReplica>,
     ) -> Result<(), ReplicaError> {
+        if self
+            .unreadable
+            .lock()
+            .expect("replicas lock")
+            .contains_key(volume)
+        {
+            return self.delete_unreadable(volume, only_if).await;
+        }
         let replica = {
             let mut by_volume = self.by_volume.lock().expect("replicas lock");
             let replica = by_volume
@@ -781,6 +796,30 @@ impl Replicas {
             return Err(err.into());
         }
         tracing::info!(volume, "deleted replica");
+        Ok(())
+    }
+
+    /// Deletes a replica whose header cannot be read, when its volume is
+    /// deleted (`only_if` None). Which replica it is cannot be told, so a
+    /// deletion of one replica by id leaves it alone.
+    async fn delete_unreadable(
+        &self,
+        volume: &str,
+        only_if: Option<ExpectedReplica>,
+    ) -> Result<(), ReplicaError> {
+        if only_if.is_some() {
+            return Err(ReplicaError::OtherReplica(format!(
+                "the replica of {volume:?} here has an unreadable header; it goes only with its volume"
+            )));
+        }
+        self.pool
+            .delete_volume(&format!("{POOL_VOLUME_PREFIX}{volume}"))
+            .await?;
+        self.unreadable
+            .lock()
+            .expect("replicas lock")
+            .remove(volume);
+        tracing::info!(volume, "deleted a replica whose header could not be read");
         Ok(())
     }
 
@@ -939,7 +978,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_replica_whose_header_fails_its_checksum_is_kept_not_deleted() {
+    async fn a_replica_whose_header_fails_its_checksum_is_kept_until_its_volume_goes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pool");
         let pool = open_pool(&path).await;
@@ -972,21 +1011,30 @@ mod tests {
             replicas.get("db").is_none(),
             "a replica with a bad header is not served"
         );
-        let names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
-        assert!(
-            names.contains(&format!("{POOL_VOLUME_PREFIX}db")),
-            "its data is kept: {names:?}"
-        );
+        let names = |pool: &Pool| -> Vec<String> {
+            pool.list_volumes().into_iter().map(|v| v.name).collect()
+        };
+        let kept = format!("{POOL_VOLUME_PREFIX}db");
+        assert!(names(&pool).contains(&kept), "its data is kept");
+        // A deletion by id cannot tell it is that replica; the volume's
+        // deletion takes it.
+        let by_id = ExpectedReplica {
+            replica_id: 2,
+            volume_uid: 5,
+        };
+        assert!(matches!(
+            replicas.delete("db", Some(by_id)).await,
+            Err(ReplicaError::OtherReplica(_))
+        ));
+        assert!(names(&pool).contains(&kept));
+        replicas.delete("db", None).await.unwrap();
+        assert!(!names(&pool).contains(&kept));
         // A replica whose creation never finished (no header) still goes.
         pool.create_internal_volume(&format!("{POOL_VOLUME_PREFIX}half"), 4 * MIB)
             .await
             .unwrap();
         drop(replicas);
         Replicas::load(pool.clone()).await.unwrap();
-        let names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
-        assert!(
-            !names.contains(&format!("{POOL_VOLUME_PREFIX}half")),
-            "{names:?}"
-        );
+        assert!(!names(&pool).contains(&format!("{POOL_VOLUME_PREFIX}half")));
     }
 }
