@@ -95,12 +95,13 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     while cluster.nodes.len() < args.nodes {
         let i = cluster.nodes.len();
         let name = format!("node-{}", i + 1);
+        let [grpc, nbd, http, replication] = fresh_ports()?;
         cluster.nodes.push(NodeEntry {
             zone: ZONES[i % ZONES.len()].to_string(),
-            grpc: free_local_addr()?,
-            nbd: free_local_addr()?,
-            http: free_local_addr()?,
-            replication: Some(free_local_addr()?),
+            grpc,
+            nbd,
+            http,
+            replication: Some(replication),
             pool: dir.join(&name).join("pool.img"),
             name,
             pid: None,
@@ -172,6 +173,16 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
 fn free_local_addr() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?)
+}
+
+/// Addresses for a new node's four listeners: gRPC, NBD, HTTP, replication.
+fn fresh_ports() -> anyhow::Result<[SocketAddr; 4]> {
+    Ok([
+        free_local_addr()?,
+        free_local_addr()?,
+        free_local_addr()?,
+        free_local_addr()?,
+    ])
 }
 
 fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()> {
@@ -253,10 +264,11 @@ async fn wait_until_ready(
                         "{}: a port chosen for it was taken meanwhile; starting it on other ports",
                         node.entry.name
                     );
-                    node.entry.grpc = free_local_addr()?;
-                    node.entry.nbd = free_local_addr()?;
-                    node.entry.http = free_local_addr()?;
-                    node.entry.replication = Some(free_local_addr()?);
+                    let [grpc, nbd, http, replication] = fresh_ports()?;
+                    node.entry.grpc = grpc;
+                    node.entry.nbd = nbd;
+                    node.entry.http = http;
+                    node.entry.replication = Some(replication);
                     start(node, dir, args)?;
                     continue;
                 }

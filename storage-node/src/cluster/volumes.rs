@@ -785,12 +785,23 @@ pub async fn delete_replica_by_id(
     volume: &str,
     replica: ExpectedReplica,
 ) -> Result<(), VolumeError> {
+    delete_if_held(node, volume, Some(replica)).await
+}
+
+/// Deletes the replica of `volume` on `node` (only `only_if` when given);
+/// Ok(()) once the node holds none of that description, whether it deleted
+/// one or had none.
+async fn delete_if_held(
+    node: &NodeEntry,
+    volume: &str,
+    only_if: Option<ExpectedReplica>,
+) -> Result<(), VolumeError> {
     let deleted = client::connect(node)
         .await
         .map_err(|e| VolumeError::Unavailable(e.to_string()))?
         .delete_replica(DeleteReplicaRequest {
             volume: volume.to_string(),
-            only_if: Some(ReplicaRef {
+            only_if: only_if.map(|replica| ReplicaRef {
                 replica_id: replica.replica_id,
                 volume_uid: replica.volume_uid,
             }),
@@ -1009,7 +1020,7 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
     let mut remaining = Vec::new();
     for member in &volume.missing {
         let deleted = match cluster.node(&member.node) {
-            Ok(node) => delete_unlisted_replica(node, name).await,
+            Ok(node) => delete_if_held(node, name, None).await.is_ok(),
             Err(_) => false,
         };
         if !deleted {
@@ -1023,24 +1034,6 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
         )));
     }
     Ok(())
-}
-
-/// Whether `node` holds no replica of `volume` after it was asked to delete
-/// one it did not list.
-async fn delete_unlisted_replica(node: &NodeEntry, volume: &str) -> bool {
-    let Ok(mut client) = client::connect(node).await else {
-        return false;
-    };
-    let deleted = client
-        .delete_replica(DeleteReplicaRequest {
-            volume: volume.to_string(),
-            only_if: None,
-        })
-        .await;
-    match deleted {
-        Ok(_) => true,
-        Err(status) => status.code() == Code::NotFound,
-    }
 }
 
 /// Grows every replica, then has the open target (if any) take the new size;

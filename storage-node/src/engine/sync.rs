@@ -102,14 +102,21 @@ impl IoHold {
             .store(holding, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Writes and syncs waiting at the hold now.
-    pub(crate) fn waiting(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    /// Returns once a write or sync waits at the hold.
+    pub(crate) async fn until_held(&self) {
+        while self.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
-    /// Writes and syncs that went past the hold and finished.
-    pub(crate) fn done(&self) -> usize {
-        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    /// Lets held writes and syncs go; returns once one of them finished.
+    pub(crate) async fn release(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let done = self.done.load(SeqCst);
+        self.set(false);
+        while self.done.load(SeqCst) == done {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// Waits while I/O is held (on a blocking thread); the guard counts the

@@ -1162,27 +1162,25 @@ async fn an_in_place_write_dropped_by_a_stopping_runtime_still_reads_after_reope
             .build()
             .unwrap();
         runtime.spawn(async move { writer.write(0, &pattern(4096, 3), false).await });
-        runtime.block_on(async move {
-            while held.waiting() == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
+        runtime.block_on(held.until_held());
         runtime.shutdown_background();
     })
     .join()
     .unwrap();
-    let done = writes.done();
-    writes.set(false);
-    while writes.done() == done {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    writes.release().await;
 
-    pool.close().await.unwrap();
     drop(vol);
+    assert_block_0_after_a_clean_stop(pool, &path, &pattern(4096, 3)).await;
+}
+
+/// Closes `pool` as a clean stop does, opens it again, and checks that block
+/// 0 of volume "v" reads `expected` with no checksum failure.
+async fn assert_block_0_after_a_clean_stop(pool: Arc<Pool>, path: &Path, expected: &[u8]) {
+    pool.close().await.unwrap();
     drop(pool);
-    let pool = open_with_faults(&path, 64 * MIB).await;
+    let pool = open_with_faults(path, 64 * MIB).await;
     let vol = pool.volume("v").unwrap();
-    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
+    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), expected);
     assert_eq!(pool.checksum_failures(), 0);
 }
 
@@ -1208,24 +1206,13 @@ async fn a_commit_dropped_halfway_keeps_its_changes_for_the_next() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.commit().await })
     };
-    while hold.waiting() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    hold.until_held().await;
     committing.abort();
     assert!(committing.await.unwrap_err().is_cancelled());
-    let done = hold.done();
-    hold.set(false);
-    while hold.done() == done {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    hold.release().await;
 
-    pool.close().await.unwrap();
     drop(vol);
-    drop(pool);
-    let pool = open_with_faults(&path, 64 * MIB).await;
-    let vol = pool.volume("v").unwrap();
-    assert_same_bytes!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
-    assert_eq!(pool.checksum_failures(), 0);
+    assert_block_0_after_a_clean_stop(pool, &path, &pattern(4096, 3)).await;
 }
 
 /// A commit whose batch landed at the journal's start but whose sync failed

@@ -605,10 +605,7 @@ impl VolumeTarget {
             slot.last_attempt = Some(Instant::now());
         }
         let member = self.member(index);
-        let expected = ExpectedReplica {
-            replica_id: member.id,
-            volume_uid: self.volume_uid,
-        };
+        let expected = self.expected_replica(member.id);
         let link = if member.node == self.options.node {
             match self.local.get(&self.volume) {
                 Some(replica) => {
@@ -657,6 +654,15 @@ impl VolumeTarget {
         slot.incarnation = incarnation.or(slot.incarnation);
         slot.link = Some(link.clone());
         Ok(link)
+    }
+
+    /// Replica `replica_id` of this target's volume, as a link or a deletion
+    /// names it to a node.
+    fn expected_replica(&self, replica_id: u32) -> ExpectedReplica {
+        ExpectedReplica {
+            replica_id,
+            volume_uid: self.volume_uid,
+        }
     }
 
     /// Whether member `index` restarted while in sync (see [`LinkSlot`]).
@@ -1471,7 +1477,17 @@ fn common_client_error<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<
 /// until both give up.
 fn open_retry_pause(attempt: u32) -> Duration {
     const FIRST: Duration = Duration::from_millis(20);
-    (FIRST * 2u32.pow(attempt)).mul_f64(replace::random_fraction())
+    (FIRST * 2u32.pow(attempt)).mul_f64(random_fraction())
+}
+
+/// A number in [0, 1), from the standard library's per-process random
+/// hash keys (enough for jitter).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Asks the seeds, in turn, for a replica's state of `volume`.

@@ -25,11 +25,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Answer, VolumeTarget};
+use super::{random_fraction, Answer, VolumeTarget};
 use crate::cluster::{volumes, Discovery};
 use crate::replication::membership::{self, ReplicaId};
 use crate::replication::replica::Member;
-use crate::replication::wire::{ExpectedReplica, Op, Request};
+use crate::replication::wire::{Op, Request};
 
 /// How often the target looks for replicas faulted long enough.
 const REPLACE_POLL: Duration = Duration::from_secs(1);
@@ -237,11 +237,7 @@ impl VolumeTarget {
             let Ok(entry) = cluster.node(&node) else {
                 continue;
             };
-            let replica = ExpectedReplica {
-                replica_id: id,
-                volume_uid: self.volume_uid,
-            };
-            if volumes::delete_replica_by_id(entry, &self.volume, replica)
+            if volumes::delete_replica_by_id(entry, &self.volume, self.expected_replica(id))
                 .await
                 .is_ok()
             {
@@ -282,16 +278,6 @@ pub(super) fn spawn_sweeper(target: &Arc<VolumeTarget>) {
             }
         }
     });
-}
-
-/// A number in [0, 1), from the standard library's per-process random
-/// hash keys (enough for jitter).
-pub(super) fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let bits = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Watches the members and replaces those faulted for longer than
