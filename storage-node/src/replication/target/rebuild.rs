@@ -120,6 +120,17 @@ impl VolumeTarget {
             .collect()
     }
 
+    /// Each member being rebuilt: when its current attempt started and the
+    /// bytes it has copied so far.
+    pub(super) fn rebuild_attempts(&self) -> BTreeMap<usize, (Instant, u64)> {
+        self.rebuilding
+            .lock()
+            .expect("rebuild lock")
+            .iter()
+            .map(|(&index, progress)| (index, (progress.started, progress.bytes_copied)))
+            .collect()
+    }
+
     fn still_rebuilding(&self, index: usize) -> bool {
         self.rebuilding
             .lock()

@@ -290,9 +290,9 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
     };
     let weak = Arc::downgrade(target);
     tokio::spawn(async move {
-        // Since when each member (by id) is faulted, and when a failed
+        // How long each member (by id) is faulted, and when a failed
         // replacement may be tried again (with its last wait).
-        let mut faulted_since: BTreeMap<u32, Instant> = BTreeMap::new();
+        let mut clocks = FaultClocks::default();
         let mut retry: BTreeMap<u32, (Instant, Duration)> = BTreeMap::new();
         let mut round = 0u32;
         loop {
@@ -309,9 +309,9 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
                 continue;
             };
             let config = target.current();
-            let rebuilding = target.rebuilding_indexes();
-            faulted_since.retain(|id, _| config.members.contains(&ReplicaId(*id)));
-            retry.retain(|id, _| faulted_since.contains_key(id));
+            let attempts = target.rebuild_attempts();
+            clocks.retain(|id| config.members.contains(&ReplicaId(id)));
+            retry.retain(|id, _| clocks.is_faulted(*id));
             let leaving = config.moving.map(|moving| moving.leaving);
             for &id in &config.members {
                 // A member being moved leaves once its successor is in
@@ -321,18 +321,24 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
                 }
                 // An in-sync replica of an idle volume is dropped by no
                 // write; it counts as faulted while it cannot be reached.
-                if config.in_sync.contains(&id)
+                let health = if config.in_sync.contains(&id)
                     && target.connect(target.index_of(id), true).await.is_ok()
                 {
-                    faulted_since.remove(&id.0);
+                    Health::InSync
+                } else if let Some(&(started, copied)) = attempts.get(&target.index_of(id)) {
+                    Health::Rebuilding { started, copied }
+                } else {
+                    Health::Faulted
+                };
+                if health == Health::InSync {
                     retry.remove(&id.0);
-                    continue;
                 }
-                let since = *faulted_since.entry(id.0).or_insert_with(Instant::now);
                 // A rebuild under way may take long on a big volume; the
                 // replica is not replaced while it catches up.
-                if rebuilding.contains(&target.index_of(id))
-                    || since.elapsed() < after
+                let Some(faulted_for) = clocks.observe(id.0, health, Instant::now()) else {
+                    continue;
+                };
+                if faulted_for < after
                     || retry.get(&id.0).is_some_and(|(at, _)| Instant::now() < *at)
                 {
                     continue;
@@ -341,7 +347,7 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
                 tracing::warn!(
                     volume = %target.volume,
                     node = %from,
-                    faulted_for = ?since.elapsed(),
+                    ?faulted_for,
                     "replacing a replica that stayed faulted"
                 );
                 match target
@@ -350,7 +356,7 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
                 {
                     Ok(node) => {
                         tracing::info!(volume = %target.volume, from = %from, to = %node, "automatic replacement started");
-                        faulted_since.remove(&id.0);
+                        clocks.forget(id.0);
                         retry.remove(&id.0);
                     }
                     Err(err) => {
@@ -366,4 +372,168 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             }
         }
     });
+}
+
+/// What the replacer sees of a member at one look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// In sync and reachable.
+    InSync,
+    /// Being caught up: the attempt under way, and the bytes it copied.
+    Rebuilding { started: Instant, copied: u64 },
+    /// Out of sync or unreachable, with no rebuild under way.
+    Faulted,
+}
+
+/// How long each member has been faulted, for automatic replacement.
+///
+/// A member's clock starts when it is first seen out of sync or unreachable
+/// and restarts whenever its rebuild copies more data: a long copy that
+/// fails once (a dropped link, a node restart) is taken up again where it
+/// stopped instead of being thrown away for a full copy elsewhere, while a
+/// member whose rebuilds never copy anything (a pool that takes no data) is
+/// still replaced. A member being rebuilt is never due.
+#[derive(Debug, Default)]
+struct FaultClocks {
+    members: BTreeMap<u32, FaultClock>,
+}
+
+#[derive(Debug)]
+struct FaultClock {
+    since: Instant,
+    /// The rebuild attempt last seen and the bytes it had copied then.
+    attempt: Option<(Instant, u64)>,
+}
+
+impl FaultClocks {
+    /// Notes how member `id` is at `now`; returns how long it has been
+    /// faulted when it is faulted with no rebuild under way.
+    fn observe(&mut self, id: u32, health: Health, now: Instant) -> Option<Duration> {
+        let (started, copied) = match health {
+            Health::InSync => {
+                self.members.remove(&id);
+                return None;
+            }
+            Health::Faulted => {
+                let clock = self.members.entry(id).or_insert(FaultClock {
+                    since: now,
+                    attempt: None,
+                });
+                return Some(now.saturating_duration_since(clock.since));
+            }
+            Health::Rebuilding { started, copied } => (started, copied),
+        };
+        let clock = self.members.entry(id).or_insert(FaultClock {
+            since: now,
+            attempt: None,
+        });
+        let progressed = match clock.attempt {
+            Some((seen, before)) if seen == started => copied > before,
+            // An attempt not seen before: anything it copied is progress.
+            _ => copied > 0,
+        };
+        if progressed {
+            clock.since = now;
+        }
+        clock.attempt = Some((started, copied));
+        None
+    }
+
+    fn is_faulted(&self, id: u32) -> bool {
+        self.members.contains_key(&id)
+    }
+
+    fn forget(&mut self, id: u32) {
+        self.members.remove(&id);
+    }
+
+    fn retain(&mut self, keep: impl Fn(u32) -> bool) {
+        self.members.retain(|&id, _| keep(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_long_rebuild_interrupted_once_is_not_due_for_replacement() {
+        let mut clocks = FaultClocks::default();
+        let t0 = Instant::now();
+        assert_eq!(clocks.observe(2, Health::Faulted, t0), Some(Duration::ZERO));
+        // The node came back: a rebuild copies for an hour.
+        let attempt = t0 + MINUTE;
+        for minute in 1..=60u64 {
+            let health = Health::Rebuilding {
+                started: attempt,
+                copied: minute << 30,
+            };
+            assert_eq!(clocks.observe(2, health, t0 + MINUTE * minute as u32), None);
+        }
+        // Its link drops: between attempts it counts as faulted only since
+        // its copy last moved, not since the first fault an hour ago.
+        let gap = t0 + MINUTE * 61;
+        assert_eq!(clocks.observe(2, Health::Faulted, gap), Some(MINUTE));
+    }
+
+    #[test]
+    fn rebuilds_that_never_copy_leave_the_clock_running() {
+        let mut clocks = FaultClocks::default();
+        let t0 = Instant::now();
+        clocks.observe(1, Health::Faulted, t0);
+        // Attempt after attempt starts and fails before copying a byte.
+        for n in 1..=10u32 {
+            let started = t0 + MINUTE * n;
+            let health = Health::Rebuilding { started, copied: 0 };
+            assert_eq!(clocks.observe(1, health, started), None);
+            let later = Health::Rebuilding { started, copied: 0 };
+            assert_eq!(clocks.observe(1, later, started + MINUTE / 2), None);
+        }
+        let now = t0 + MINUTE * 11;
+        assert_eq!(clocks.observe(1, Health::Faulted, now), Some(MINUTE * 11));
+    }
+
+    #[test]
+    fn the_clock_restarts_at_the_last_copy_seen() {
+        let mut clocks = FaultClocks::default();
+        let t0 = Instant::now();
+        clocks.observe(3, Health::Faulted, t0);
+        // First seen a minute in, having copied already.
+        let first = Health::Rebuilding {
+            started: t0,
+            copied: 500,
+        };
+        clocks.observe(3, first, t0 + MINUTE);
+        assert_eq!(
+            clocks.observe(3, Health::Faulted, t0 + MINUTE * 3),
+            Some(MINUTE * 2)
+        );
+        // A second attempt that copies, then stalls.
+        let second = t0 + MINUTE * 4;
+        let stalled = Health::Rebuilding {
+            started: second,
+            copied: 100,
+        };
+        clocks.observe(3, stalled, second);
+        clocks.observe(3, stalled, second + MINUTE);
+        assert_eq!(
+            clocks.observe(3, Health::Faulted, second + MINUTE * 2),
+            Some(MINUTE * 2)
+        );
+    }
+
+    #[test]
+    fn a_member_back_in_sync_starts_afresh() {
+        let mut clocks = FaultClocks::default();
+        let t0 = Instant::now();
+        clocks.observe(4, Health::Faulted, t0);
+        assert_eq!(clocks.observe(4, Health::InSync, t0 + MINUTE * 30), None);
+        assert!(!clocks.is_faulted(4));
+        assert_eq!(
+            clocks.observe(4, Health::Faulted, t0 + MINUTE * 31),
+            Some(Duration::ZERO)
+        );
+    }
 }
