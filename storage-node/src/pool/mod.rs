@@ -738,6 +738,11 @@ impl Pool {
         opening: &[u32],
     ) -> Result<(), PoolError> {
         let layout = &self.superblock.layout;
+        // Until this checkpoint is durable, whatever ends it (an error, the
+        // caller dropping this future) leaves the next commit a checkpoint
+        // too: a resize or a creation kept in memory is made durable by a
+        // checkpoint only, never by a journal batch.
+        commit.checkpoint_needed = true;
         let generation = commit.checkpoint_generation + 1;
         // A checkpoint uses up a sequence number. A commit that failed or was
         // dropped may have left its batch at the journal's start under the
@@ -786,13 +791,12 @@ impl Pool {
                 "metadata no longer fits a checkpoint slot".into(),
             ));
         }
+        // A checkpoint cut off while writing may leave part of itself in the
+        // slot. The retry (checkpoint_needed, set above) goes to the same
+        // slot under the same generation, and no journal batch is written
+        // before it: replay would not find one written at the old journal
+        // position after this checkpoint.
         let slot = (generation % 2) as usize;
-        // Until it is durable, whatever ends this checkpoint (an error, or
-        // the caller dropping this future) may leave it in the slot. The
-        // retry goes to the same slot under the same generation, and no
-        // journal batch is written before it: replay would not find one
-        // written at the old journal position after this checkpoint.
-        commit.checkpoint_needed = true;
         // Data covered by the snapshot must be durable before the snapshot is.
         self.engine.sync_data().await?;
         write_bytes(&self.engine, layout.checkpoint_start[slot], &encoded).await?;
