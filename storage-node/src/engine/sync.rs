@@ -91,6 +91,10 @@ pub(crate) struct Faults {
 #[derive(Debug, Default)]
 pub(crate) struct IoHold {
     holding: std::sync::atomic::AtomicBool,
+    /// Set by [`IoHold::hold_next`]: the hold is for one write or sync, the
+    /// first to come (`claimed`); the others go by.
+    one_shot: std::sync::atomic::AtomicBool,
+    claimed: std::sync::atomic::AtomicBool,
     waiting: std::sync::atomic::AtomicUsize,
     done: std::sync::atomic::AtomicUsize,
 }
@@ -98,8 +102,19 @@ pub(crate) struct IoHold {
 #[cfg(test)]
 impl IoHold {
     pub(crate) fn set(&self, holding: bool) {
-        self.holding
-            .store(holding, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        if holding {
+            self.one_shot.store(false, SeqCst);
+        }
+        self.holding.store(holding, SeqCst);
+    }
+
+    /// Holds the next write or sync only; those after it go by.
+    pub(crate) fn hold_next(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.claimed.store(false, SeqCst);
+        self.one_shot.store(true, SeqCst);
+        self.holding.store(true, SeqCst);
     }
 
     /// Returns once a write or sync waits at the hold.
@@ -123,11 +138,14 @@ impl IoHold {
     /// write or sync done when it drops.
     fn wait(self: Arc<Self>) -> impl Drop {
         use std::sync::atomic::Ordering::SeqCst;
-        self.waiting.fetch_add(1, SeqCst);
-        while self.holding.load(SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        let held = !self.one_shot.load(SeqCst) || !self.claimed.swap(true, SeqCst);
+        if held {
+            self.waiting.fetch_add(1, SeqCst);
+            while self.holding.load(SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.waiting.fetch_sub(1, SeqCst);
         }
-        self.waiting.fetch_sub(1, SeqCst);
         struct Done(Arc<IoHold>);
         impl Drop for Done {
             fn drop(&mut self) {

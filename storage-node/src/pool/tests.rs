@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
+use crate::engine::sync::IoHold;
 use crate::target::{BlockError, BlockTarget};
 
 const MIB: u64 = 1 << 20;
@@ -1151,26 +1152,31 @@ async fn an_in_place_write_dropped_by_a_stopping_runtime_still_reads_after_reope
     vol.write(0, &pattern(4096, 2), true).await.unwrap();
     let writes = pool.engine.faults().hold.clone();
     writes.set(true);
+    drop_a_held_write(&pool, &writes, &pattern(4096, 3));
+    writes.release().await;
 
-    // The write runs on a runtime of its own, which stops while the write
-    // waits at the device.
+    drop(vol);
+    assert_block_0_after_a_clean_stop(pool, &path, &pattern(4096, 3)).await;
+}
+
+/// Writes `data` to block 0 of volume "v" on a runtime of its own, which
+/// stops (as a node's connection runtimes do) while the write waits at the
+/// device, held by `hold`.
+fn drop_a_held_write(pool: &Arc<Pool>, hold: &Arc<IoHold>, data: &[u8]) {
     let writer = pool.volume("v").unwrap();
-    let held = writes.clone();
+    let held = hold.clone();
+    let data = data.to_vec();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        runtime.spawn(async move { writer.write(0, &pattern(4096, 3), false).await });
+        runtime.spawn(async move { writer.write(0, &data, false).await });
         runtime.block_on(held.until_held());
         runtime.shutdown_background();
     })
     .join()
     .unwrap();
-    writes.release().await;
-
-    drop(vol);
-    assert_block_0_after_a_clean_stop(pool, &path, &pattern(4096, 3)).await;
 }
 
 /// Closes `pool` as a clean stop does, opens it again, and checks that block
@@ -1241,4 +1247,38 @@ async fn a_stray_batch_from_a_failed_commit_is_not_replayed_after_a_checkpoint()
     let pool = open_with_faults(&path, 64 * MIB).await;
     let vol = pool.volume("v").unwrap();
     assert_same_bytes!(vol.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+}
+
+/// An in-place write dropped by a stopping runtime while the device still
+/// has its data: if its volume is deleted meanwhile, the block being written
+/// must not go to another write before the device is done with it, or the
+/// late write would land on that write's data.
+#[tokio::test]
+async fn blocks_under_an_abandoned_in_place_write_stay_taken_until_it_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = open_with_faults(&path, 64 * MIB).await;
+    let all_free = pool.usage().free;
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(4096, 1), true).await.unwrap();
+    vol.write(0, &pattern(4096, 2), true).await.unwrap(); // opens the region
+    drop(vol);
+
+    // Only the write is held: the deletion's checkpoint goes by.
+    let hold = pool.engine.faults().hold.clone();
+    hold.hold_next();
+    drop_a_held_write(&pool, &hold, &pattern(4096, 3));
+    pool.delete_volume("v").await.unwrap();
+    assert!(
+        pool.usage().free < all_free,
+        "the block under the held write went back to the allocator"
+    );
+
+    hold.release().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pool.usage().free < all_free {
+        assert!(std::time::Instant::now() < deadline, "blocks never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }

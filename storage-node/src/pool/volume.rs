@@ -22,6 +22,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
+use super::epoch::Epoch;
 use super::format::{data_crc, region_of, BlockEntry, JournalRecord, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::{Pool, PoolError};
 use crate::engine::{is_aligned, AlignedBuf};
@@ -431,7 +432,7 @@ impl BlockWriter {
         // (frees this pin would hold back), and before the volume is checked:
         // if it is still there, the blocks written in place are not reused
         // before this write is done, even if it is deleted meanwhile.
-        let _epoch = pool.epochs.pin();
+        let epoch = pool.epochs.pin();
         if !pool
             .state
             .lock()
@@ -443,7 +444,7 @@ impl BlockWriter {
             return Err(BlockError::Gone);
         }
         plan.handed_to_device = true;
-        if let Err(err) = self.write_runs(buf, &plan.pbas).await {
+        if let Err(err) = self.write_runs(buf, &plan, &epoch).await {
             pool.release_unused(&plan.new_blocks());
             if let Err(read_err) = self.adopt_failed_in_place(first, &mut plan).await {
                 // Its region stays open until the pool is next opened, whose
@@ -618,20 +619,51 @@ impl BlockWriter {
 
     /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks, each
     /// from its part of `buf` (block-aligned slices of aligned memory).
-    async fn write_runs(&self, buf: Bytes, pbas: &[u32]) -> std::io::Result<()> {
+    /// Writes `buf` to the blocks of `plan`, one device write per run of
+    /// consecutive blocks. A run with blocks written in place carries the
+    /// epoch pin `epoch` to the device: should this write's task be dropped
+    /// (a stopping node), the device may still be writing those blocks, and
+    /// were the volume deleted meanwhile they must not go to another write
+    /// until it is done. (New blocks of a dropped plan are never released.)
+    async fn write_runs(
+        &self,
+        buf: Bytes,
+        plan: &WritePlan<'_>,
+        epoch: &Arc<Epoch>,
+    ) -> std::io::Result<()> {
         let engine = &self.pool.engine;
+        let pbas = &plan.pbas;
         let entries: Vec<BlockEntry> = pbas
             .iter()
             .map(|p| BlockEntry { pba: *p, crc: 0 })
             .collect();
         let writes = mapped_runs(&entries).into_iter().map(|(start, len)| {
-            let part = buf.slice(start * BLOCK_SIZE..(start + len) * BLOCK_SIZE);
+            let mut part = buf.slice(start * BLOCK_SIZE..(start + len) * BLOCK_SIZE);
+            if plan.in_place[start..start + len].contains(&true) {
+                part = Bytes::from_owner(PinnedUntilWritten {
+                    data: part,
+                    _epoch: epoch.clone(),
+                });
+            }
             engine.write_shared(part, pbas[start] as u64 * BLOCK_SIZE_U64)
         });
         for res in futures::future::join_all(writes).await {
             res?;
         }
         Ok(())
+    }
+}
+
+/// Data on its way to blocks written in place, with the epoch pin that keeps
+/// those blocks from being handed out again until the device is done with it.
+struct PinnedUntilWritten {
+    data: Bytes,
+    _epoch: Arc<Epoch>,
+}
+
+impl AsRef<[u8]> for PinnedUntilWritten {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
     }
 }
 
