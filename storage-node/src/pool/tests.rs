@@ -1144,12 +1144,7 @@ async fn an_in_place_write_dropped_by_a_stopping_runtime_still_reads_after_reope
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
     let pool = open_with_faults(&path, 64 * MIB).await;
-    pool.create_volume("v", 4 * MIB).await.unwrap();
-    let vol = pool.volume("v").unwrap();
-    vol.write(0, &pattern(4096, 1), true).await.unwrap();
-    // In place, which opens the block's region: the next write goes straight
-    // to the device.
-    vol.write(0, &pattern(4096, 2), true).await.unwrap();
+    let vol = volume_v_written_in_place_next(&pool).await;
     let writes = pool.engine.faults().hold.clone();
     writes.set(true);
     drop_a_held_write(&pool, &writes, &pattern(4096, 3));
@@ -1157,6 +1152,17 @@ async fn an_in_place_write_dropped_by_a_stopping_runtime_still_reads_after_reope
 
     drop(vol);
     assert_block_0_after_a_clean_stop(pool, &path, &pattern(4096, 3)).await;
+}
+
+/// Creates volume "v" and writes its block 0 twice, durably. The second
+/// write goes in place and opens the block's region, so the next write to
+/// block 0 goes straight to the device, in place.
+async fn volume_v_written_in_place_next(pool: &Arc<Pool>) -> Volume {
+    pool.create_volume("v", 4 * MIB).await.unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &pattern(4096, 1), true).await.unwrap();
+    vol.write(0, &pattern(4096, 2), true).await.unwrap();
+    vol
 }
 
 /// Writes `data` to block 0 of volume "v" on a runtime of its own, which
@@ -1200,10 +1206,7 @@ async fn a_commit_dropped_halfway_keeps_its_changes_for_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
     let pool = open_with_faults(&path, 64 * MIB).await;
-    pool.create_volume("v", 4 * MIB).await.unwrap();
-    let vol = pool.volume("v").unwrap();
-    vol.write(0, &pattern(4096, 1), true).await.unwrap();
-    vol.write(0, &pattern(4096, 2), true).await.unwrap(); // opens the region
+    let vol = volume_v_written_in_place_next(&pool).await;
     vol.write(0, &pattern(4096, 3), false).await.unwrap(); // in place, pending
 
     let hold = pool.engine.faults().hold.clone();
@@ -1259,10 +1262,7 @@ async fn blocks_under_an_abandoned_in_place_write_stay_taken_until_it_lands() {
     let path = dir.path().join("pool");
     let pool = open_with_faults(&path, 64 * MIB).await;
     let all_free = pool.usage().free;
-    pool.create_volume("v", 4 * MIB).await.unwrap();
-    let vol = pool.volume("v").unwrap();
-    vol.write(0, &pattern(4096, 1), true).await.unwrap();
-    vol.write(0, &pattern(4096, 2), true).await.unwrap(); // opens the region
+    let vol = volume_v_written_in_place_next(&pool).await;
     drop(vol);
 
     // Only the write is held: the deletion's checkpoint goes by.

@@ -617,10 +617,9 @@ impl BlockWriter {
         Ok(plan)
     }
 
-    /// Writes `buf` to `pbas`, one I/O per run of consecutive blocks, each
-    /// from its part of `buf` (block-aligned slices of aligned memory).
     /// Writes `buf` to the blocks of `plan`, one device write per run of
-    /// consecutive blocks. A run with blocks written in place carries the
+    /// consecutive blocks, each from its part of `buf` (block-aligned slices
+    /// of aligned memory). A run with blocks written in place carries the
     /// epoch pin `epoch` to the device: should this write's task be dropped
     /// (a stopping node), the device may still be writing those blocks, and
     /// were the volume deleted meanwhile they must not go to another write

@@ -311,7 +311,7 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             let config = target.current();
             let attempts = target.rebuild_attempts();
             clocks.retain(|id| config.members.contains(&ReplicaId(id)));
-            retry.retain(|id, _| clocks.is_faulted(*id));
+            retry.retain(|id, _| clocks.tracks(*id));
             let leaving = config.moving.map(|moving| moving.leaving);
             for &id in &config.members {
                 // A member being moved leaves once its successor is in
@@ -409,24 +409,17 @@ impl FaultClocks {
     /// Notes how member `id` is at `now`; returns how long it has been
     /// faulted when it is faulted with no rebuild under way.
     fn observe(&mut self, id: u32, health: Health, now: Instant) -> Option<Duration> {
-        let (started, copied) = match health {
-            Health::InSync => {
-                self.members.remove(&id);
-                return None;
-            }
-            Health::Faulted => {
-                let clock = self.members.entry(id).or_insert(FaultClock {
-                    since: now,
-                    attempt: None,
-                });
-                return Some(now.saturating_duration_since(clock.since));
-            }
-            Health::Rebuilding { started, copied } => (started, copied),
-        };
+        if health == Health::InSync {
+            self.members.remove(&id);
+            return None;
+        }
         let clock = self.members.entry(id).or_insert(FaultClock {
             since: now,
             attempt: None,
         });
+        let Health::Rebuilding { started, copied } = health else {
+            return Some(now.saturating_duration_since(clock.since));
+        };
         let progressed = match clock.attempt {
             Some((seen, before)) if seen == started => copied > before,
             // An attempt not seen before: anything it copied is progress.
@@ -439,7 +432,8 @@ impl FaultClocks {
         None
     }
 
-    fn is_faulted(&self, id: u32) -> bool {
+    /// Whether member `id` has a clock: faulted, or being rebuilt.
+    fn tracks(&self, id: u32) -> bool {
         self.members.contains_key(&id)
     }
 
@@ -530,7 +524,7 @@ mod tests {
         let t0 = Instant::now();
         clocks.observe(4, Health::Faulted, t0);
         assert_eq!(clocks.observe(4, Health::InSync, t0 + MINUTE * 30), None);
-        assert!(!clocks.is_faulted(4));
+        assert!(!clocks.tracks(4));
         assert_eq!(
             clocks.observe(4, Health::Faulted, t0 + MINUTE * 31),
             Some(Duration::ZERO)
