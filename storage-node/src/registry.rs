@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::pool::{is_internal_volume_name, Pool, Volume};
@@ -250,7 +251,7 @@ impl BlockTarget for Export {
         }
     }
 
-    async fn read(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         match self {
             Export::Local(v) => v.read(offset, len).await,
             Export::Replicated(t) => t.read(offset, len).await,

@@ -48,7 +48,7 @@ pub trait BlockTarget: Send + Sync + 'static {
     /// Preferred I/O size in bytes (the pool's block size).
     fn block_size(&self) -> u32;
 
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = BlockResult<Vec<u8>>> + Send;
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = BlockResult<Bytes>> + Send;
 
     fn write(
         &self,

@@ -16,7 +16,7 @@
 //! never reads replies stalls itself, not the server's memory.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -56,7 +56,6 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const BULK_REQUEST_BYTES: usize = 128 * 1024;
 
 const READ_BUFFER: usize = 128 * 1024;
-const WRITE_BUFFER: usize = 128 * 1024;
 /// Pause after an accept error caused by resource exhaustion, so a flood of
 /// connections cannot turn the accept loop into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -382,7 +381,7 @@ struct Reply {
     handle: u64,
     error: u32,
     /// The data of a successful READ.
-    data: Option<Vec<u8>>,
+    data: Option<Bytes>,
     _permits: Option<Permits>,
 }
 
@@ -578,11 +577,7 @@ async fn read_requests<T: BlockTarget>(
 }
 
 /// Runs one validated operation. Returns the data of a READ, or the NBD error.
-async fn execute<T: BlockTarget>(
-    target: &T,
-    op: Op,
-    payload: Bytes,
-) -> Result<Option<Vec<u8>>, u32> {
+async fn execute<T: BlockTarget>(target: &T, op: Op, payload: Bytes) -> Result<Option<Bytes>, u32> {
     let result = match op {
         Op::Read { offset, len } => match target.read(offset, len).await {
             // Sending a different length would desynchronise the stream.
@@ -662,21 +657,19 @@ async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> io::Resul
 
 /// The writer task: sends queued replies in order of completion.
 async fn write_replies(
-    wr: OwnedWriteHalf,
+    mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Reply>,
     failed: Arc<Notify>,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let mut batch = Vec::with_capacity(MAX_IN_FLIGHT_REQUESTS);
     let result = async {
-        while let Some(reply) = rx.recv().await {
-            write_reply(&mut w, reply).await?;
-            // Batch whatever else is ready into the same flush.
-            while let Ok(reply) = rx.try_recv() {
-                write_reply(&mut w, reply).await?;
-            }
-            w.flush().await?;
+        // Whatever else is ready goes out with the first reply.
+        while rx.recv_many(&mut batch, MAX_IN_FLIGHT_REQUESTS).await > 0 {
+            write_batch(&mut wr, &batch).await?;
+            // Dropping the replies releases their permits.
+            batch.clear();
         }
-        w.shutdown().await
+        wr.shutdown().await
     }
     .await;
     if result.is_err() {
@@ -685,13 +678,31 @@ async fn write_replies(
     result
 }
 
-async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: Reply) -> io::Result<()> {
-    w.write_all(&proto::simple_reply_header(reply.error, reply.handle))
-        .await?;
-    if let Some(data) = &reply.data {
-        w.write_all(data).await?;
+/// Writes `replies` back to back with vectored writes: each header, then
+/// its data where the target left it (a READ's is usually the buffer the
+/// device read into), so the data is not copied on its way to the socket.
+/// At most [`MAX_IN_FLIGHT_REQUESTS`] replies, two slices each, stay well
+/// under the kernel's limit of 1024 slices per call.
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, replies: &[Reply]) -> io::Result<()> {
+    let headers: Vec<[u8; proto::SIMPLE_REPLY_HEADER_LEN]> = replies
+        .iter()
+        .map(|reply| proto::simple_reply_header(reply.error, reply.handle))
+        .collect();
+    let mut slices = Vec::with_capacity(replies.len() * 2);
+    for (reply, header) in replies.iter().zip(&headers) {
+        slices.push(IoSlice::new(header));
+        if let Some(data) = &reply.data {
+            slices.push(IoSlice::new(data));
+        }
     }
-    // Dropping `reply` releases its permits.
+    let mut unsent = &mut slices[..];
+    while !unsent.is_empty() {
+        let written = w.write_vectored(unsent).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut unsent, written);
+    }
     Ok(())
 }
 
@@ -842,7 +853,7 @@ mod tests {
             self.block_size
         }
 
-        async fn read(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+        async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             self.injected()?;
             let r = self.range(offset, len.into())?;
@@ -850,7 +861,7 @@ mod tests {
             if matches!(*self.fail.lock().unwrap(), Some(Fail::ShortRead)) {
                 data.pop();
             }
-            Ok(data)
+            Ok(data.into())
         }
 
         async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
@@ -1876,6 +1887,93 @@ mod tests {
         assert!(target.snapshot(65_536, 4096).iter().all(|&b| b == 0));
         assert!(target.flushes.load(Ordering::SeqCst) >= 1);
         srv.stop().await.unwrap();
+    }
+
+    /// A socket that takes at most a few bytes per write, so every reply's
+    /// slices are cut at odd places.
+    struct Trickle {
+        written: Vec<u8>,
+        per_write: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = buf.len().min(self.per_write);
+            self.written.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            slices: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let mut n = 0;
+            for slice in slices {
+                let take = slice.len().min(self.per_write - n);
+                self.written.extend_from_slice(&slice[..take]);
+                n += take;
+                if n == self.per_write {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_replies_cut_by_short_writes_arrives_whole_and_in_order() {
+        let replies = vec![
+            Reply {
+                handle: 1,
+                error: 0,
+                data: Some(Bytes::from(pattern(4096, 1))),
+                _permits: None,
+            },
+            Reply::status(2, NBD_EIO),
+            Reply {
+                handle: 3,
+                error: 0,
+                data: Some(Bytes::from(pattern(513, 3))),
+                _permits: None,
+            },
+            Reply::status(4, 0),
+        ];
+        let mut expected = Vec::new();
+        for reply in &replies {
+            expected.extend_from_slice(&simple_reply_header(reply.error, reply.handle));
+            expected.extend_from_slice(reply.data.as_deref().unwrap_or_default());
+        }
+        for per_write in [1, 7, 16, 17, 4096, 1 << 20] {
+            let mut socket = Trickle {
+                written: Vec::new(),
+                per_write,
+            };
+            write_batch(&mut socket, &replies).await.unwrap();
+            assert!(socket.written == expected, "{per_write} bytes per write");
+        }
     }
 
     /// Runs a program, asserts it succeeded, returns stdout and stderr.

@@ -675,7 +675,7 @@ async fn snapshot_bytes(pool: &Arc<Pool>, snapshot: &str, offset: u64, len: u32)
         .await
         .unwrap();
     pool.delete_volume(&clone).await.unwrap();
-    data
+    data.to_vec()
 }
 
 #[tokio::test]

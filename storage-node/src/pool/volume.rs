@@ -194,7 +194,13 @@ impl Volume {
 
     /// Reads `n` whole blocks from `first`, every mapped one checked against
     /// its CRC. `ranged`: the caller holds the range lock over these blocks.
-    async fn read_blocks(&self, first: u64, n: u64, ranged: bool) -> BlockResult<Vec<u8>> {
+    ///
+    /// When every block is mapped and contiguous on disk (one run, as a
+    /// small read's always is), the engine's buffer is the result: no
+    /// zeroed buffer to copy it into. The caller then holds that buffer (an
+    /// engine slot, when one was free) until it drops the data; the engine
+    /// hands out plain memory while its slots are all taken.
+    async fn read_blocks(&self, first: u64, n: u64, ranged: bool) -> BlockResult<Bytes> {
         let pool = &self.pool;
         // Pinned before the map lookup: the blocks we look up stay ours until
         // the I/O is done, even if they are overwritten meanwhile.
@@ -204,7 +210,6 @@ impl Volume {
             let volume = state.volumes.get(&self.id).ok_or(BlockError::Gone)?;
             (first..first + n).map(|lba| volume.map.get(lba)).collect()
         };
-        let mut out = vec![0u8; n as usize * BLOCK_SIZE];
         let runs = mapped_runs(&entries);
         let reads = runs.iter().map(|&(start, len)| {
             let buf = pool.engine.read_buffer(len * BLOCK_SIZE);
@@ -212,14 +217,18 @@ impl Volume {
                 .read_at(buf, entries[start].pba as u64 * BLOCK_SIZE_U64)
         });
         let results = futures::future::join_all(reads).await;
-        for (&(start, len), (buf, res)) in runs.iter().zip(results) {
+        let whole = matches!(runs[..], [(0, len)] if len as u64 == n);
+        let mut out = if whole {
+            Vec::new()
+        } else {
+            vec![0u8; n as usize * BLOCK_SIZE]
+        };
+        for (&(start, len), (mut buf, res)) in runs.iter().zip(results) {
             res.map_err(|e| BlockError::Io(format!("reading volume {}: {e}", self.name)))?;
             for i in 0..len {
-                let block = &buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+                let block = &mut buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
                 let lba = first + (start + i) as u64;
-                let at = (start + i) * BLOCK_SIZE;
                 if data_crc(block) == entries[start + i].crc {
-                    out[at..at + BLOCK_SIZE].copy_from_slice(block);
                     continue;
                 }
                 // Perhaps an in-place write was under way; with the block's
@@ -227,7 +236,7 @@ impl Volume {
                 if !ranged {
                     let _range = self.ranges.lock(lba, lba + 1).await;
                     let again = Box::pin(self.read_blocks(lba, 1, true)).await?;
-                    out[at..at + BLOCK_SIZE].copy_from_slice(&again);
+                    block.copy_from_slice(&again);
                     continue;
                 }
                 let entry = entries[start + i];
@@ -244,8 +253,13 @@ impl Volume {
                     self.name
                 )));
             }
+            if whole {
+                return Ok(Bytes::from_owner(buf));
+            }
+            out[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE]
+                .copy_from_slice(&buf[..len * BLOCK_SIZE]);
         }
-        Ok(out)
+        Ok(Bytes::from(out))
     }
 
     async fn write_impl(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
@@ -802,20 +816,18 @@ impl BlockTarget for Volume {
         BLOCK_SIZE as u32
     }
 
-    async fn read(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         let started = Instant::now();
         let result = async {
             self.check_range(offset, len as u64)?;
             if len == 0 {
-                return Ok(Vec::new());
+                return Ok(Bytes::new());
             }
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len as u64 - 1) / BLOCK_SIZE_U64;
-            let mut blocks = self.read_blocks(first, last - first + 1, false).await?;
+            let blocks = self.read_blocks(first, last - first + 1, false).await?;
             let at = (offset % BLOCK_SIZE_U64) as usize;
-            blocks.drain(..at);
-            blocks.truncate(len as usize);
-            Ok(blocks)
+            Ok(blocks.slice(at..at + len as usize))
         }
         .await;
         self.metrics.read.record(started, len as u64, &result);

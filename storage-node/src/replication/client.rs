@@ -91,7 +91,7 @@ impl ReplicaClient {
         let incarnation = match answer {
             Some(reply) if reply.status == Status::Ok => {
                 // Older nodes answer Hello with nothing.
-                <[u8; 8]>::try_from(reply.payload.as_slice())
+                <[u8; 8]>::try_from(&reply.payload[..])
                     .ok()
                     .map(u64::from_le_bytes)
             }

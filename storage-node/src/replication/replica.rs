@@ -21,6 +21,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
@@ -260,7 +261,7 @@ impl Replica {
         let id = request.id;
         let (status, payload) = match self.execute(request).await {
             Ok(payload) => (Status::Ok, payload),
-            Err(refusal) => refusal,
+            Err((status, message)) => (status, Bytes::from(message)),
         };
         Reply {
             status,
@@ -269,16 +270,16 @@ impl Replica {
         }
     }
 
-    async fn execute(&self, request: Request) -> Result<Vec<u8>, (Status, Vec<u8>)> {
+    async fn execute(&self, request: Request) -> Result<Bytes, (Status, Vec<u8>)> {
         match request.op {
             Op::Hello => {
                 if let Some(expected) = request.expected_replica() {
                     self.check_identity(expected)
                         .map_err(|message| (Status::NotFound, message.into_bytes()))?;
                 }
-                Ok(self.incarnation.to_le_bytes().to_vec())
+                Ok(self.incarnation.to_le_bytes().to_vec().into())
             }
-            Op::GetState => Ok(json(&self.state().await)),
+            Op::GetState => Ok(json(&self.state().await).into()),
             Op::Prepare => {
                 let mut state = self.state.write().await;
                 let mut next = state.clone();
@@ -303,7 +304,7 @@ impl Replica {
                                 .lease_remaining()
                                 .as_micros()
                                 .div_ceil(1000) as u64;
-                        Ok(json(&record))
+                        Ok(json(&record).into())
                     }
                     PrepareReply::Fenced { .. } => {
                         Err((Status::Fenced, json(&self.record(&state))))
@@ -357,7 +358,7 @@ impl Replica {
                     *self.members.write().expect("members lock") = members;
                 }
                 *state = next;
-                Ok(json(&self.record(&state)))
+                Ok(json(&self.record(&state)).into())
             }
             Op::Snapshot => {
                 let name = std::str::from_utf8(&request.payload)
@@ -372,7 +373,7 @@ impl Replica {
                     .create_snapshot(self.data.name(), &pool_name)
                     .await
                 {
-                    Ok(_) => Ok(Vec::new()),
+                    Ok(_) => Ok(Bytes::new()),
                     Err(PoolError::SnapshotExists(_)) => Err(invalid(format!(
                         "snapshot {name:?} already exists on this node"
                     ))),
@@ -420,7 +421,7 @@ impl Replica {
         }
     }
 
-    async fn data_request(&self, request: &Request) -> Result<Vec<u8>, BlockError> {
+    async fn data_request(&self, request: &Request) -> Result<Bytes, BlockError> {
         let fua = request.flags & FLAG_FUA != 0;
         let size = self.size();
         let range = |len: u64| match request.offset.checked_add(len) {
@@ -444,13 +445,13 @@ impl Replica {
                 self.data
                     .write_owned(at, request.payload.clone(), fua)
                     .await?;
-                Ok(Vec::new())
+                Ok(Bytes::new())
             }
-            Op::Flush => self.data.flush().await.map(|()| Vec::new()),
+            Op::Flush => self.data.flush().await.map(|()| Bytes::new()),
             Op::Trim => {
                 let at = range(request.length)?;
                 self.data.trim(at, request.length).await?;
-                Ok(Vec::new())
+                Ok(Bytes::new())
             }
             Op::WriteZeroes => {
                 let at = range(request.length)?;
@@ -458,7 +459,7 @@ impl Replica {
                 self.data
                     .write_zeroes(at, request.length, fua, allocate)
                     .await?;
-                Ok(Vec::new())
+                Ok(Bytes::new())
             }
             Op::Digest => {
                 let extents = extent_count(size);
@@ -470,7 +471,11 @@ impl Replica {
                     EXTENT_BYTES,
                     HEADER_BYTES + size,
                 )?;
-                Ok(digests.iter().flat_map(|d| d.to_le_bytes()).collect())
+                Ok(digests
+                    .iter()
+                    .flat_map(|d| d.to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into())
             }
             Op::Hello | Op::GetState | Op::Prepare | Op::Persist | Op::Snapshot => {
                 unreachable!("not a data request")
@@ -939,7 +944,7 @@ mod tests {
         for (id, uid) in [(1, 77), (2, 76), (2, 0)] {
             let reply = replica.handle(hello(id, uid)).await;
             assert_eq!(reply.status, Status::NotFound, "replica {id}, uid {uid}");
-            let message = String::from_utf8(reply.payload).unwrap();
+            let message = String::from_utf8(reply.payload.to_vec()).unwrap();
             assert!(
                 message.contains("holds replica 2") && message.contains("uid 77"),
                 "{message}"

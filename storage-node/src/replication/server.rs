@@ -92,7 +92,7 @@ async fn connection(stream: TcpStream, replicas: Arc<Replicas>) -> Result<(), wi
                 &Reply {
                     status,
                     id: hello.id,
-                    payload: message.into_bytes(),
+                    payload: message.into(),
                 },
                 &mut out,
             );

@@ -208,7 +208,8 @@ pub struct ExpectedReplica {
 pub struct Reply {
     pub status: Status,
     pub id: u64,
-    pub payload: Vec<u8>,
+    /// A read's data, as the replica's engine read it (not copied).
+    pub payload: Bytes,
 }
 
 /// Why a frame could not be read. Every one of them ends the connection.
@@ -396,7 +397,7 @@ pub async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<R
     }
     check_seal(&header)?;
     let status = Status::from_u8(header[4]).ok_or(FrameError::UnknownStatus(header[4]))?;
-    let payload = read_payload(reader, u32_at(&header, 16)).await?;
+    let payload = Bytes::from(read_payload(reader, u32_at(&header, 16)).await?);
     Ok(Some(Reply {
         status,
         id: u64_at(&header, 8),
@@ -485,7 +486,7 @@ mod tests {
         let reply = Reply {
             status: Status::Checksum,
             id: 7,
-            payload: vec![1, 2, 3],
+            payload: Bytes::from_static(&[1, 2, 3]),
         };
         let mut bytes = Vec::new();
         encode_reply(&reply, &mut bytes);

@@ -144,7 +144,7 @@ impl TestCluster {
         request.length = extent_count(state.size);
         let reply = client.call(request, Duration::from_secs(30)).await.unwrap();
         assert_eq!(reply.status, Status::Ok);
-        reply.payload
+        reply.payload.to_vec()
     }
 
     /// Every byte of node `index`'s replica, read through the replication

@@ -138,7 +138,7 @@ struct LinkSlot {
 /// What one replica made of a request.
 #[derive(Debug, Clone)]
 enum Answer {
-    Done(Vec<u8>),
+    Done(Bytes),
     /// Refused with a status other than Ok.
     Refused(Status, String),
     /// Not reachable, or no answer in time.
@@ -1145,7 +1145,7 @@ impl VolumeTarget {
         order
     }
 
-    async fn read_impl(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+    async fn read_impl(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         self.check_range(offset, len as u64)?;
         if !self.lease.is_valid() {
             self.renew_lease().await?;
@@ -1258,7 +1258,6 @@ impl VolumeTarget {
         let Some(Answer::Done(data)) = read else {
             return;
         };
-        let data = Bytes::from(data);
         let rewrites = self
             .send_io(bad_copies, |_| {
                 let mut request = Request::new(Op::Write, 0, config.epoch);
@@ -1536,7 +1535,7 @@ impl BlockTarget for VolumeTarget {
         4096
     }
 
-    async fn read(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         self.read_impl(offset, len).await
     }
 

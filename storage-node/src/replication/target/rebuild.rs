@@ -18,6 +18,7 @@
 //! flushed, the replica is added to the in-sync set by a configuration change
 //! (both rounds, new epoch), like a shrink in reverse.
 
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -406,7 +407,7 @@ impl VolumeTarget {
             .expect("one answer")
     }
 
-    async fn expect_done(&self, index: usize, request: Request) -> Result<Vec<u8>, String> {
+    async fn expect_done(&self, index: usize, request: Request) -> Result<Bytes, String> {
         match self.send_one(index, request).await {
             Answer::Done(payload) => Ok(payload),
             other => Err(format!("replica on {}: {other:?}", self.node_of(index))),
@@ -464,7 +465,7 @@ impl VolumeTarget {
         let data = self.expect_done(source, read).await?;
         let mut write = Request::new(Op::Write, 0, epoch);
         write.offset = start;
-        write.payload = data.into();
+        write.payload = data;
         self.expect_done(dest, write).await?;
         Ok(len)
     }
