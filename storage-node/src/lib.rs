@@ -17,3 +17,4 @@ pub mod registry;
 pub mod replication;
 pub mod runtime;
 pub mod target;
+pub mod vectored;

@@ -695,15 +695,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, replies: &[Reply]) -> io:
             slices.push(IoSlice::new(data));
         }
     }
-    let mut unsent = &mut slices[..];
-    while !unsent.is_empty() {
-        let written = w.write_vectored(unsent).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut unsent, written);
-    }
-    Ok(())
+    crate::vectored::write_all_vectored(w, &mut slices).await
 }
 
 /// Queues a reply. If the writer is gone the connection is closing and the
