@@ -105,20 +105,23 @@ async fn connection(stream: TcpStream, replicas: Arc<Replicas>) -> Result<(), wi
     wire::write_frames(&mut write_half, &out).await?;
 
     // Replies go through one writer task that sends whatever is ready in one
-    // write, so a burst of small replies costs one system call.
+    // vectored write, so a burst of small replies costs one system call and
+    // a read's data is not copied on its way out.
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
-        let mut out = Vec::with_capacity(64 << 10);
+        let mut batch = wire::ReplyBatch::default();
         while let Some(reply) = reply_rx.recv().await {
-            out.clear();
-            wire::encode_reply(&reply, &mut out);
-            while out.len() < (1 << 20) {
+            batch.push(&reply);
+            while batch.len() < (1 << 20) {
                 match reply_rx.try_recv() {
-                    Ok(reply) => wire::encode_reply(&reply, &mut out),
+                    Ok(reply) => batch.push(&reply),
                     Err(_) => break,
                 }
             }
-            if wire::write_frames(&mut write_half, &out).await.is_err() {
+            if wire::write_parts(&mut write_half, &batch.take())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
