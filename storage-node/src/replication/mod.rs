@@ -6,12 +6,14 @@
 //!   targets over them.
 //! * `wire`: the framing of the replication protocol.
 //! * `replica`: a node's copy of a volume, with its persisted membership
-//!   state; `server`: the endpoint through which targets reach it.
+//!   state (`header`: how that state is kept on the device); `server`: the
+//!   endpoint through which targets reach it.
 //! * `client` and `target`: the volume target that serves the NBD export and
 //!   drives the replicas (`crate::range_lock` orders its overlapping
 //!   writes); `lease` keeps a deposed target from serving stale reads.
 
 pub mod client;
+mod header;
 pub mod lease;
 pub mod membership;
 pub mod replica;

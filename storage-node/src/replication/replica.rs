@@ -25,6 +25,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
+use super::header::{Header, HeaderBlock, HeaderError};
 use super::lease::LastAccepted;
 use super::membership::{self, Config, IoReply, Move, PrepareReply, ReplicaId, ReplicaState};
 use super::wire::{
@@ -34,11 +35,10 @@ use super::wire::{
 use crate::pool::{Pool, PoolError, Volume};
 use crate::target::{BlockError, BlockTarget};
 
-/// Bytes in front of the data in a replica's pool volume.
-pub const HEADER_BYTES: u64 = 4096;
+/// Bytes in front of the data in a replica's pool volume: its header.
+pub use super::header::HEADER_BYTES;
 /// The unit of comparison between replicas (digests) and of rebuild copies.
 pub const EXTENT_BYTES: u64 = 1 << 20;
-const HEADER_MAGIC: &[u8; 8] = b"STRATREP";
 const POOL_VOLUME_PREFIX: &str = "replica:";
 
 /// A member of a replicated volume: which replica, on which node, reached where.
@@ -138,20 +138,6 @@ pub struct ReplicaSnapshot {
     pub created_unix: u64,
 }
 
-/// The persisted header.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Header {
-    volume: String,
-    /// Which volume of that name this replica belongs to, chosen when the
-    /// volume was created (0 in headers written before there was one).
-    #[serde(default)]
-    volume_uid: u64,
-    replica_id: u32,
-    members: Vec<Member>,
-    promised_epoch: u64,
-    config: ConfigRecord,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("{0}")]
@@ -192,6 +178,9 @@ pub struct Replica {
     incarnation: u64,
     /// When this replica last accepted a data request (see `lease`).
     last_accepted: LastAccepted,
+    /// The header block as last written; header writes take turns under
+    /// this lock (see `header`).
+    header: tokio::sync::Mutex<HeaderBlock>,
 }
 
 impl Replica {
@@ -252,8 +241,11 @@ impl Replica {
             promised_epoch: state.promised_epoch,
             config: ConfigRecord::from(&state.config),
         };
-        let block = encode_header(&header).map_err(BlockError::Io)?;
-        self.data.write(0, &block, true).await
+        let mut block = self.header.lock().await;
+        let next = block.with(&header).map_err(BlockError::Io)?;
+        self.data.write(0, next.bytes(), true).await?;
+        *block = next;
+        Ok(())
     }
 
     /// Answers one request. Never fails: every error is a status.
@@ -509,32 +501,6 @@ fn block_status(err: BlockError) -> (Status, Vec<u8>) {
     (status, err.to_string().into_bytes())
 }
 
-fn encode_header(header: &Header) -> Result<Vec<u8>, String> {
-    let body = serde_json::to_vec(header).map_err(|e| e.to_string())?;
-    let mut block = vec![0u8; HEADER_BYTES as usize];
-    if body.len() > block.len() - 12 {
-        return Err(format!(
-            "replica header of {} bytes does not fit in a block",
-            body.len()
-        ));
-    }
-    block[..8].copy_from_slice(HEADER_MAGIC);
-    block[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    block[12..12 + body.len()].copy_from_slice(&body);
-    Ok(block)
-}
-
-fn decode_header(block: &[u8]) -> Result<Header, String> {
-    if block.len() < 12 || &block[..8] != HEADER_MAGIC {
-        return Err("no replica header (creation did not finish)".into());
-    }
-    let len = u32::from_le_bytes(block[8..12].try_into().expect("4 bytes")) as usize;
-    let body = block
-        .get(12..12 + len)
-        .ok_or_else(|| "header length out of range".to_string())?;
-    serde_json::from_slice(body).map_err(|e| e.to_string())
-}
-
 /// Which replica a new one is: of which volume, and which member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaIdentity<'a> {
@@ -593,22 +559,22 @@ impl Replicas {
             };
             // A volume cloned from a snapshot starts with the source's
             // header until its own is written: such a clone is unfinished.
-            let header = match decode_header(&block) {
-                Ok(h) if h.volume == volume_name => Ok(h),
-                Ok(h) => Err(format!("header names volume {:?}", h.volume)),
-                Err(err) if block.starts_with(HEADER_MAGIC) => {
+            let header = match HeaderBlock::decode(&block) {
+                Ok((h, block)) if h.volume == volume_name => Ok((h, block)),
+                Ok((h, _)) => Err(format!("header names volume {:?}", h.volume)),
+                Err(err @ HeaderError::Damaged(_)) => {
                     tracing::error!(
                         volume = volume_name,
                         %err,
                         "the replica's header does not decode; the replica is kept in the pool but not served"
                     );
-                    unreadable.insert(volume_name.to_string(), err);
+                    unreadable.insert(volume_name.to_string(), err.to_string());
                     continue;
                 }
-                Err(err) => Err(err),
+                Err(err @ HeaderError::Missing) => Err(err.to_string()),
             };
             match header {
-                Ok(header) => {
+                Ok((header, header_block)) => {
                     let replica = Replica {
                         pool: pool.clone(),
                         volume_name: header.volume.clone(),
@@ -622,6 +588,7 @@ impl Replicas {
                         }),
                         incarnation: uuid::Uuid::new_v4().as_u64_pair().0,
                         last_accepted: LastAccepted::default(),
+                        header: tokio::sync::Mutex::new(header_block),
                     };
                     by_volume.insert(volume_name.to_string(), Arc::new(replica));
                 }
@@ -749,6 +716,7 @@ impl Replicas {
             state: RwLock::new(state.clone()),
             incarnation: uuid::Uuid::new_v4().as_u64_pair().0,
             last_accepted: LastAccepted::never(),
+            header: tokio::sync::Mutex::new(HeaderBlock::fresh()),
         });
         if let Err(err) = replica.persist(&state).await {
             let _ = self.pool.delete_volume(&pool_name).await;
@@ -982,6 +950,58 @@ mod tests {
         assert!(replicas.get("db").is_none());
     }
 
+    /// Prepare(epoch) on `replica`, which persists its promise.
+    async fn prepare(replica: &Replica, epoch: u64) {
+        let reply = replica.handle(Request::new(Op::Prepare, 1, epoch)).await;
+        assert_eq!(reply.status, Status::Ok, "prepare {epoch}");
+    }
+
+    #[tokio::test]
+    async fn a_torn_header_write_leaves_the_promise_made_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool");
+        let pool = open_pool(&path).await;
+        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        let replica = create(&replicas, 5).await;
+        prepare(&replica, 1).await;
+        prepare(&replica, 2).await;
+
+        // The header write of a promise of epoch 3, torn by a crash: only
+        // the first 100 bytes of the slot it replaced landed, and the pool,
+        // as its scan after an unclean stop does for an in-place write,
+        // took what is there as the block's data.
+        let mut header = replica.header.lock().await.bytes().to_vec();
+        let (mut third, _) = HeaderBlock::decode(&header).unwrap();
+        third.promised_epoch = 3;
+        let written = HeaderBlock::decode(&header)
+            .unwrap()
+            .1
+            .with(&third)
+            .unwrap();
+        let torn_slot = written.newest_slot_range().unwrap();
+        let landed = torn_slot.start..torn_slot.start + 100;
+        header[landed.clone()].copy_from_slice(&written.bytes()[landed]);
+        replica.data.write(0, &header, true).await.unwrap();
+        drop(replica);
+        drop(replicas);
+        pool.close().await.unwrap();
+        drop(pool);
+
+        let pool = open_pool(&path).await;
+        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        let replica = replicas.get("db").expect("the replica is served");
+        assert_eq!(replica.state().await.promised_epoch, 2);
+        // It goes on from there, and its next promise is kept.
+        prepare(&replica, 3).await;
+        drop(replica);
+        drop(replicas);
+        pool.close().await.unwrap();
+        drop(pool);
+        let pool = open_pool(&path).await;
+        let replicas = Replicas::load(pool).await.unwrap();
+        assert_eq!(replicas.get("db").unwrap().state().await.promised_epoch, 3);
+    }
+
     #[tokio::test]
     async fn a_replica_whose_header_fails_its_checksum_is_kept_until_its_volume_goes() {
         let dir = tempfile::tempdir().unwrap();
@@ -1003,7 +1023,7 @@ mod tests {
         let mut at = 0u64;
         loop {
             file.read_exact_at(&mut block, at).unwrap();
-            if block.starts_with(HEADER_MAGIC) {
+            if super::super::header::looks_like_header(&block) {
                 break;
             }
             at += HEADER_BYTES;
