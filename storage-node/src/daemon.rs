@@ -168,11 +168,11 @@ fn replacement(args: &NodeArgs) -> Option<replication::target::Replacement> {
             return None;
         }
     };
-    Some(replication::target::Replacement {
-        after: (args.replace_faulted_after_secs > 0)
+    Some(replication::target::Replacement::new(
+        (args.replace_faulted_after_secs > 0)
             .then(|| Duration::from_secs(args.replace_faulted_after_secs)),
         discovery,
-    })
+    ))
 }
 
 /// Logs to stderr, `info` unless RUST_LOG says otherwise.

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub repaired_blocks: Family<VolumeLabels, Counter>,
     pub scrub_passes: Family<VolumeLabels, Counter>,
     pub replaced_replicas: Family<VolumeLabels, Counter>,
+    pub leftover_surveys: Counter,
 }
 
 impl Default for Metrics {
@@ -110,6 +111,7 @@ impl Metrics {
         let repaired_blocks = Family::<VolumeLabels, Counter>::default();
         let scrub_passes = Family::<VolumeLabels, Counter>::default();
         let replaced_replicas = Family::<VolumeLabels, Counter>::default();
+        let leftover_surveys = Counter::default();
         registry.register(
             "target_in_sync_replicas",
             "Replicas in the in-sync set of a volume served here",
@@ -146,6 +148,12 @@ impl Metrics {
              counts in rebuild_copied_bytes)",
             replaced_replicas.clone(),
         );
+        registry.register(
+            "leftover_surveys",
+            "Looks over the whole cluster for leftover replicas of the volumes served here \
+             (one look serves every target due for one)",
+            leftover_surveys.clone(),
+        );
         Metrics {
             registry,
             io_ops,
@@ -164,6 +172,7 @@ impl Metrics {
             repaired_blocks,
             scrub_passes,
             replaced_replicas,
+            leftover_surveys,
         }
     }
 

@@ -718,3 +718,42 @@ async fn a_replacement_replica_starts_out_of_sync() {
         .collect();
     assert_eq!(uids, vec![7, 7]);
 }
+
+/// A node's targets share their looks over the cluster for leftover
+/// replicas (each look asks every node for everything it holds): targets
+/// opened together cost one look, not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_opened_together_share_their_look_for_leftovers() {
+    let (_dir, cluster) = start_knowing_the_cluster(&[]);
+    let names = ["share-1", "share-2", "share-3", "share-4"];
+    for name in names {
+        cluster.create_volume(name, 16 * MIB, 3).await;
+    }
+    let surveys = || {
+        cluster.nodes[0]
+            .metric("strata_leftover_surveys_total")
+            .unwrap_or(0.0)
+    };
+    assert_eq!(surveys(), 0.0, "no target yet, no look");
+    let opening = std::time::Instant::now();
+    for name in names {
+        cluster.export(name, 0).await;
+    }
+    let opened_in = opening.elapsed();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while surveys() < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no look for leftovers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every target's first look is due within seconds of the others'.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        surveys(),
+        1.0,
+        "four targets opened within {opened_in:?} looked {} times",
+        surveys()
+    );
+}

@@ -903,20 +903,12 @@ pub async fn delete_retired(cluster: &ClusterFile, name: &str) -> Vec<String> {
 ///
 /// Returns whether every retired replica that had joined is gone (false
 /// when the configs were not settled, or a node did not answer or refused).
-pub async fn delete_leftovers(
-    cluster: &ClusterFile,
-    name: &str,
-    target_uid: u64,
-    target_epoch: u64,
-) -> bool {
-    let Ok(volume) = get(cluster, name).await else {
-        return false;
-    };
+pub async fn delete_leftovers(volume: &VolumeReport, target_uid: u64, target_epoch: u64) -> bool {
     let Some((leftovers, all)) = volume.leftovers_of(target_uid, target_epoch) else {
         return false;
     };
     let found = leftovers.len();
-    all && delete_reports(name, leftovers).await.len() == found
+    all && delete_reports(&volume.name, leftovers).await.len() == found
 }
 
 async fn delete_reports(name: &str, reports: Vec<&ReplicaReport>) -> Vec<String> {

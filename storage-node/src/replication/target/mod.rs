@@ -36,6 +36,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 mod rebuild;
 mod replace;
 mod scrub;
+mod sweep;
 pub use rebuild::RebuildProgress;
 pub use replace::{ReplaceError, Replacement};
 
@@ -285,7 +286,7 @@ impl VolumeTarget {
         scrub::spawn_scrubber(&target);
         spawn_lease_keeper(&target);
         replace::spawn_replacer(&target);
-        replace::spawn_sweeper(&target);
+        replace::sweep_for(&target);
         Ok(target)
     }
 

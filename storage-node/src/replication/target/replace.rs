@@ -25,7 +25,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{random_fraction, Answer, VolumeTarget};
+use super::sweep::Sweeper;
+use super::{Answer, VolumeTarget};
 use crate::cluster::{volumes, Discovery};
 use crate::replication::membership::{self, ReplicaId};
 use crate::replication::replica::Member;
@@ -35,13 +36,6 @@ use crate::replication::wire::{Op, Request};
 const REPLACE_POLL: Duration = Duration::from_secs(1);
 /// How often it tries to delete replaced replicas whose node was down.
 const CLEANUP_EVERY: u32 = 10;
-/// How often a target looks over the whole cluster for replicas of its
-/// volume that no settled config names (besides once as it opens):
-/// leftovers of a target that stopped before it deleted them, or on a node
-/// that was down then. Each look asks every node, so it is rare, spread
-/// out, and backs off while it cannot settle.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
-const SWEEP_FIRST_RETRY: Duration = Duration::from_secs(10);
 /// The longest wait before an automatic replacement that failed is tried
 /// again (no spare node yet, say).
 const REPLACE_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -56,6 +50,18 @@ pub struct Replacement {
     /// Where the other nodes are found: those that may take a new replica,
     /// and those that hold a replaced one.
     pub discovery: Discovery,
+    /// Sweeps the cluster for leftover replicas of the node's targets' volumes.
+    pub sweeper: Arc<Sweeper>,
+}
+
+impl Replacement {
+    pub fn new(after: Option<Duration>, discovery: Discovery) -> Replacement {
+        Replacement {
+            after,
+            sweeper: Sweeper::new(discovery.clone()),
+            discovery,
+        }
+    }
 }
 
 /// Why a replica could not be replaced.
@@ -212,18 +218,6 @@ impl VolumeTarget {
         Ok(planned.node.name)
     }
 
-    /// Deletes the replicas of the volume that this target's settled config
-    /// leaves out, wherever they are: those another target replaced or
-    /// moved and did not get to delete (it stopped, or their node was down).
-    /// Returns whether every such leftover is gone (false when the configs
-    /// were not settled or a node did not answer).
-    async fn sweep_retired(&self, discovery: &Discovery) -> bool {
-        let Ok(cluster) = discovery.cluster().await else {
-            return false;
-        };
-        volumes::delete_leftovers(&cluster, &self.volume, self.volume_uid, self.epoch()).await
-    }
-
     /// Deletes the replicas this target replaced on nodes that are back.
     async fn delete_replaced(&self, discovery: &Discovery) {
         let pending = self.replaced.lock().expect("replaced lock").clone();
@@ -248,36 +242,12 @@ impl VolumeTarget {
     }
 }
 
-/// Sweeps the cluster for leftover replicas of the target's volume (see
-/// `SWEEP_EVERY`): once as it opens, then every minute, sooner (10 s,
-/// doubling) while a sweep could not settle. Ends with the target.
-pub(super) fn spawn_sweeper(target: &Arc<VolumeTarget>) {
-    let Some(replacement) = target.options.replacement.clone() else {
-        return;
-    };
-    let weak = Arc::downgrade(target);
-    tokio::spawn(async move {
-        let mut wait = REPLACE_POLL;
-        let mut retry = SWEEP_FIRST_RETRY;
-        loop {
-            // Jitter, so the targets a node opens at once do not all ask
-            // every node in the same second.
-            let jitter = wait.mul_f64(random_fraction() * 0.2);
-            tokio::time::sleep(wait + jitter).await;
-            let Some(target) = weak.upgrade() else { return };
-            if target.is_fenced() || target.is_closed() {
-                return;
-            }
-            if target.sweep_retired(&replacement.discovery).await {
-                wait = SWEEP_EVERY;
-                retry = SWEEP_FIRST_RETRY;
-            } else {
-                // The config was changing, or a node did not answer.
-                wait = retry;
-                retry = (retry * 2).min(SWEEP_EVERY);
-            }
-        }
-    });
+/// Has the node's sweeper look for leftover replicas of the target's
+/// volume (see `sweep`).
+pub(super) fn sweep_for(target: &Arc<VolumeTarget>) {
+    if let Some(replacement) = &target.options.replacement {
+        replacement.sweeper.add(target);
+    }
 }
 
 /// Watches the members and replaces those faulted for longer than
