@@ -748,7 +748,8 @@ async fn targets_opened_together_share_their_look_for_leftovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Every target's first look is due within seconds of the others'.
+    // Every target's first look was due within seconds of the others'; the
+    // next is a minute away (10 s had the look not settled).
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         surveys(),

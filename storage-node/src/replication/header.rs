@@ -17,13 +17,15 @@
 //!
 //! Blocks written before slots existed hold one header in the whole block
 //! (`STRATREP | body_len u32 | body`), without a CRC of its own. They are
-//! still read, and a header too large for a slot is still written that way.
-//! The first slot write after such a header goes to the second slot, so the
-//! old header stays readable until a slot holds a newer one. A slot starts
-//! with the same magic and a body length no whole block can have, so a node
-//! of an older version (a rollback) finds a header it cannot decode and
-//! keeps the replica unused, instead of taking it for one whose creation
-//! never finished and deleting it.
+//! still read, and a header too large for a slot (over 2020 bytes of JSON)
+//! is still written that way, without the protection of slots. The first
+//! slot write after such a header writes slot 1 and then slot 0 (see
+//! [`HeaderBlock::writes`]). A slot starts with the same magic and a body
+//! length no whole block can have, so a node of an older version (a
+//! rollback) finds a header it cannot decode and keeps the replica unused,
+//! instead of taking it for one whose creation never finished and deleting
+//! it. (A crash in the middle of that first slot write may leave the start
+//! of the old header in slot 0; only an older node would read it.)
 //!
 //! Media corruption of the block is not this module's concern: the pool's
 //! CRC of the block fails, the block cannot be read, and the replica is kept
@@ -61,7 +63,9 @@ pub struct Header {
 /// Why a block yields no header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    /// No header was ever written: the replica's creation did not finish.
+    /// Nothing in the block looks like a header: the replica's creation did
+    /// not finish (its first header write is copy-on-write, so it is either
+    /// wholly there or not at all).
     #[error("no replica header (creation did not finish)")]
     Missing,
     /// A header was written but none can be read back.
@@ -69,14 +73,22 @@ pub enum HeaderError {
     Damaged(String),
 }
 
+/// Where the newest header of a block is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Newest {
+    /// Nowhere: the block was never written.
+    Never,
+    /// In the whole block, as before slots.
+    WholeBlock,
+    /// In a slot, with its sequence number.
+    Slot { slot: usize, sequence: u64 },
+}
+
 /// The header block as it is on the device, and where its newest header is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderBlock {
     bytes: Vec<u8>,
-    /// The slot holding the newest header and its sequence number; for a
-    /// whole-block header, slot 0 at sequence 0 (so the next write goes to
-    /// slot 1 and leaves it readable); None for a block never written.
-    newest: Option<(usize, u64)>,
+    newest: Newest,
 }
 
 impl HeaderBlock {
@@ -86,7 +98,7 @@ impl HeaderBlock {
     pub fn fresh() -> HeaderBlock {
         HeaderBlock {
             bytes: vec![0; HEADER_BYTES as usize],
-            newest: None,
+            newest: Newest::Never,
         }
     }
 
@@ -101,11 +113,8 @@ impl HeaderBlock {
         }
         let mut newest: Option<(usize, u64, Header)> = None;
         let mut problems = Vec::new();
-        let mut written = [false; 2];
         for slot in 0..2 {
-            let decoded = decode_slot(&bytes[slot * SLOT_BYTES..(slot + 1) * SLOT_BYTES]);
-            written[slot] = decoded.is_some();
-            match decoded {
+            match decode_slot(slot_bytes(bytes, slot)) {
                 Some(Err(problem)) => problems.push(format!("slot {slot}: {problem}")),
                 Some(Ok((sequence, header)))
                     if newest.as_ref().is_none_or(|(_, seen, _)| sequence > *seen) =>
@@ -118,7 +127,7 @@ impl HeaderBlock {
         if let Some((slot, sequence, header)) = newest {
             let block = HeaderBlock {
                 bytes: bytes.to_vec(),
-                newest: Some((slot, sequence)),
+                newest: Newest::Slot { slot, sequence },
             };
             return Ok((header, block));
         }
@@ -126,43 +135,70 @@ impl HeaderBlock {
             let header = decode_whole_block(bytes).map_err(HeaderError::Damaged)?;
             let block = HeaderBlock {
                 bytes: bytes.to_vec(),
-                newest: Some((0, 0)),
+                newest: Newest::WholeBlock,
             };
             return Ok((header, block));
         }
-        // Only slot 0 written, and it does not check out: the replica's
-        // first header write, which ends its creation, was torn (a first
-        // write goes to slot 0; slot 1 alone follows a whole-block header).
-        // The replica never answered anything: it was never made.
-        if !written[1] {
-            Err(HeaderError::Missing)
-        } else {
-            Err(HeaderError::Damaged(problems.join("; ")))
+        if !bytes.starts_with(MAGIC) && !slot_bytes(bytes, 1).starts_with(MAGIC) {
+            return Err(HeaderError::Missing);
         }
+        // Something was written that no longer reads (or a slot from a
+        // newer version): kept unused, never deleted.
+        if problems.is_empty() {
+            problems.push("no slot checks out".into());
+        }
+        Err(HeaderError::Damaged(problems.join("; ")))
     }
 
-    /// The block after writing `header`: in the slot not holding the newest
-    /// header, with the other slot as it is; in the whole block if the
-    /// header is too large for a slot.
-    pub fn with(&self, header: &Header) -> Result<HeaderBlock, String> {
+    /// The blocks to write, one after the other, each durable before the
+    /// next, to make `header` the newest; the last is the block afterwards.
+    /// Usually one: `header` in the slot not holding the newest header, the
+    /// other slot as it is. Two when a whole-block header is involved:
+    /// - after one, the header goes to slot 1 and then to slot 0 as well,
+    ///   so no old whole-block header is left for an older node to read;
+    /// - for a header too large for a slot (it takes the whole block, as
+    ///   before slots), the newest slot is first copied into the other, so
+    ///   a torn whole-block write leaves that header in both slots, and not
+    ///   an older one in the slot the tear spared.
+    pub fn writes(&self, header: &Header) -> Result<Vec<HeaderBlock>, String> {
         let body = serde_json::to_vec(header).map_err(|e| e.to_string())?;
         if body.len() > SLOT_BODY_MAX {
-            return Ok(HeaderBlock {
+            let whole = HeaderBlock {
                 bytes: encode_whole_block(&body)?,
-                newest: Some((0, 0)),
+                newest: Newest::WholeBlock,
+            };
+            return Ok(match self.newest {
+                Newest::Slot { slot, .. } => {
+                    let newest_body = slot_body(slot_bytes(&self.bytes, slot));
+                    vec![self.with_slot(1 - slot, newest_body), whole]
+                }
+                Newest::Never | Newest::WholeBlock => vec![whole],
             });
         }
-        let (slot, sequence) = match self.newest {
-            Some((slot, sequence)) => (1 - slot, sequence + 1),
-            None => (0, 1),
+        Ok(match self.newest {
+            Newest::Slot { slot, .. } => vec![self.with_slot(1 - slot, &body)],
+            Newest::Never => vec![self.with_slot(0, &body)],
+            Newest::WholeBlock => {
+                let first = self.with_slot(1, &body);
+                let second = first.with_slot(0, &body);
+                vec![first, second]
+            }
+        })
+    }
+
+    /// This block with `body` written in `slot`, at the next sequence number.
+    fn with_slot(&self, slot: usize, body: &[u8]) -> HeaderBlock {
+        let sequence = match self.newest {
+            Newest::Slot { sequence, .. } => sequence + 1,
+            Newest::Never | Newest::WholeBlock => 1,
         };
         let mut bytes = self.bytes.clone();
         let at = slot * SLOT_BYTES;
-        bytes[at..at + SLOT_BYTES].copy_from_slice(&encode_slot(sequence, &body));
-        Ok(HeaderBlock {
+        bytes[at..at + SLOT_BYTES].copy_from_slice(&encode_slot(sequence, body));
+        HeaderBlock {
             bytes,
-            newest: Some((slot, sequence)),
-        })
+            newest: Newest::Slot { slot, sequence },
+        }
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -172,9 +208,21 @@ impl HeaderBlock {
     /// The slot holding the newest header (test only: to tear it).
     #[cfg(test)]
     pub fn newest_slot_range(&self) -> Option<std::ops::Range<usize>> {
-        self.newest
-            .map(|(slot, _)| slot * SLOT_BYTES..(slot + 1) * SLOT_BYTES)
+        match self.newest {
+            Newest::Slot { slot, .. } => Some(slot * SLOT_BYTES..(slot + 1) * SLOT_BYTES),
+            Newest::Never | Newest::WholeBlock => None,
+        }
     }
+}
+
+fn slot_bytes(block: &[u8], slot: usize) -> &[u8] {
+    &block[slot * SLOT_BYTES..(slot + 1) * SLOT_BYTES]
+}
+
+/// The body of a slot that checked out.
+fn slot_body(slot: &[u8]) -> &[u8] {
+    let len = u32::from_le_bytes(slot[20..24].try_into().expect("4 bytes")) as usize;
+    &slot[SLOT_PREAMBLE..SLOT_PREAMBLE + len]
 }
 
 fn slot_crc(sequence_and_len: &[u8], body: &[u8]) -> u32 {
@@ -272,92 +320,61 @@ mod tests {
         }
     }
 
-    fn tear(block: &HeaderBlock) -> Vec<u8> {
-        let mut bytes = block.bytes().to_vec();
-        let range = block.newest_slot_range().expect("a slot was written");
-        // The second half of the slot still holds what was there before.
-        for byte in &mut bytes[range.start + 30..range.end] {
-            *byte ^= 0x5a;
+    /// The block after writing `header` on `block`, every step landed.
+    fn write(block: &HeaderBlock, header: &Header) -> HeaderBlock {
+        block
+            .writes(header)
+            .unwrap()
+            .pop()
+            .expect("at least one write")
+    }
+
+    /// What a crash may leave of a write from `before` to `after`: each
+    /// 512-byte sector old or new.
+    fn tears<'a>(before: &'a [u8], after: &'a [u8]) -> impl Iterator<Item = Vec<u8>> + 'a {
+        (0u32..256).map(move |mask| {
+            let mut bytes = before.to_vec();
+            for sector in 0..8 {
+                if mask & (1 << sector) != 0 {
+                    let range = sector * 512..(sector + 1) * 512;
+                    bytes[range.clone()].copy_from_slice(&after[range]);
+                }
+            }
+            bytes
+        })
+    }
+
+    /// Writes `header` on `block` as a replica does, step by step, and
+    /// checks what every crash along the way leaves: the header before
+    /// (`acknowledged`), the new one, or, where `may_be_damaged`, a damaged
+    /// header (kept unused). Never an older header, never "missing".
+    fn write_checking_crashes(
+        block: &HeaderBlock,
+        acknowledged: &Header,
+        header: &Header,
+        may_be_damaged: bool,
+    ) -> HeaderBlock {
+        let mut on_disk = block.clone();
+        for step in block.writes(header).unwrap() {
+            for torn in tears(on_disk.bytes(), step.bytes()) {
+                match HeaderBlock::decode(&torn) {
+                    Ok((read, _)) => assert!(
+                        read == *acknowledged || read == *header,
+                        "a crash left promise {} (before: {}, writing: {})",
+                        read.promised_epoch,
+                        acknowledged.promised_epoch,
+                        header.promised_epoch
+                    ),
+                    Err(HeaderError::Damaged(_)) if may_be_damaged => {}
+                    other => panic!("a crash writing {} left {other:?}", header.promised_epoch),
+                }
+            }
+            on_disk = step;
         }
-        bytes
-    }
-
-    #[test]
-    fn the_newest_header_reads_back_after_each_write() {
-        let mut block = HeaderBlock::fresh();
-        assert_eq!(
-            HeaderBlock::decode(block.bytes()),
-            Err(HeaderError::Missing)
-        );
-        for epoch in 1..=5 {
-            block = block.with(&header(epoch, 4)).unwrap();
-            let (read, reread_block) = HeaderBlock::decode(block.bytes()).unwrap();
-            assert_eq!(read, header(epoch, 4));
-            assert_eq!(reread_block, block, "the next write continues from it");
-        }
-    }
-
-    #[test]
-    fn a_torn_write_leaves_the_header_before_it() {
-        let mut block = HeaderBlock::fresh().with(&header(1, 4)).unwrap();
-        // Torn while writing the very first header, which ends the
-        // replica's creation: it was never finished.
-        assert_eq!(
-            HeaderBlock::decode(&tear(&block)),
-            Err(HeaderError::Missing)
-        );
-        for epoch in 2..=4 {
-            block = block.with(&header(epoch, 4)).unwrap();
-            let (read, after_tear) = HeaderBlock::decode(&tear(&block)).unwrap();
-            assert_eq!(read, header(epoch - 1, 4), "torn at epoch {epoch}");
-            // Writing on from the torn block: the next header replaces the
-            // torn slot, and the one before stays where it was.
-            let next = after_tear.with(&header(epoch + 10, 4)).unwrap();
-            assert_eq!(
-                HeaderBlock::decode(next.bytes()).unwrap().0,
-                header(epoch + 10, 4)
-            );
-            assert_eq!(
-                HeaderBlock::decode(&tear(&next)).unwrap().0,
-                header(epoch - 1, 4)
-            );
-        }
-    }
-
-    #[test]
-    fn a_whole_block_header_reads_and_survives_a_torn_first_slot_write() {
-        let body = serde_json::to_vec(&header(3, 4)).unwrap();
-        let old = encode_whole_block(&body).unwrap();
-        let (read, block) = HeaderBlock::decode(&old).unwrap();
-        assert_eq!(read, header(3, 4));
-        let next = block.with(&header(4, 4)).unwrap();
-        assert_eq!(HeaderBlock::decode(next.bytes()).unwrap().0, header(4, 4));
-        assert_eq!(
-            HeaderBlock::decode(&tear(&next)).unwrap().0,
-            header(3, 4),
-            "the old header stays readable until a slot holds a newer one"
-        );
-    }
-
-    #[test]
-    fn a_torn_slot_write_after_a_large_whole_block_header_is_damaged_not_missing() {
-        let big = HeaderBlock::fresh().with(&header(1, 900)).unwrap();
-        let next = big.with(&header(2, 4)).unwrap();
-        assert!(matches!(
-            HeaderBlock::decode(&tear(&next)),
-            Err(HeaderError::Damaged(_))
-        ));
-    }
-
-    #[test]
-    fn a_header_too_large_for_a_slot_takes_the_whole_block() {
-        let block = HeaderBlock::fresh().with(&header(1, 4)).unwrap();
-        let big = header(2, 900);
-        let next = block.with(&big).unwrap();
-        assert_eq!(HeaderBlock::decode(next.bytes()).unwrap().0, big);
-        let after = next.with(&header(3, 4)).unwrap();
-        assert_eq!(HeaderBlock::decode(after.bytes()).unwrap().0, header(3, 4));
-        assert!(HeaderBlock::fresh().with(&header(1, 2000)).is_err());
+        let (read, reread) = HeaderBlock::decode(on_disk.bytes()).unwrap();
+        assert_eq!(read, *header);
+        assert_eq!(reread, on_disk, "the next write continues from it");
+        on_disk
     }
 
     /// What a node from before slots does with a block (its whole decoder):
@@ -371,10 +388,51 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_in_any_slot_write_leaves_the_header_before_it_or_the_new_one() {
+        let mut block = write(&HeaderBlock::fresh(), &header(1, 4));
+        for epoch in 2..=6 {
+            block = write_checking_crashes(&block, &header(epoch - 1, 4), &header(epoch, 4), false);
+        }
+        // Written on from a torn block, the next header replaces the torn slot.
+        let torn = tears(block.bytes(), write(&block, &header(7, 4)).bytes())
+            .find(|bytes| HeaderBlock::decode(bytes).unwrap().0 == header(6, 4))
+            .expect("some tear leaves the old header");
+        let (_, from_torn) = HeaderBlock::decode(&torn).unwrap();
+        write_checking_crashes(&from_torn, &header(6, 4), &header(8, 4), false);
+    }
+
+    #[test]
+    fn a_whole_block_header_moves_to_slots_so_no_older_node_reads_it_stale() {
+        let old = encode_whole_block(&serde_json::to_vec(&header(3, 4)).unwrap()).unwrap();
+        let (read, block) = HeaderBlock::decode(&old).unwrap();
+        assert_eq!(read, header(3, 4));
+        assert_eq!(read_by_an_older_node(&old), Ok(header(3, 4)));
+        let block = write_checking_crashes(&block, &header(3, 4), &header(4, 4), false);
+        assert_eq!(
+            read_by_an_older_node(block.bytes()),
+            Err(true),
+            "after the first slot write, an older node keeps the replica unused"
+        );
+        write_checking_crashes(&block, &header(4, 4), &header(5, 4), false);
+    }
+
+    #[test]
+    fn a_crash_writing_a_header_too_large_for_a_slot_never_brings_back_an_older_one() {
+        let block = write(&write(&HeaderBlock::fresh(), &header(1, 4)), &header(2, 4));
+        let big = header(3, 900);
+        let block = write_checking_crashes(&block, &header(2, 4), &big, true);
+        // Back to slots: the large body reached into slot 1, so a crash may
+        // leave nothing readable, but never the older header.
+        let block = write_checking_crashes(&block, &big, &header(4, 4), true);
+        assert_eq!(read_by_an_older_node(block.bytes()), Err(true));
+        assert!(HeaderBlock::fresh().writes(&header(1, 2000)).is_err());
+    }
+
+    #[test]
     fn an_older_node_keeps_a_slotted_replica_instead_of_deleting_it() {
         let mut block = HeaderBlock::fresh();
         for epoch in 1..=3 {
-            block = block.with(&header(epoch, 4)).unwrap();
+            block = write(&block, &header(epoch, 4));
             assert_eq!(
                 read_by_an_older_node(block.bytes()),
                 Err(true),
@@ -384,12 +442,20 @@ mod tests {
     }
 
     #[test]
-    fn both_slots_damaged_is_damaged_not_missing() {
-        let block = HeaderBlock::fresh()
-            .with(&header(1, 4))
-            .unwrap()
-            .with(&header(2, 4))
-            .unwrap();
+    fn only_a_block_with_no_header_at_all_is_missing() {
+        assert_eq!(
+            HeaderBlock::decode(HeaderBlock::fresh().bytes()),
+            Err(HeaderError::Missing)
+        );
+        // One slot written that does not read (a tear cannot do that to a
+        // first write, which is copy-on-write): damaged, so kept.
+        let mut first = write(&HeaderBlock::fresh(), &header(1, 4)).bytes().to_vec();
+        first[100] ^= 1;
+        assert!(matches!(
+            HeaderBlock::decode(&first),
+            Err(HeaderError::Damaged(_))
+        ));
+        let block = write(&write(&HeaderBlock::fresh(), &header(1, 4)), &header(2, 4));
         let mut bytes = block.bytes().to_vec();
         bytes[40] ^= 1;
         bytes[SLOT_BYTES + 40] ^= 1;

@@ -6,9 +6,9 @@
 //! epoch and the newest config it accepted, see `membership`) and the volume's
 //! member list with the replication address of each member (it changes when
 //! a replica is replaced: the config that replaces it carries the new list). The header
-//! is written through the pool like data, so it is copy-on-write, checksummed,
-//! and durable once the write carried FUA: a crash leaves the old header or
-//! the new one, never a mix.
+//! is written through the pool like data, checksummed and durable once the
+//! write carried FUA; `header` says how a crash in the middle of a header
+//! write leaves the header from before it.
 //!
 //! Every request is answered by [`Replica::handle`], for a remote target (the
 //! replication server) and for a target on the same node alike.
@@ -242,9 +242,10 @@ impl Replica {
             config: ConfigRecord::from(&state.config),
         };
         let mut block = self.header.lock().await;
-        let next = block.with(&header).map_err(BlockError::Io)?;
-        self.data.write(0, next.bytes(), true).await?;
-        *block = next;
+        for next in block.writes(&header).map_err(BlockError::Io)? {
+            self.data.write(0, next.bytes(), true).await?;
+            *block = next;
+        }
         Ok(())
     }
 
@@ -973,11 +974,14 @@ mod tests {
         let mut header = replica.header.lock().await.bytes().to_vec();
         let (mut third, _) = HeaderBlock::decode(&header).unwrap();
         third.promised_epoch = 3;
-        let written = HeaderBlock::decode(&header)
+        let writes = HeaderBlock::decode(&header)
             .unwrap()
             .1
-            .with(&third)
+            .writes(&third)
             .unwrap();
+        let [written] = &writes[..] else {
+            panic!("a slot write is one write")
+        };
         let torn_slot = written.newest_slot_range().unwrap();
         let landed = torn_slot.start..torn_slot.start + 100;
         header[landed.clone()].copy_from_slice(&written.bytes()[landed]);

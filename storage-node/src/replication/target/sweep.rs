@@ -6,7 +6,7 @@
 //! A look asks every node for everything it holds, so one node's targets
 //! share their looks: a [`Sweeper`] per node keeps when each target is due,
 //! and one survey of the cluster serves every target due within a few
-//! seconds of each other. Per-target looks cost volumes × nodes calls each
+//! seconds of each other (`SHARE_WINDOW`). Per-target looks cost volumes × nodes calls each
 //! minute, and a node that opened many targets at once asked every node as
 //! many times in its first seconds.
 
@@ -18,12 +18,14 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::VolumeTarget;
+use super::{random_fraction, VolumeTarget};
 use crate::cluster::{volumes, Discovery};
 
-/// When a target is first swept after it opens.
-const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(1);
-/// How often a target is swept once a sweep settled.
+/// When a target is first swept after it opens: soon, but late enough that
+/// the targets a node opens together (at its start) share the look.
+const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(5);
+/// How often a target is swept once a sweep settled (plus up to a fifth,
+/// at random, so nodes started together do not look in step).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The wait after a sweep that could not settle (the config was changing, a
 /// node did not answer), doubling up to `SWEEP_EVERY`.
@@ -91,6 +93,8 @@ impl Sweeper {
     }
 
     async fn run(self: Arc<Self>) {
+        // Should the task panic, the next target added starts a new one.
+        let _restart = RestartOnPanic(&self.running);
         loop {
             let Some(next) = self.next_due() else { return };
             tokio::select! {
@@ -136,6 +140,7 @@ impl Sweeper {
             .iter()
             .filter(|swept| swept.due <= horizon)
             .filter_map(|swept| swept.target.upgrade())
+            .filter(|target| !target.is_fenced() && !target.is_closed())
             .collect()
     }
 
@@ -154,11 +159,21 @@ impl Sweeper {
             return;
         };
         if settled {
-            swept.due = now + SWEEP_EVERY;
+            swept.due = now + SWEEP_EVERY + SWEEP_EVERY.mul_f64(random_fraction() * 0.2);
             swept.retry = SWEEP_FIRST_RETRY;
         } else {
             swept.due = now + swept.retry;
             swept.retry = (swept.retry * 2).min(SWEEP_EVERY);
+        }
+    }
+}
+
+struct RestartOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for RestartOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::Release);
         }
     }
 }
