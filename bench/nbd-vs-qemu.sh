@@ -65,7 +65,7 @@
 # O_DIRECT write block in a kernel worker thread. On a raw NVMe device neither
 # is needed.
 #
-# Needs: cargo (unless both *_BIN are set), python3, fio with the nbd engine,
+# Needs: cargo (unless both *_BIN are set), python3, curl, fio with the nbd engine,
 # qemu-nbd, nbdinfo.
 
 set -euo pipefail
@@ -83,6 +83,7 @@ RESULTS_DIR=${RESULTS_DIR:-}
 # Filled in as things start, so cleanup knows what to stop.
 TMP=""
 STRATA_PIDS=()
+STRATA_HTTP_PORTS=()
 QEMU_PID=""
 FIO_PID=""
 QEMU_AIO=""
@@ -225,7 +226,7 @@ build_strata() {
 
 check_tools() {
     local tool
-    for tool in python3 fio qemu-nbd nbdinfo timeout; do
+    for tool in python3 fio qemu-nbd nbdinfo timeout curl; do
         command -v "$tool" >/dev/null || die "$tool not found (bash .ci/install-test-deps installs the NBD tools and fio)"
     done
     fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (it needs libnbd)"
@@ -252,6 +253,7 @@ start_strata() {
             --http-listen "127.0.0.1:$http" --replication-listen "127.0.0.1:$repl" \
             >"$TMP/strata-node-$i.log" 2>&1 &
         STRATA_PIDS+=($!)
+        STRATA_HTTP_PORTS+=("$http")
         entries+="${entries:+,}{\"name\":\"n$i\",\"zone\":\"zone-$i\",\"grpc\":\"127.0.0.1:$grpc\",\"nbd\":\"127.0.0.1:$nbd\",\"http\":\"127.0.0.1:$http\",\"replication\":\"127.0.0.1:$repl\",\"pool\":\"$TMP/pool-$i.img\",\"pid\":null}"
         [[ $i == 1 ]] && STRATA_NBD_PORT=$nbd
     done
@@ -370,6 +372,29 @@ JOBS=(
 )
 TARGETS=(r1 r3 qemu disk1 disk3)
 
+# Per node, the sum (seconds) and count of its pool's reads and writes, all
+# volumes together, from /metrics: "node op sum count" lines. Around a job,
+# they give the mean time a request spends in each node's pool (its replica's
+# part), to set against the client's latency.
+pool_latency() {
+    local i
+    for i in "${!STRATA_HTTP_PORTS[@]}"; do
+        curl -sf "http://127.0.0.1:${STRATA_HTTP_PORTS[$i]}/metrics" |
+            awk -v node="n$((i + 1))" '
+                /^strata_volume_io_latency_seconds_(sum|count)\{/ && /op="(read|write)"/ {
+                    op = ($0 ~ /op="read"/) ? "read" : "write"
+                    key = op (($0 ~ /_sum\{/) ? " sum" : " count")
+                    total[key] += $NF
+                }
+                END {
+                    for (o = 0; o < 2; o++) {
+                        op = o ? "write" : "read"
+                        printf "%s %s %.9f %d\n", node, op, total[op " sum"], total[op " count"]
+                    }
+                }' || true
+    done
+}
+
 # utime + stime of processes (and their threads), in clock ticks.
 cpu_ticks() {
     local total=0 pid
@@ -408,10 +433,12 @@ run_jobs() {
                 # the job gives the CPU cost per request, a figure that the
                 # shared, noisy machine disturbs far less than IOPS.
                 cpu_ticks "${pids[@]}" >"$TMP/$job-$target-$round.cpu"
+                pool_latency >"$TMP/$job-$target-$round.pool-before"
                 # shellcheck disable=SC2086 # opts is a list of fio options
                 run_fio "$uri" "$TMP/$job-$target-$round.json" $((RUNTIME + 120)) \
                     --name="$job" $opts --runtime="$RUNTIME" --time_based
                 cpu_ticks "${pids[@]}" >>"$TMP/$job-$target-$round.cpu"
+                pool_latency >"$TMP/$job-$target-$round.pool-after"
             done
         done
     done
@@ -445,10 +472,31 @@ def one_round(job, target, rnd):
     # lat_ns: submission to completion, what the client waits for.
     return d["iops"] / share, d["lat_ns"]["mean"] / 1000.0, d["bw_bytes"] / 1e6 / share, cpu_per_io
 
+def median_round(job, target):
+    """The round with the median IOPS."""
+    return sorted(range(1, rounds + 1), key=lambda r: one_round(job, target, r)[0])[rounds // 2]
+
 def stats(job, target):
-    """The round with the median IOPS (its latency, throughput and CPU too)."""
-    runs = sorted((one_round(job, target, r) for r in range(1, rounds + 1)), key=lambda r: r[0])
-    return runs[len(runs) // 2]
+    """The median round's IOPS, latency, throughput and CPU."""
+    return one_round(job, target, median_round(job, target))
+
+def pool_means(job, target):
+    """Mean µs per request in each node's pool during the median round."""
+    rnd = median_round(job, target)
+    op = "read" if "read" in job else "write"
+    def load(name):
+        try:
+            with open(f"{tmp}/{job}-{target}-{rnd}.{name}") as f:
+                return {(n, o): (float(s), int(c)) for n, o, s, c in (l.split() for l in f)}
+        except (OSError, ValueError):
+            return {}
+    before, after = load("pool-before"), load("pool-after")
+    means = {}
+    for (node, o), (s, c) in sorted(after.items()):
+        s0, c0 = before.get((node, o), (0.0, 0))
+        if o == op and c > c0:
+            means[node] = (s - s0) / (c - c0) * 1e6
+    return means
 
 def ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
@@ -482,6 +530,17 @@ print(line(header))
 print("  ".join("-" * w for w in widths))
 for r in rows:
     print(line(r))
+print()
+print("Where a request's time goes (mean µs, median round): the client's latency, and")
+print("the time the request spends in the pool of each node holding a replica (the")
+print("rest is the network, the target and the wait for each node's thread):")
+for job in jobs:
+    parts = []
+    for target, label in (("r1", "1-replica"), ("r3", "3-replica")):
+        pools = pool_means(job, target)
+        pool_text = " / ".join(f"{n} {v:,.0f}" for n, v in pools.items()) or "n/a"
+        parts.append(f"{label} {stats(job, target)[1]:,.0f}, in pools {pool_text}")
+    print(f"  {job:<10} " + "; ".join(parts))
 print()
 print("seqwrite IOPS are MiB/s (1 MiB requests). CPU µs/IO: all three nodes for 3-replica.")
 print("disk: fio's io_uring on one raw file; disk x3: on three at once, writes / 3;")
