@@ -951,6 +951,21 @@ mod tests {
         assert!(replicas.get("db").is_none());
     }
 
+    /// Stops `replicas` and their pool cleanly, as a node stop does, then
+    /// opens the pool at `path` again and loads its replicas.
+    async fn restart(
+        path: &std::path::Path,
+        pool: Arc<Pool>,
+        replicas: Arc<Replicas>,
+    ) -> (Arc<Pool>, Arc<Replicas>) {
+        drop(replicas);
+        pool.close().await.unwrap();
+        drop(pool);
+        let pool = open_pool(path).await;
+        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        (pool, replicas)
+    }
+
     /// Prepare(epoch) on `replica`, which persists its promise.
     async fn prepare(replica: &Replica, epoch: u64) {
         let reply = replica.handle(Request::new(Op::Prepare, 1, epoch)).await;
@@ -972,13 +987,9 @@ mod tests {
         // as its scan after an unclean stop does for an in-place write,
         // took what is there as the block's data.
         let mut header = replica.header.lock().await.bytes().to_vec();
-        let (mut third, _) = HeaderBlock::decode(&header).unwrap();
+        let (mut third, block) = HeaderBlock::decode(&header).unwrap();
         third.promised_epoch = 3;
-        let writes = HeaderBlock::decode(&header)
-            .unwrap()
-            .1
-            .writes(&third)
-            .unwrap();
+        let writes = block.writes(&third).unwrap();
         let [written] = &writes[..] else {
             panic!("a slot write is one write")
         };
@@ -987,22 +998,14 @@ mod tests {
         header[landed.clone()].copy_from_slice(&written.bytes()[landed]);
         replica.data.write(0, &header, true).await.unwrap();
         drop(replica);
-        drop(replicas);
-        pool.close().await.unwrap();
-        drop(pool);
 
-        let pool = open_pool(&path).await;
-        let replicas = Replicas::load(pool.clone()).await.unwrap();
+        let (pool, replicas) = restart(&path, pool, replicas).await;
         let replica = replicas.get("db").expect("the replica is served");
         assert_eq!(replica.state().await.promised_epoch, 2);
         // It goes on from there, and its next promise is kept.
         prepare(&replica, 3).await;
         drop(replica);
-        drop(replicas);
-        pool.close().await.unwrap();
-        drop(pool);
-        let pool = open_pool(&path).await;
-        let replicas = Replicas::load(pool).await.unwrap();
+        let (_pool, replicas) = restart(&path, pool, replicas).await;
         assert_eq!(replicas.get("db").unwrap().state().await.promised_epoch, 3);
     }
 

@@ -50,6 +50,15 @@ struct Swept {
     retry: Duration,
 }
 
+impl Swept {
+    /// The target, while it still serves (not dropped, fenced or closed).
+    fn serving(&self) -> Option<Arc<VolumeTarget>> {
+        self.target
+            .upgrade()
+            .filter(|target| !target.is_fenced() && !target.is_closed())
+    }
+}
+
 impl fmt::Debug for Sweeper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let targets = self.targets.lock().expect("sweeper lock").len();
@@ -118,12 +127,7 @@ impl Sweeper {
     /// (and the task marked as ended) when none is left.
     fn next_due(&self) -> Option<Instant> {
         let mut targets = self.targets.lock().expect("sweeper lock");
-        targets.retain(|swept| {
-            swept
-                .target
-                .upgrade()
-                .is_some_and(|target| !target.is_fenced() && !target.is_closed())
-        });
+        targets.retain(|swept| swept.serving().is_some());
         let next = targets.iter().map(|swept| swept.due).min();
         if next.is_none() {
             self.running.store(false, Ordering::Release);
@@ -139,8 +143,7 @@ impl Sweeper {
             .expect("sweeper lock")
             .iter()
             .filter(|swept| swept.due <= horizon)
-            .filter_map(|swept| swept.target.upgrade())
-            .filter(|target| !target.is_fenced() && !target.is_closed())
+            .filter_map(Swept::serving)
             .collect()
     }
 
