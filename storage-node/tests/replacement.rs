@@ -612,6 +612,57 @@ async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
     assert!(connect(&uri).read(0, 6 << 20).unwrap() == data);
 }
 
+/// A move is often made because the leaving replica's node is about to go;
+/// if it goes together with the node of the new replica, the two members
+/// that stay are still a quorum (a majority of the list before the move and
+/// of the list after it): the volume goes on serving, and the move ends
+/// once the successor's node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_goes_on_when_the_leaving_replica_and_its_successor_die_together() {
+    let (_dir, mut cluster) = start_knowing_the_cluster(&["--rebuild-rate", "4MiB"]);
+    let report = cluster.create_volume("live", 16 * MIB, 3).await;
+    let (target_node, leaving, spare) = roles(&cluster, &report);
+    let other = member_nodes(&report)
+        .into_iter()
+        .find(|n| *n != target_node && *n != leaving)
+        .unwrap();
+    let target = cluster.index_of(&target_node);
+    let uri = cluster.export("live", target).await;
+    let mut data = random_bytes(6 << 20, 13);
+    connect(&uri).write(0, &data, true).unwrap();
+    let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
+        .await
+        .unwrap();
+    assert!(outcome.planned.keep_until_copied);
+
+    // During the copy (6 MiB at 4 MiB/s), both nodes die.
+    let leaving_index = cluster.index_of(&leaving);
+    cluster.nodes[leaving_index].kill9();
+    let successor = cluster.index_of(&spare);
+    cluster.nodes[successor].kill9();
+    let update = random_bytes(64 << 10, 14);
+    let mut client = connect(&uri);
+    client.write(1 << 20, &update, true).unwrap();
+    data[1 << 20..(1 << 20) + update.len()].copy_from_slice(&update);
+    assert!(client.read(0, 6 << 20).unwrap() == data);
+    let during = cluster.report("live").await;
+    assert_eq!(during.members().len(), 4, "the move is still under way");
+    assert_eq!(
+        during.in_sync(),
+        [member_id(&report, &target_node), member_id(&report, &other)]
+            .into_iter()
+            .collect()
+    );
+
+    cluster.nodes[successor].spawn();
+    let done = wait_for_move("live", &cluster, &cluster.nodes[target], 2).await;
+    let mut expected = vec![target_node.clone(), other.clone(), spare.clone()];
+    expected.sort();
+    assert_eq!(member_nodes(&done), expected);
+    assert_eq!(done.in_sync().len(), 3, "{:?}", done.in_sync());
+    assert!(connect(&uri).read(0, 6 << 20).unwrap() == data);
+}
+
 /// The target, not the caller's older look at the volume, decides whether
 /// a replica can be moved: one that is unreachable, or out of sync, cannot
 /// stay in sync during the copy, and a move of it is refused.

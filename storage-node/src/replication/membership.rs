@@ -31,6 +31,14 @@
 //!   majority, of either list, holds a replica that knows the change. An
 //!   opening target that finds a config naming other members than it asked
 //!   plans nothing ([`OpenError::OtherMembers`]): it asks those members again.
+//! * Moving a healthy replica (`plan_move`) adds its successor first and
+//!   takes it out once the successor is in sync. Meanwhile a majority means
+//!   a majority of the members without the successor and one of the members
+//!   without the leaving replica ([`Config::quorum_reached`], Raft's joint
+//!   consensus): every such quorum meets every majority of the list before
+//!   the move and of the list after it, and losing both the leaving replica
+//!   and its successor leaves a quorum, as losing one replica of the volume
+//!   before the move did.
 //!
 //! The design's first version opened in one round: read the states, then
 //! persist the new config with a "promise" accepted iff its epoch was higher.
@@ -85,6 +93,50 @@ pub struct Move {
 }
 
 impl Config {
+    /// The member lists of which a decision needs a majority each: the
+    /// member list, or during a move both the list before it (without the
+    /// successor) and the list after it (without the leaving member), as in
+    /// Raft's joint consensus.
+    ///
+    /// One majority of all the members (three of four) would be safe too,
+    /// but a move is often made because the leaving member's node is about
+    /// to go, and then that member and the new one being copied are the two
+    /// most likely to fail together. With both lists, the two remaining
+    /// members are a majority of each, and the volume goes on serving; with
+    /// one list of four, it would stop.
+    pub fn voting_lists(&self) -> Vec<Vec<ReplicaId>> {
+        match self.moving {
+            None => vec![self.members.clone()],
+            Some(moving) => {
+                let without = |gone: ReplicaId| -> Vec<ReplicaId> {
+                    self.members
+                        .iter()
+                        .copied()
+                        .filter(|&id| id != gone)
+                        .collect()
+                };
+                vec![without(moving.successor), without(moving.leaving)]
+            }
+        }
+    }
+
+    /// Whether the replicas in `accepted` make a majority of each voting
+    /// list; replicas that are not members do not count.
+    pub fn quorum_reached(&self, accepted: &BTreeSet<ReplicaId>) -> bool {
+        self.voting_lists().iter().all(|list| {
+            let votes = list.iter().filter(|id| accepted.contains(id)).count();
+            votes >= majority(list.len())
+        })
+    }
+
+    /// What [`quorum_reached`](Self::quorum_reached) asks, for messages.
+    pub fn quorum_rule(&self) -> &'static str {
+        match self.moving {
+            None => "a majority of the members",
+            Some(_) => "a majority of the members both with and without the one moving",
+        }
+    }
+
     /// The config of a fresh volume: epoch 0, every member in sync (all empty).
     pub fn initial(members: Vec<ReplicaId>) -> Self {
         let in_sync = members.iter().copied().collect();
@@ -231,29 +283,26 @@ pub fn next_epoch(seen_promises: impl IntoIterator<Item = u64>) -> u64 {
     seen_promises.into_iter().max().unwrap_or(0) + 1
 }
 
-/// Whether the replicas in `accepted` make a majority of `members`; replicas
-/// that are not members do not count.
-pub fn quorum_reached(members: &[ReplicaId], accepted: &BTreeSet<ReplicaId>) -> bool {
-    let votes = members.iter().filter(|m| accepted.contains(m)).count();
-    votes >= majority(members.len())
-}
-
-/// Whether `accepted` makes a majority of the members of the config before a
-/// change and of the config after it. For a change that keeps the member
-/// list, that is one majority.
+/// Whether `accepted` makes a quorum ([`Config::quorum_reached`]) of the
+/// config before a change and of the config after it. For a change that
+/// keeps the member list and the move, that is one quorum.
 pub fn change_quorum_reached(
-    before: &[ReplicaId],
-    after: &[ReplicaId],
+    before: &Config,
+    after: &Config,
     accepted: &BTreeSet<ReplicaId>,
 ) -> bool {
-    quorum_reached(before, accepted) && quorum_reached(after, accepted)
+    before.quorum_reached(accepted) && after.quorum_reached(accepted)
 }
 
 /// Why a target cannot open a volume.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
-    #[error("{prepared} replicas granted the epoch, a majority needs {needed}")]
-    NoMajority { prepared: usize, needed: usize },
+    #[error("{prepared} of {members} replicas granted the epoch; {rule} is needed")]
+    NoMajority {
+        prepared: usize,
+        members: usize,
+        rule: &'static str,
+    },
     /// Every replica holding the acknowledged writes is unreachable: serving
     /// from any other would lose them.
     #[error("no replica of the latest in-sync set answered")]
@@ -271,8 +320,8 @@ pub enum OpenError {
 /// The config an opening target persists in round 2, from the answers of the
 /// members that granted `epoch` in round 1.
 ///
-/// The newest answered config is the latest one persisted on a majority (or
-/// newer), and its in-sync replicas that answered hold every acknowledged
+/// If those members are a quorum of the newest config they answered with,
+/// that config is the latest one persisted on a quorum (or newer), and its in-sync replicas that answered hold every acknowledged
 /// write and, having granted `epoch`, can no longer take writes from an older
 /// target. Those that did not answer may be written by an older target still,
 /// so they are left out and have to be rebuilt.
@@ -281,22 +330,29 @@ pub fn plan_open(
     epoch: u64,
     prepared: &[(ReplicaId, Config)],
 ) -> Result<Config, OpenError> {
+    plan_open_with(members, epoch, prepared, Config::quorum_reached)
+}
+
+/// [`plan_open`] with another quorum rule: `model.rs` breaks the rule to
+/// show that its exploration notices.
+pub(crate) fn plan_open_with(
+    members: &[ReplicaId],
+    epoch: u64,
+    prepared: &[(ReplicaId, Config)],
+    quorum_reached: impl Fn(&Config, &BTreeSet<ReplicaId>) -> bool,
+) -> Result<Config, OpenError> {
     let answered: BTreeMap<ReplicaId, &Config> = prepared
         .iter()
         .filter(|(id, _)| members.contains(id))
         .map(|(id, config)| (*id, config))
         .collect();
-    let needed = majority(members.len());
-    if answered.len() < needed {
+    let Some(latest) = answered.values().max_by_key(|config| config.epoch) else {
         return Err(OpenError::NoMajority {
-            prepared: answered.len(),
-            needed,
+            prepared: 0,
+            members: members.len(),
+            rule: "a majority of the members",
         });
-    }
-    let latest = answered
-        .values()
-        .max_by_key(|config| config.epoch)
-        .expect("a majority is never empty");
+    };
     if latest.epoch >= epoch {
         return Err(OpenError::EpochNotNewer {
             epoch,
@@ -307,6 +363,18 @@ pub fn plan_open(
     if as_set(&latest.members) != as_set(members) {
         return Err(OpenError::OtherMembers {
             members: latest.members.clone(),
+        });
+    }
+    // The newest config answered decides how many must have answered: the
+    // config persisted last was taken by a quorum of its own, which meets
+    // every quorum of the newest config (each change in between needed a
+    // quorum of the config before it too).
+    let granted: BTreeSet<ReplicaId> = answered.keys().copied().collect();
+    if !quorum_reached(latest, &granted) {
+        return Err(OpenError::NoMajority {
+            prepared: granted.len(),
+            members: members.len(),
+            rule: latest.quorum_rule(),
         });
     }
     let in_sync: BTreeSet<ReplicaId> = latest
@@ -392,13 +460,7 @@ pub fn plan_replace(
 ) -> Result<Config, ReplaceError> {
     check_newcomer(current, remove, add)?;
     let mut in_sync = current.in_sync.clone();
-    if in_sync.remove(&remove) && in_sync.len() < majority(current.members.len()) {
-        return Err(ReplaceError::TooFewInSync {
-            replica: remove,
-            left: in_sync.len(),
-            members: current.members.len(),
-        });
-    }
+    let removed_in_sync = in_sync.remove(&remove);
     let members = current
         .members
         .iter()
@@ -414,12 +476,20 @@ pub fn plan_replace(
         },
         ..moving
     });
-    Ok(Config {
+    let next = Config {
         epoch: current.epoch + 1,
         members,
         in_sync,
         moving,
-    })
+    };
+    if removed_in_sync && !next.quorum_reached(&next.in_sync) {
+        return Err(ReplaceError::TooFewInSync {
+            replica: remove,
+            left: next.in_sync.len(),
+            members: next.members.len(),
+        });
+    }
+    Ok(next)
 }
 
 /// The config that starts moving member `remove` to the new, empty member
@@ -591,6 +661,18 @@ mod tests {
         }
     }
 
+    /// Every subset of `of`.
+    fn subsets(of: &[u32]) -> Vec<BTreeSet<ReplicaId>> {
+        (0u32..1 << of.len())
+            .map(|bits| {
+                (0..of.len())
+                    .filter(|i| bits & (1 << i) != 0)
+                    .map(|i| ReplicaId(of[i]))
+                    .collect()
+            })
+            .collect()
+    }
+
     fn state(promised_epoch: u64, config_epoch: u64) -> ReplicaState {
         ReplicaState {
             promised_epoch,
@@ -707,7 +789,7 @@ mod tests {
 
     #[test]
     fn quorum_counts_members_only() {
-        let members = ids(&[1, 2, 3]);
+        let three = config(1, &[1, 2, 3], &[1, 2, 3]);
         for (accepted, reached) in [
             (set(&[]), false),
             (set(&[2]), false),
@@ -715,12 +797,58 @@ mod tests {
             (set(&[1, 2, 3]), true),
             (set(&[1, 7, 9]), false),
         ] {
-            assert_eq!(quorum_reached(&members, &accepted), reached, "{accepted:?}");
+            assert_eq!(three.quorum_reached(&accepted), reached, "{accepted:?}");
         }
         assert!(
-            quorum_reached(&ids(&[5]), &set(&[5])),
+            config(1, &[5], &[5]).quorum_reached(&set(&[5])),
             "one member is its own majority"
         );
+    }
+
+    /// During a move of r2 to r4 a quorum is a majority of [1, 2, 3] and
+    /// one of [1, 3, 4]: the two members that stay are enough, so losing
+    /// the leaving replica and its successor together costs no more than
+    /// losing one replica did before the move. Any three of the four are a
+    /// quorum too, and one list's majority alone is not.
+    #[test]
+    fn a_move_needs_a_majority_with_and_without_the_moving_member() {
+        let move_2_to_4 = moving(5, &[1, 2, 3, 4], &[1, 2, 3], (2, 4));
+        assert_eq!(
+            move_2_to_4.voting_lists(),
+            vec![ids(&[1, 2, 3]), ids(&[1, 3, 4])]
+        );
+        for (accepted, reached) in [
+            (set(&[1, 3]), true),
+            (set(&[1, 2, 4]), true),
+            (set(&[2, 3, 4]), true),
+            (set(&[1, 2]), false),
+            (set(&[3, 4]), false),
+            (set(&[2, 4]), false),
+        ] {
+            assert_eq!(
+                move_2_to_4.quorum_reached(&accepted),
+                reached,
+                "{accepted:?}"
+            );
+        }
+        // Every two quorums of the move, and every quorum of the move and
+        // a majority of the list before or after it, meet.
+        let before = config(4, &[1, 2, 3], &[1, 2, 3]);
+        let after = config(6, &[1, 3, 4], &[1, 3, 4]);
+        let quorums = |config: &Config| -> Vec<BTreeSet<ReplicaId>> {
+            subsets(&[1, 2, 3, 4])
+                .into_iter()
+                .filter(|q| config.quorum_reached(q))
+                .collect()
+        };
+        for q in quorums(&move_2_to_4) {
+            for other in [&move_2_to_4, &before, &after]
+                .into_iter()
+                .flat_map(quorums)
+            {
+                assert!(!q.is_disjoint(&other), "{q:?} and {other:?}");
+            }
+        }
     }
 
     #[test]
@@ -760,7 +888,8 @@ mod tests {
                 vec![(2, shrunk.clone())],
                 Err(OpenError::NoMajority {
                     prepared: 1,
-                    needed: 2,
+                    members: 3,
+                    rule: "a majority of the members",
                 }),
             ),
             (
@@ -768,7 +897,17 @@ mod tests {
                 vec![(2, shrunk.clone()), (2, shrunk.clone()), (9, old.clone())],
                 Err(OpenError::NoMajority {
                     prepared: 1,
-                    needed: 2,
+                    members: 3,
+                    rule: "a majority of the members",
+                }),
+            ),
+            (
+                "no answer",
+                vec![],
+                Err(OpenError::NoMajority {
+                    prepared: 0,
+                    members: 3,
+                    rule: "a majority of the members",
                 }),
             ),
             (
@@ -881,12 +1020,9 @@ mod tests {
         let healthy = config(4, &[1, 2, 3], &[1, 2, 3]);
         let started = plan_move(&healthy, r(2), r(4)).unwrap();
         assert_eq!(started, moving(5, &[1, 2, 3, 4], &[1, 2, 3], (2, 4)));
-        // A change of four members needs three of them.
-        assert!(!change_quorum_reached(
-            &started.members,
-            &started.members,
-            &set(&[1, 4])
-        ));
+        // Starting the move needs a majority of the list before it as well.
+        assert!(change_quorum_reached(&healthy, &started, &set(&[1, 3])));
+        assert!(!change_quorum_reached(&healthy, &started, &set(&[3, 4])));
         // One move at a time; the leaving member is not replaced again.
         assert_eq!(
             plan_move(&started, r(3), r(5)),
@@ -913,7 +1049,8 @@ mod tests {
             plan_grow(&shrunk, r(3)),
             moving(7, &[1, 2, 3, 4], &[1, 2, 3], (2, 4))
         );
-        // An open carries the move on.
+        // An open carries the move on, also when only the two members
+        // that stay answer.
         let answers = vec![
             (r(1), started.clone()),
             (r(3), started.clone()),
@@ -923,12 +1060,34 @@ mod tests {
             plan_open(&started.members, 9, &answers),
             Ok(moving(9, &[1, 2, 3, 4], &[1, 3], (2, 4)))
         );
+        assert_eq!(
+            plan_open(&started.members, 9, &answers[..2]),
+            Ok(moving(9, &[1, 2, 3, 4], &[1, 3], (2, 4)))
+        );
+        assert_eq!(
+            plan_open(&started.members, 9, &answers[1..]),
+            Err(OpenError::NoMajority {
+                prepared: 2,
+                members: 4,
+                rule: "a majority of the members both with and without the one moving",
+            })
+        );
+        // Replacing an in-sync member that stays would leave one of
+        // [1, 3, 4] in sync.
+        assert_eq!(
+            plan_replace(&started, r(1), r(5)),
+            Err(ReplaceError::TooFewInSync {
+                replica: r(1),
+                left: 2,
+                members: 4,
+            })
+        );
     }
 
     #[test]
     fn a_change_of_members_needs_both_majorities() {
-        let before = ids(&[1, 2, 3]);
-        let after = ids(&[1, 2, 4]);
+        let before = config(1, &[1, 2, 3], &[1, 2, 3]);
+        let after = config(2, &[1, 2, 4], &[1, 2]);
         for (accepted, reached) in [
             (set(&[1, 2]), true),
             (set(&[2, 4]), false),
@@ -950,29 +1109,19 @@ mod tests {
     /// list's majority {1, 3} never hears of it.
     #[test]
     fn a_replacement_is_seen_by_every_majority_of_either_list() {
-        let before = ids(&[1, 2, 3]);
-        let after = ids(&[1, 2, 4]);
-        let subsets = |of: &[u32]| -> Vec<BTreeSet<ReplicaId>> {
-            (0u32..1 << of.len())
-                .map(|bits| {
-                    (0..of.len())
-                        .filter(|i| bits & (1 << i) != 0)
-                        .map(|i| ReplicaId(of[i]))
-                        .collect()
-                })
-                .collect()
-        };
+        let before = config(1, &[1, 2, 3], &[1, 2, 3]);
+        let after = config(2, &[1, 2, 4], &[1, 2]);
         let all = subsets(&[1, 2, 3, 4]);
         let majorities: Vec<&BTreeSet<ReplicaId>> = all
             .iter()
-            .filter(|q| quorum_reached(&before, q) || quorum_reached(&after, q))
+            .filter(|q| before.quorum_reached(q) || after.quorum_reached(q))
             .collect();
         let mut new_list_only_misses = false;
         for took in &all {
             let missed = majorities.iter().any(|q| q.is_disjoint(took));
             if change_quorum_reached(&before, &after, took) {
                 assert!(!missed, "{took:?} took the change, a majority misses it");
-            } else if quorum_reached(&after, took) && missed {
+            } else if after.quorum_reached(took) && missed {
                 new_list_only_misses = true;
             }
         }

@@ -473,8 +473,8 @@ impl VolumeTarget {
     }
 
     /// Round 2 of a configuration change from `before`: `config` must be
-    /// taken by a majority of both member lists and by every replica it
-    /// names in sync.
+    /// taken by a quorum of both configs and by every replica it names in
+    /// sync.
     async fn persist(&self, before: &Config, config: &Config) -> Result<(), PersistError> {
         self.max_persisted.fetch_max(config.epoch, Ordering::AcqRel);
         let request = self.persist_request(config);
@@ -495,7 +495,7 @@ impl VolumeTarget {
                 Answer::Lost(err) => problems.push(format!("{node}: {err}")),
             }
         }
-        if !membership::change_quorum_reached(&before.members, &config.members, &accepted) {
+        if !membership::change_quorum_reached(before, config, &accepted) {
             return Err(PersistError::NoQuorum(format!(
                 "only {} of {} replicas took epoch {} ({})",
                 accepted.len(),
@@ -1022,12 +1022,13 @@ impl VolumeTarget {
                 next.epoch = epoch;
                 kept.extend(back);
             }
-            if !membership::quorum_reached(&next.members, &prepared) {
+            if !membership::change_quorum_reached(&current, &next, &prepared) {
                 return Err(BlockError::Io(format!(
-                    "volume {}: only {} of {} replicas reachable, a majority is needed",
+                    "volume {}: only {} of {} replicas reachable; {} is needed",
                     self.volume,
                     prepared.len(),
-                    next.members.len()
+                    next.members.len(),
+                    next.quorum_rule()
                 )));
             }
             // An in-sync replica that cannot take the new epoch is failed too.
@@ -1072,14 +1073,15 @@ impl VolumeTarget {
         }
     }
 
-    /// Whether a majority of the members of `config` accepted a request.
+    /// Whether a quorum of `config` (a majority of its members, both with
+    /// and without the one moving during a move) accepted a request.
     fn majority_accepted(&self, config: &Config, answers: &BTreeMap<usize, Answer>) -> bool {
         let accepted: BTreeSet<ReplicaId> = answers
             .iter()
             .filter(|(_, answer)| matches!(answer, Answer::Done(_)))
             .map(|(index, _)| ReplicaId(self.id_of(*index)))
             .collect();
-        membership::quorum_reached(&config.members, &accepted)
+        config.quorum_reached(&accepted)
     }
 
     /// Renews the read lease with a request that reads nothing (digests of

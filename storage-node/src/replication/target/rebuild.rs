@@ -353,8 +353,9 @@ impl VolumeTarget {
 
     /// Both rounds of this target's own change from `current` to `next`, at
     /// an epoch above any it prepared; the caller holds the gate
-    /// exclusively. Every member of both lists is asked; a majority of each,
-    /// and every replica `next` names in sync, must take the change.
+    /// exclusively. Every member of both configs is asked; a quorum of each
+    /// (`membership::change_quorum_reached`), and every replica `next` names
+    /// in sync, must take the change.
     pub(super) async fn commit_change(&self, current: &Config, next: Config) -> Result<(), String> {
         let next = Config {
             epoch: next
@@ -366,11 +367,12 @@ impl VolumeTarget {
         let Some(prepared) = self.prepare_own_change(&all, next.epoch).await else {
             return Err("a newer target owns the volume".into());
         };
-        if !membership::change_quorum_reached(&current.members, &next.members, &prepared) {
+        if !membership::change_quorum_reached(current, &next, &prepared) {
             return Err(format!(
-                "only {} of the replicas took epoch {}, a majority is needed",
+                "only {} of the replicas took epoch {}; {} is needed",
                 prepared.len(),
-                next.epoch
+                next.epoch,
+                next.quorum_rule()
             ));
         }
         if !next.in_sync.iter().all(|id| prepared.contains(id)) {
