@@ -11,7 +11,8 @@
 //! rates need to agree, not their readings):
 //!
 //! * A target serves reads until `sent + LEASE * 4/5`, where `sent` is when it
-//!   sent the newest request that a majority of the members accepted at its
+//!   sent the newest request that a majority of the members (during a move,
+//!   a quorum of its config: `Config::quorum_reached`) accepted at its
 //!   epoch. Writes renew it; an idle target renews it with `Digest` requests
 //!   of no extents, and a read that finds it expired renews it first.
 //! * A replica remembers when it last accepted a data request. When it

@@ -360,16 +360,24 @@ pub(crate) fn plan_open_with(
         });
     }
     let as_set = |ids: &[ReplicaId]| ids.iter().copied().collect::<BTreeSet<_>>();
+    let granted: BTreeSet<ReplicaId> = answered.keys().copied().collect();
     if as_set(&latest.members) != as_set(members) {
+        // Only a majority of the list asked is a reason to turn to another
+        // one: a replacement swaps a member in one change, so a config that
+        // reached a majority of the new list alone may have lost to one on
+        // a majority of the old list, and those two never meet.
+        if granted.len() < majority(members.len()) {
+            return Err(OpenError::NoMajority {
+                prepared: granted.len(),
+                members: members.len(),
+                rule: "a majority of the members",
+            });
+        }
         return Err(OpenError::OtherMembers {
             members: latest.members.clone(),
         });
     }
-    // The newest config answered decides how many must have answered: the
-    // config persisted last was taken by a quorum of its own, which meets
-    // every quorum of the newest config (each change in between needed a
-    // quorum of the config before it too).
-    let granted: BTreeSet<ReplicaId> = answered.keys().copied().collect();
+    // The newest config answered decides how many must have answered.
     if !quorum_reached(latest, &granted) {
         return Err(OpenError::NoMajority {
             prepared: granted.len(),
@@ -441,6 +449,13 @@ pub enum ReplaceError {
     Leaving(ReplicaId),
     #[error("{} is being moved already; one move at a time", .0.leaving)]
     MoveUnderWay(Move),
+    /// During a move only the successor can be replaced: see `plan_replace`.
+    #[error(
+        "{replica} cannot be replaced while {} moves to {}; wait until the move ends",
+        .moving.leaving,
+        .moving.successor
+    )]
+    StaysDuringMove { replica: ReplicaId, moving: Move },
 }
 
 /// The config that replaces member `remove` by the new, empty member `add`,
@@ -449,16 +464,28 @@ pub enum ReplaceError {
 /// `remove` at once, rather than after `add` caught up, keeps the number of
 /// members, and so the majority needed, the same: losing the new replica
 /// during its copy costs no availability. An in-sync replica is removed only
-/// when a majority of the members stays in sync.
+/// when the members left in sync are a quorum of the new config.
 ///
 /// This is for a replica that is faulted or gone; a healthy one is moved
 /// with `plan_move`, which keeps it until its successor has the data.
+///
+/// During a move only the successor can be replaced: both configs then
+/// share the member list before the move, a majority of which is in every
+/// quorum of either. Swapping a member that stays would let a quorum of the
+/// new config ({3, 5} of r1 moving to r4 with r2 swapped for r5) miss one of
+/// the old ({1, 2, 4}).
 pub fn plan_replace(
     current: &Config,
     remove: ReplicaId,
     add: ReplicaId,
 ) -> Result<Config, ReplaceError> {
     check_newcomer(current, remove, add)?;
+    if let Some(moving) = current.moving.filter(|m| m.successor != remove) {
+        return Err(ReplaceError::StaysDuringMove {
+            replica: remove,
+            moving,
+        });
+    }
     let mut in_sync = current.in_sync.clone();
     let removed_in_sync = in_sync.remove(&remove);
     let members = current
@@ -498,7 +525,8 @@ pub fn plan_replace(
 /// `add` in sync (`plan_grow`), so the volume keeps as many
 /// in-sync copies during the copy as before it: what a user expects of
 /// moving a healthy replica off a node. The price is one more member while
-/// the copy runs (four of three: a majority is three).
+/// the copy runs; a quorum is then a majority of the members both with and
+/// without the one moving ([`Config::voting_lists`]).
 pub fn plan_move(
     current: &Config,
     remove: ReplicaId,
@@ -1072,16 +1100,17 @@ mod tests {
                 rule: "a majority of the members both with and without the one moving",
             })
         );
-        // Replacing an in-sync member that stays would leave one of
-        // [1, 3, 4] in sync.
-        assert_eq!(
-            plan_replace(&started, r(1), r(5)),
-            Err(ReplaceError::TooFewInSync {
-                replica: r(1),
-                left: 2,
-                members: 4,
-            })
-        );
+        // Only the successor can be replaced during the move: swapping r1
+        // for r5 would make {3, 5} a quorum, which misses {1, 2, 4}, a
+        // quorum of the move before it.
+        let stays = Err(ReplaceError::StaysDuringMove {
+            replica: r(1),
+            moving: started.moving.unwrap(),
+        });
+        assert_eq!(plan_replace(&started, r(1), r(5)), stays);
+        let swapped = moving(6, &[5, 2, 3, 4], &[2, 3], (2, 4));
+        assert!(swapped.quorum_reached(&set(&[3, 5])));
+        assert!(started.quorum_reached(&set(&[1, 2, 4])));
     }
 
     #[test]
@@ -1141,10 +1170,23 @@ mod tests {
                 members: ids(&[1, 2, 4])
             })
         );
-        let answers = vec![(ReplicaId(1), replaced.clone()), (ReplicaId(4), replaced)];
+        let answers = vec![
+            (ReplicaId(1), replaced.clone()),
+            (ReplicaId(4), replaced.clone()),
+        ];
         assert_eq!(
             plan_open(&ids(&[1, 2, 4]), 7, &answers),
             Ok(config(7, &[1, 2, 4], &[1]))
+        );
+        // A minority of the list asked is no reason to turn to another:
+        // the replacement may not have reached a majority of the old list.
+        assert_eq!(
+            plan_open(&ids(&[1, 2, 3]), 7, &[(ReplicaId(1), replaced)]),
+            Err(OpenError::NoMajority {
+                prepared: 1,
+                members: 3,
+                rule: "a majority of the members"
+            })
         );
     }
 

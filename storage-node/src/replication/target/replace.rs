@@ -282,11 +282,11 @@ pub(super) fn spawn_replacer(target: &Arc<VolumeTarget>) {
             let attempts = target.rebuild_attempts();
             clocks.retain(|id| config.members.contains(&ReplicaId(id)));
             retry.retain(|id, _| clocks.tracks(*id));
-            let leaving = config.moving.map(|moving| moving.leaving);
             for &id in &config.members {
-                // A member being moved leaves once its successor is in
-                // sync; replacing it too would only copy the volume twice.
-                if leaving == Some(id) {
+                // During a move only the successor can be replaced
+                // (`membership::plan_replace`); the member being moved
+                // leaves once the successor is in sync.
+                if config.moving.is_some_and(|moving| moving.successor != id) {
                     continue;
                 }
                 // An in-sync replica of an idle volume is dropped by no
