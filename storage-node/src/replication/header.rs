@@ -316,6 +316,8 @@ mod tests {
                 in_sync: vec![1, 2, 3],
                 leaving: None,
                 successor: None,
+                removed: None,
+                added: None,
             },
         }
     }

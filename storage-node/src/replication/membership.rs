@@ -39,6 +39,12 @@
 //!   the move and of the list after it, and losing both the leaving replica
 //!   and its successor leaves a quorum, as losing one replica of the volume
 //!   before the move did.
+//! * A replacement swaps a member in one change, and a majority of the new
+//!   list ({1, 4} of [1, 2, 4]) need not meet one of the old ([2, 3] of
+//!   [1, 2, 3]). So the config it makes remembers the swap (`swapped`) and
+//!   needs a majority of the list before it too, until a change of the
+//!   target that installed it settles it (`Config::settled`, or any shrink
+//!   or grow): Raft's joint consensus, over two changes.
 //!
 //! The design's first version opened in one round: read the states, then
 //! persist the new config with a "promise" accepted iff its epoch was higher.
@@ -82,6 +88,17 @@ pub struct Config {
     /// a member, in sync and written, until its successor is in sync, and
     /// leaves in the change that grows the in-sync set by it (`plan_grow`).
     pub moving: Option<Move>,
+    /// The swap of the replacement that made this config (`plan_replace`),
+    /// until a change of the target that installed it settles it. Until
+    /// then a quorum needs a majority of the list before the swap too.
+    pub swapped: Option<Swap>,
+}
+
+/// The member a replacement took out, and the one it put in its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Swap {
+    pub removed: ReplicaId,
+    pub added: ReplicaId,
 }
 
 /// A member being moved off its node, and the new member that takes its
@@ -104,7 +121,42 @@ impl Config {
     /// most likely to fail together. With both lists, the two remaining
     /// members are a majority of each, and the volume goes on serving; with
     /// one list of four, it would stop.
+    ///
+    /// A config made by a replacement (`swapped`) adds the lists of the
+    /// config before the swap: a replacement takes one member out and puts
+    /// another in in one change, and a majority of the new list alone
+    /// ({1, 4} of [1, 2, 4]) need not meet one of the old ({2, 3} of
+    /// [1, 2, 3]). A replacement persisted on the new list's majority only
+    /// may have lost to a change on the old list's; with both lists, no
+    /// target can take it for the truth (Raft's joint consensus again).
     pub fn voting_lists(&self) -> Vec<Vec<ReplicaId>> {
+        let mut lists = self.own_voting_lists();
+        if let Some(swap) = self.swapped {
+            for list in self.before_swap(swap).own_voting_lists() {
+                if !lists.contains(&list) {
+                    lists.push(list);
+                }
+            }
+        }
+        lists
+    }
+
+    /// This config with `swap` undone: the member list before it.
+    fn before_swap(&self, swap: Swap) -> Config {
+        let undo = |id: ReplicaId| if id == swap.added { swap.removed } else { id };
+        Config {
+            members: self.members.iter().map(|&id| undo(id)).collect(),
+            moving: self.moving.map(|moving| Move {
+                leaving: undo(moving.leaving),
+                successor: undo(moving.successor),
+            }),
+            swapped: None,
+            ..self.clone()
+        }
+    }
+
+    /// The voting lists of the member list and the move alone.
+    fn own_voting_lists(&self) -> Vec<Vec<ReplicaId>> {
         match self.moving {
             None => vec![self.members.clone()],
             Some(moving) => {
@@ -129,12 +181,37 @@ impl Config {
         })
     }
 
+    /// What [`change_quorum_reached`] asks of a change from `self` to
+    /// `next`, for messages: the rule of the stricter of the two.
+    pub fn change_rule(&self, next: &Config) -> &'static str {
+        match self.swapped {
+            Some(_) => self.quorum_rule(),
+            None => next.quorum_rule(),
+        }
+    }
+
     /// What [`quorum_reached`](Self::quorum_reached) asks, for messages.
     pub fn quorum_rule(&self) -> &'static str {
-        match self.moving {
-            None => "a majority of the members",
-            Some(_) => "a majority of the members both with and without the one moving",
+        match (self.moving, self.swapped) {
+            (None, None) => "a majority of the members",
+            (Some(_), None) => "a majority of the members both with and without the one moving",
+            (None, Some(_)) => "a majority of the members both before and after the replacement",
+            (Some(_), Some(_)) => {
+                "a majority of the members with and without the one moving, before and after \
+                 the replacement"
+            }
         }
+    }
+
+    /// The same config at the next epoch, with the replacement that made it
+    /// settled: for a target that installed it (so a quorum of both lists
+    /// took it), to go back to one list.
+    pub fn settled(&self) -> Option<Config> {
+        self.swapped.map(|_| Config {
+            epoch: self.epoch + 1,
+            swapped: None,
+            ..self.clone()
+        })
     }
 
     /// The config of a fresh volume: epoch 0, every member in sync (all empty).
@@ -145,6 +222,7 @@ impl Config {
             members,
             in_sync,
             moving: None,
+            swapped: None,
         }
     }
 }
@@ -183,6 +261,7 @@ impl ReplicaState {
                 members,
                 in_sync: BTreeSet::new(),
                 moving: None,
+                swapped: None,
             },
         }
     }
@@ -399,6 +478,8 @@ pub(crate) fn plan_open_with(
         members: members.to_vec(),
         in_sync,
         moving: latest.moving,
+        // The answered config may not have reached both lists yet.
+        swapped: latest.swapped,
     })
 }
 
@@ -424,6 +505,9 @@ pub fn plan_shrink(current: &Config, failed: &BTreeSet<ReplicaId>) -> Result<Con
         members: current.members.clone(),
         in_sync,
         moving: current.moving,
+        // Persisting this takes a quorum of `current` too, so of both of
+        // its lists: the replacement is settled with it.
+        swapped: None,
     })
 }
 
@@ -508,6 +592,10 @@ pub fn plan_replace(
         members,
         in_sync,
         moving,
+        swapped: Some(Swap {
+            removed: remove,
+            added: add,
+        }),
     };
     if removed_in_sync && !next.quorum_reached(&next.in_sync) {
         return Err(ReplaceError::TooFewInSync {
@@ -546,6 +634,7 @@ pub fn plan_move(
             leaving: remove,
             successor: add,
         }),
+        swapped: None,
     })
 }
 
@@ -571,6 +660,7 @@ fn check_newcomer(current: &Config, remove: ReplicaId, add: ReplicaId) -> Result
 pub fn plan_grow(current: &Config, joined: ReplicaId) -> Config {
     let mut next = current.clone();
     next.epoch += 1;
+    next.swapped = None;
     next.in_sync.insert(joined);
     if let Some(moving) = current.moving.filter(|m| m.successor == joined) {
         next.members.retain(|&id| id != moving.leaving);
@@ -676,6 +766,18 @@ mod tests {
             members: ids(members),
             in_sync: set(in_sync),
             moving: None,
+            swapped: None,
+        }
+    }
+
+    /// `config` as a replacement of `removed` by `added` made it.
+    fn swapped(config: Config, removed: u32, added: u32) -> Config {
+        Config {
+            swapped: Some(Swap {
+                removed: ReplicaId(removed),
+                added: ReplicaId(added),
+            }),
+            ..config
         }
     }
 
@@ -1001,7 +1103,7 @@ mod tests {
         let current = config(4, &[1, 2, 3], &[1, 2]);
         let r = ReplicaId;
         for (remove, add, expected) in [
-            (3, 4, Ok(config(5, &[1, 2, 4], &[1, 2]))),
+            (3, 4, Ok(swapped(config(5, &[1, 2, 4], &[1, 2]), 3, 4))),
             (
                 2,
                 4,
@@ -1024,13 +1126,13 @@ mod tests {
         let healthy = config(4, &[1, 2, 3], &[1, 2, 3]);
         assert_eq!(
             plan_replace(&healthy, r(2), r(4)),
-            Ok(config(5, &[1, 4, 3], &[1, 3]))
+            Ok(swapped(config(5, &[1, 4, 3], &[1, 3]), 2, 4))
         );
         // A faulted one may go even when few are in sync: none is lost.
         let lonely = config(4, &[1, 2, 3], &[2]);
         assert_eq!(
             plan_replace(&lonely, r(3), r(4)),
-            Ok(config(5, &[1, 2, 4], &[2]))
+            Ok(swapped(config(5, &[1, 2, 4], &[2]), 3, 4))
         );
         assert_eq!(
             plan_replace(&lonely, r(2), r(4)),
@@ -1064,7 +1166,7 @@ mod tests {
         // move goes on with the new one.
         assert_eq!(
             plan_replace(&started, r(4), r(5)),
-            Ok(moving(6, &[1, 2, 3, 5], &[1, 2, 3], (2, 5)))
+            Ok(swapped(moving(6, &[1, 2, 3, 5], &[1, 2, 3], (2, 5)), 4, 5))
         );
         // The grow of the successor takes r2 out.
         assert_eq!(plan_grow(&started, r(4)), config(6, &[1, 3, 4], &[1, 3, 4]));
@@ -1155,6 +1257,56 @@ mod tests {
             }
         }
         assert!(new_list_only_misses);
+    }
+
+    /// The lost write a second reader found: r3 replaced by r4, the
+    /// change taken by r1 and r4 only (r2 had promised a newer epoch to a
+    /// target that opened on {2, 3} and acknowledged a write on r2 alone).
+    /// {1, 4} is a majority of the new list but not of the old: until the
+    /// replacement is settled, an opener that hears only them opens nothing.
+    /// The target that installed it settles it with one more change.
+    #[test]
+    fn a_replacement_needs_both_lists_until_it_is_settled() {
+        let before = config(4, &[1, 2, 3], &[1, 2]);
+        let replaced = plan_replace(&before, ReplicaId(3), ReplicaId(4)).unwrap();
+        assert_eq!(
+            replaced.voting_lists(),
+            vec![ids(&[1, 2, 4]), ids(&[1, 2, 3])]
+        );
+        assert!(!replaced.quorum_reached(&set(&[1, 4])));
+        assert!(replaced.quorum_reached(&set(&[1, 2])));
+        let answers = vec![
+            (ReplicaId(1), replaced.clone()),
+            (ReplicaId(4), replaced.clone()),
+        ];
+        assert_eq!(
+            plan_open(&ids(&[1, 2, 4]), 7, &answers),
+            Err(OpenError::NoMajority {
+                prepared: 2,
+                members: 3,
+                rule: "a majority of the members both before and after the replacement",
+            })
+        );
+        // An open carries it on; its next change settles it.
+        let opened = plan_open(
+            &ids(&[1, 2, 4]),
+            7,
+            &[answers[0].clone(), (ReplicaId(2), replaced.clone())],
+        )
+        .unwrap();
+        assert_eq!(opened, swapped(config(7, &[1, 2, 4], &[1, 2]), 3, 4));
+        let settled = opened.settled().unwrap();
+        assert_eq!(settled, config(8, &[1, 2, 4], &[1, 2]));
+        assert!(settled.quorum_reached(&set(&[1, 4])));
+        assert_eq!(settled.settled(), None);
+        assert_eq!(plan_shrink(&opened, &set(&[2])).unwrap().swapped, None);
+        // Replacing the successor of a move adds the move before it.
+        let move_2_to_4 = moving(5, &[1, 2, 3, 4], &[1, 2, 3], (2, 4));
+        let new_successor = plan_replace(&move_2_to_4, ReplicaId(4), ReplicaId(5)).unwrap();
+        assert_eq!(
+            new_successor.voting_lists(),
+            vec![ids(&[1, 2, 3]), ids(&[1, 3, 5]), ids(&[1, 3, 4])]
+        );
     }
 
     #[test]

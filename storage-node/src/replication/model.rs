@@ -12,10 +12,13 @@
 //! both with and without the moving member, and the grow that takes the
 //! rebuilt spare in sync takes the moved member out), and the conditional
 //! reopen of a
-//! restarted node's target, within a budget of faults. A target that
-//! crashed opens again from the volume's first member list, as from a
-//! record that missed a replacement, and must find the new one from the
-//! answers (`OpenError::OtherMembers`). Every decision goes through
+//! restarted node's target, within a budget of faults. A target opens
+//! from the member list its node's replica holds, as the real one does:
+//! one that missed a replacement must find the new list from the answers
+//! (`OpenError::OtherMembers`), and one that holds a replacement the
+//! replicas of the old list never took must not serve from it (a
+//! replacement's config needs a majority of the list before it too until
+//! it is settled, `membership::Config::voting_lists`). Every decision goes through
 //! `membership`, so the test checks the code the real target will call, not
 //! a copy of it. Checked on every step:
 //!
@@ -61,7 +64,8 @@ use std::fmt;
 use std::time::Instant;
 
 use super::membership::{
-    self, Config, IoReply, Move, OpenError, PrepareReply, ReplicaId, ReplicaState, WriteOutcome,
+    self, Config, IoReply, Move, OpenError, PrepareReply, ReplicaId, ReplicaState, Swap,
+    WriteOutcome,
 };
 
 /// Replica slots: the volume's three first members and, for a replacement,
@@ -115,9 +119,23 @@ struct Cfg {
     /// its successor, one bit each, or none.
     leaving: Set,
     successor: Set,
+    /// The replacement that made the config, until settled
+    /// (`membership::Swap`): one bit each, or none.
+    removed: Set,
+    added: Set,
 }
 
 impl Cfg {
+    /// The same config with its replacement settled, as every change a
+    /// target makes to a config it installed leaves it.
+    fn settled(self) -> Cfg {
+        Cfg {
+            removed: 0,
+            added: 0,
+            ..self
+        }
+    }
+
     fn config(self) -> Config {
         Config {
             epoch: self.epoch.into(),
@@ -126,6 +144,10 @@ impl Cfg {
             moving: (self.leaving != 0).then(|| Move {
                 leaving: member_list(self.leaving)[0],
                 successor: member_list(self.successor)[0],
+            }),
+            swapped: (self.removed != 0).then(|| Swap {
+                removed: member_list(self.removed)[0],
+                added: member_list(self.added)[0],
             }),
         }
     }
@@ -137,6 +159,8 @@ impl Cfg {
             in_sync: set_of(&config.in_sync),
             leaving: set_of(&config.moving.map(|m| m.leaving).into_iter().collect()),
             successor: set_of(&config.moving.map(|m| m.successor).into_iter().collect()),
+            removed: set_of(&config.swapped.map(|s| s.removed).into_iter().collect()),
+            added: set_of(&config.swapped.map(|s| s.added).into_iter().collect()),
         }
     }
 }
@@ -154,6 +178,14 @@ impl fmt::Display for Cfg {
                 " {} moving to {}",
                 SetDisplay(self.leaving),
                 SetDisplay(self.successor)
+            )?;
+        }
+        if self.removed != 0 {
+            write!(
+                f,
+                " ({} replaced by {})",
+                SetDisplay(self.removed),
+                SetDisplay(self.added)
             )?;
         }
         Ok(())
@@ -665,6 +697,8 @@ impl World {
             in_sync: FIRST_MEMBERS,
             leaving: 0,
             successor: 0,
+            removed: 0,
+            added: 0,
         };
         World {
             replicas: [Replica {
@@ -982,6 +1016,10 @@ impl World {
                     };
                     next.send(t, self.known_members[t], Msg::ReadState);
                 } else {
+                    // As the real target, it starts from the member list
+                    // its node's replica holds (it may have missed a
+                    // replacement, or hold one that never settled).
+                    next.known_members[t] = self.replicas[t].cfg.members;
                     let epoch = self.open_epoch(t);
                     next.start_prepare(
                         t,
@@ -1000,6 +1038,7 @@ impl World {
                     next.record = [None; TARGETS];
                 }
                 let at_most = self.record[t];
+                next.known_members[t] = self.replicas[t].cfg.members;
                 next.start_prepare(
                     t,
                     self.open_epoch(t),
@@ -1069,9 +1108,6 @@ impl World {
                 // record of it survives.
                 next.faults_left -= 1;
                 next.close(t);
-                // Its next open starts from the volume's first member list,
-                // as from a record of the volume that missed a replacement.
-                next.known_members[t] = FIRST_MEMBERS;
                 None
             }
             Action::CrashReplica(r) => {
@@ -1112,7 +1148,7 @@ impl World {
                 next.retries_left -= 1;
                 let next_cfg = Cfg {
                     epoch: self.change_epoch(t, cfg),
-                    ..cfg
+                    ..cfg.settled()
                 };
                 next.start_prepare(t, next_cfg.epoch, Purpose::Retry { next: next_cfg });
                 None
@@ -1505,8 +1541,7 @@ impl World {
                             Ok(planned) => {
                                 let next = Cfg {
                                     epoch: self.change_epoch(t, cfg),
-                                    in_sync: set_of(&planned.in_sync),
-                                    ..cfg
+                                    ..Cfg::of(&planned)
                                 };
                                 let purpose = Purpose::Shrink { write, next };
                                 if rules.is(Mutation::AckBeforeShrinkPersisted) {

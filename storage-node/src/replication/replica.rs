@@ -27,7 +27,7 @@ use tokio::sync::RwLock;
 
 use super::header::{Header, HeaderBlock, HeaderError};
 use super::lease::LastAccepted;
-use super::membership::{self, Config, IoReply, Move, PrepareReply, ReplicaId, ReplicaState};
+use super::membership::{self, Config, IoReply, Move, PrepareReply, ReplicaId, ReplicaState, Swap};
 use super::wire::{
     ExpectedReplica, Op, Reply, Request, Status, FLAG_FUA, FLAG_NO_HOLE,
     FLAG_ONLY_IF_PROMISE_AT_MOST,
@@ -63,6 +63,12 @@ pub struct ConfigRecord {
     pub leaving: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub successor: Option<u32>,
+    /// The replacement that made this config, until settled
+    /// (`membership::Swap`): the member taken out and the one put in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<u32>,
 }
 
 impl From<&Config> for ConfigRecord {
@@ -73,6 +79,8 @@ impl From<&Config> for ConfigRecord {
             in_sync: config.in_sync.iter().map(|id| id.0).collect(),
             leaving: config.moving.map(|m| m.leaving.0),
             successor: config.moving.map(|m| m.successor.0),
+            removed: config.swapped.map(|swap| swap.removed.0),
+            added: config.swapped.map(|swap| swap.added.0),
         }
     }
 }
@@ -89,6 +97,13 @@ impl From<&ConfigRecord> for Config {
                 .map(|(leaving, successor)| Move {
                     leaving: ReplicaId(leaving),
                     successor: ReplicaId(successor),
+                }),
+            swapped: record
+                .removed
+                .zip(record.added)
+                .map(|(removed, added)| Swap {
+                    removed: ReplicaId(removed),
+                    added: ReplicaId(added),
                 }),
         }
     }

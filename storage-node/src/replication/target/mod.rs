@@ -282,6 +282,15 @@ impl VolumeTarget {
                 volume: volume.to_string(),
                 reason: err.to_string(),
             })?;
+        // The config opened from may come from a replacement whose target
+        // stopped before settling it.
+        {
+            let _exclusive = target.gate.write().await;
+            target.settle_replacement().await;
+        }
+        if target.is_fenced() {
+            return Err(OpenError::Fenced(volume.to_string()));
+        }
         rebuild::spawn_rebuilder(&target);
         scrub::spawn_scrubber(&target);
         spawn_lease_keeper(&target);
@@ -1028,7 +1037,7 @@ impl VolumeTarget {
                     self.volume,
                     prepared.len(),
                     next.members.len(),
-                    next.quorum_rule()
+                    current.change_rule(&next)
                 )));
             }
             // An in-sync replica that cannot take the new epoch is failed too.

@@ -372,7 +372,7 @@ impl VolumeTarget {
                 "only {} of the replicas took epoch {}; {} is needed",
                 prepared.len(),
                 next.epoch,
-                next.quorum_rule()
+                current.change_rule(&next)
             ));
         }
         if !next.in_sync.iter().all(|id| prepared.contains(id)) {

@@ -154,6 +154,7 @@ impl VolumeTarget {
                 true => ReplaceError::Fenced,
                 false => ReplaceError::Change(reason),
             })?;
+        self.settle_replacement().await;
         if keep_until_copied {
             tracing::warn!(
                 volume = %self.volume,
@@ -173,6 +174,25 @@ impl VolumeTarget {
             );
         }
         Ok(())
+    }
+
+    /// Settles the replacement that made the current config, if any
+    /// (`membership::Config::settled`): one more change, after which a
+    /// quorum is a majority of the new member list alone. The caller holds
+    /// the gate exclusively. A failure is only logged: the config keeps the
+    /// stricter quorum, which is as safe, until the next change settles it.
+    pub(super) async fn settle_replacement(&self) {
+        let current = self.current();
+        let Some(settled) = current.settled() else {
+            return;
+        };
+        if let Err(reason) = self.commit_change(&current, settled).await {
+            tracing::warn!(
+                volume = %self.volume,
+                %reason,
+                "could not settle the replacement yet; the next change will"
+            );
+        }
     }
 
     /// Notes that member `index` left the volume: its data is deleted from
