@@ -576,12 +576,25 @@ async fn a_live_replica_is_moved_without_dropping_a_copy() {
     assert!(connect(&uri).read(0, 4 << 20).unwrap() == expected_data);
 }
 
-/// On an idle volume, an in-sync member that stops answering during a move
-/// does not hold the move up: the final grow needs every in-sync replica, and
-/// the target drops the dead one from the in-sync set without any write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
-    let (_dir, mut cluster) = start_knowing_the_cluster(&["--rebuild-rate", "4MiB"]);
+/// A move of an in-sync replica of volume "live" under way, with 6 MiB
+/// written and copied at 4 MiB/s, so it lasts a second or two.
+struct MoveUnderWay {
+    _dir: tempfile::TempDir,
+    cluster: TestCluster,
+    report: VolumeReport,
+    /// The target's node (the index of which is `target`), the node of the
+    /// replica moved, the other member's node, and the node moved to.
+    target_node: String,
+    leaving: String,
+    other: String,
+    spare: String,
+    target: usize,
+    uri: String,
+    data: Vec<u8>,
+}
+
+async fn start_a_move(data_seed: u64) -> MoveUnderWay {
+    let (dir, cluster) = start_knowing_the_cluster(&["--rebuild-rate", "4MiB"]);
     let report = cluster.create_volume("live", 16 * MIB, 3).await;
     let (target_node, leaving, spare) = roles(&cluster, &report);
     let other = member_nodes(&report)
@@ -590,13 +603,43 @@ async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
         .unwrap();
     let target = cluster.index_of(&target_node);
     let uri = cluster.export("live", target).await;
-    let data = random_bytes(6 << 20, 11);
+    let data = random_bytes(6 << 20, data_seed);
     connect(&uri).write(0, &data, true).unwrap();
     let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
         .await
         .unwrap();
     assert!(outcome.planned.keep_until_copied);
-    // During the copy (6 MiB at 4 MiB/s), with no write coming.
+    MoveUnderWay {
+        _dir: dir,
+        cluster,
+        report,
+        target_node,
+        leaving,
+        other,
+        spare,
+        target,
+        uri,
+        data,
+    }
+}
+
+/// On an idle volume, an in-sync member that stops answering during a move
+/// does not hold the move up: the final grow needs every in-sync replica, and
+/// the target drops the dead one from the in-sync set without any write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
+    let MoveUnderWay {
+        _dir,
+        mut cluster,
+        target_node,
+        other,
+        spare,
+        target,
+        uri,
+        data,
+        ..
+    } = start_a_move(11).await;
+    // During the copy, with no write coming.
     let down = cluster.index_of(&other);
     cluster.nodes[down].kill9();
     let done = wait_for_move("live", &cluster, &cluster.nodes[target], 2).await;
@@ -619,23 +662,19 @@ async fn a_move_on_an_idle_volume_ends_when_another_member_dies() {
 /// once the successor's node is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_goes_on_when_the_leaving_replica_and_its_successor_die_together() {
-    let (_dir, mut cluster) = start_knowing_the_cluster(&["--rebuild-rate", "4MiB"]);
-    let report = cluster.create_volume("live", 16 * MIB, 3).await;
-    let (target_node, leaving, spare) = roles(&cluster, &report);
-    let other = member_nodes(&report)
-        .into_iter()
-        .find(|n| *n != target_node && *n != leaving)
-        .unwrap();
-    let target = cluster.index_of(&target_node);
-    let uri = cluster.export("live", target).await;
-    let mut data = random_bytes(6 << 20, 13);
-    connect(&uri).write(0, &data, true).unwrap();
-    let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
-        .await
-        .unwrap();
-    assert!(outcome.planned.keep_until_copied);
-
-    // During the copy (6 MiB at 4 MiB/s), both nodes die.
+    let MoveUnderWay {
+        _dir,
+        mut cluster,
+        report,
+        target_node,
+        leaving,
+        other,
+        spare,
+        target,
+        uri,
+        mut data,
+    } = start_a_move(13).await;
+    // During the copy, both nodes die.
     let leaving_index = cluster.index_of(&leaving);
     cluster.nodes[leaving_index].kill9();
     let successor = cluster.index_of(&spare);
