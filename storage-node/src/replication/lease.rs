@@ -15,17 +15,22 @@
 //!   a quorum of its config: `Config::quorum_reached`) accepted at its
 //!   epoch. Writes renew it; an idle target renews it with `Digest` requests
 //!   of no extents, and a read that finds it expired renews it first.
-//! * A replica remembers when it last accepted a data request. When it
-//!   promises a newer epoch, it answers with what is left of `LEASE` since
-//!   then, and a newer target waits out the longest such remainder of a
-//!   majority before it serves anything.
+//! * A replica remembers when it last accepted a data request or a config
+//!   (`Persist`). When it promises a newer epoch, it answers with what is
+//!   left of `LEASE` since then, and a newer target waits out the longest
+//!   such remainder of the replicas it prepared before it serves anything.
 //!
-//! Any majority the old target renewed with shares a replica with the
-//! majority the new target prepared, and that replica accepted the old
-//! target's request before it promised the new epoch. So the old target's
-//! lease ends, by its own clock, at least `LEASE / 5` before the new target
-//! starts, by that replica's. A replica that restarted does not know when it
-//! last accepted a request; it counts from its start.
+//! With one member list, any majority the old target renewed with shares a
+//! replica with the majority the new target prepared, and that replica
+//! accepted the old target's request before it promised the new epoch. So
+//! the old target's lease ends, by its own clock, at least `LEASE / 5`
+//! before the new target starts, by that replica's. When the member list
+//! changes, a lease renewed under the old list ({2, 3} of [1, 2, 3]) need
+//! not meet a quorum of the new one ({1, 4} of [1, 2, 4], once a replacement
+//! is settled); but the target persisted the new config on a quorum of it
+//! after that renewal, and those replicas count the persist, so one of them
+//! is among those the new target prepared. A replica that restarted does
+//! not know when it last accepted a request; it counts from its start.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

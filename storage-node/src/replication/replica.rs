@@ -366,6 +366,10 @@ impl Replica {
                     *self.members.write().expect("members lock") = members;
                 }
                 *state = next;
+                // For the read lease: the target that persisted this may
+                // hold a lease granted under an older config, whose quorum
+                // need not meet the next opener's (see `lease`).
+                self.last_accepted.touch();
                 Ok(json(&self.record(&state)).into())
             }
             Op::Snapshot => {
@@ -868,6 +872,7 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::pool::PoolOptions;
+    use crate::replication::lease::LEASE;
 
     const MIB: u64 = 1 << 20;
 
@@ -985,6 +990,46 @@ mod tests {
     async fn prepare(replica: &Replica, epoch: u64) {
         let reply = replica.handle(Request::new(Op::Prepare, 1, epoch)).await;
         assert_eq!(reply.status, Status::Ok, "prepare {epoch}");
+    }
+
+    /// A config persisted counts for the read lease, as a data request
+    /// does: its target may hold a lease granted under an older member list,
+    /// whose quorum need not meet the next opener's (see `lease`).
+    #[tokio::test]
+    async fn a_persisted_config_counts_for_the_read_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let replicas = Replicas::load(open_pool(&dir.path().join("pool")).await)
+            .await
+            .unwrap();
+        let replica = create(&replicas, 5).await;
+        let lease_remaining_ms = |reply: Reply| {
+            assert_eq!(reply.status, Status::Ok);
+            serde_json::from_slice::<StateRecord>(&reply.payload)
+                .unwrap()
+                .lease_remaining_ms
+        };
+        // Fresh: no target used it, the next one need not wait.
+        let reply = replica.handle(Request::new(Op::Prepare, 1, 1)).await;
+        assert_eq!(lease_remaining_ms(reply), 0);
+
+        let config = Config {
+            epoch: 1,
+            ..Config::initial(vec![ReplicaId(1), ReplicaId(2), ReplicaId(3)])
+        };
+        let mut persist = Request::new(Op::Persist, 1, 1);
+        persist.payload = serde_json::to_vec(&PersistRecord {
+            config: ConfigRecord::from(&config),
+            roster: Vec::new(),
+        })
+        .unwrap()
+        .into();
+        assert_eq!(replica.handle(persist).await.status, Status::Ok);
+        let reply = replica.handle(Request::new(Op::Prepare, 1, 2)).await;
+        let remaining = lease_remaining_ms(reply);
+        assert!(
+            remaining > LEASE.as_millis() as u64 / 2,
+            "{remaining} ms of the lease left"
+        );
     }
 
     #[tokio::test]

@@ -789,7 +789,9 @@ impl VolumeTarget {
                 .iter()
                 .any(|(i, a)| in_sync.contains(i) && !matches!(a, Answer::Done(_)))
                 .then(|| Unsettled::new(&self.unsettled));
-            drop(gate);
+            // Before the gate is let go: the grow that would add a member
+            // to the in-sync set waits for it exclusively, and must find the
+            // rebuild of one that missed this request stopped.
             for index in rebuilding {
                 if in_sync.contains(&index) {
                     continue;
@@ -800,6 +802,7 @@ impl VolumeTarget {
                     }
                 }
             }
+            drop(gate);
             // A refusal at an epoch this target asked for itself (in a
             // configuration change that did not reach a majority) is no
             // fence: the target completes a change at a newer epoch and

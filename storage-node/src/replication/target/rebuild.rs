@@ -37,6 +37,15 @@ const REBUILD_POLL: Duration = Duration::from_secs(1);
 /// The longest wait between attempts to rebuild a replica that failed.
 const REBUILD_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
+/// Where `copy_extent` reads an extent.
+#[derive(Debug, Clone, Copy)]
+enum CopyFrom {
+    /// This member: when opening, all in-sync replicas are made equal to one.
+    Replica(usize),
+    /// An in-sync replica, chosen once the extent is locked.
+    InSync,
+}
+
 /// How far a replica's rebuild has come.
 #[derive(Debug, Clone)]
 pub struct RebuildProgress {
@@ -87,7 +96,11 @@ pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
                 let _ = target.shrink(&restarted).await;
                 continue;
             }
-            for index in target.member_indexes(&config) {
+            let members = target.member_indexes(&config);
+            // A slot that left may come back for a new replica (see
+            // `replace_member`), which starts without the old one's wait.
+            backoff.retain(|index, _| members.contains(index));
+            for index in members {
                 let id = ReplicaId(target.id_of(index));
                 if config.in_sync.contains(&id) {
                     backoff.remove(&index);
@@ -181,9 +194,11 @@ impl VolumeTarget {
         }
         self.join_as_rebuilding(index).await?;
         let started = Instant::now();
-        let source = self.rebuild_source()?;
         let diffs = {
-            let _gate = self.gate.read().await;
+            let _gate = self.settled_gate().await?;
+            // Chosen under the gate: a replica that failed a write and was
+            // shrunk out of the in-sync set while we waited lacks that write.
+            let source = self.rebuild_source()?;
             let epoch = self.current().epoch;
             self.differing_extents(source, index, epoch).await?
         };
@@ -209,8 +224,7 @@ impl VolumeTarget {
             if self.is_fenced() || self.is_closed() {
                 return Err("target closed".into());
             }
-            let source = self.rebuild_source()?;
-            let copied = self.copy_extent(source, index, extent).await?;
+            let copied = self.copy_extent(CopyFrom::InSync, index, extent).await?;
             copied_bytes += copied;
             self.update_progress(index, |p| {
                 p.extents_copied += 1;
@@ -449,9 +463,28 @@ impl VolumeTarget {
         Ok(diffs)
     }
 
-    /// Copies one extent from `source` to `dest` under its range lock;
-    /// returns the bytes copied.
-    async fn copy_extent(&self, source: usize, dest: usize, extent: u64) -> Result<u64, String> {
+    /// The gate, shared, once no request that failed on an in-sync replica
+    /// is still shrinking the in-sync set: until then a replica the config
+    /// names in sync may lack a write that the others have.
+    async fn settled_gate(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, String> {
+        let deadline = Instant::now() + self.options.timeout * 2;
+        loop {
+            let gate = self.gate.read().await;
+            if self.unsettled.load(Ordering::Acquire) == 0 {
+                return Ok(gate);
+            }
+            // The shrink needs the gate exclusively: let it go first.
+            drop(gate);
+            if Instant::now() > deadline || self.is_fenced() || self.is_closed() {
+                return Err("replicas are failing; comparing again later".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Copies one extent to `dest` under its range lock; returns the bytes
+    /// copied.
+    async fn copy_extent(&self, from: CopyFrom, dest: usize, extent: u64) -> Result<u64, String> {
         let size = self.size_now();
         let start = extent * EXTENT_BYTES;
         let len = EXTENT_BYTES.min(size.saturating_sub(start));
@@ -460,6 +493,12 @@ impl VolumeTarget {
         }
         let _range = self.ranges.lock(start, start + len).await;
         let _gate = self.gate.read().await;
+        let source = match from {
+            CopyFrom::Replica(index) => index,
+            // Only now: a write to this extent that failed on a replica
+            // held the range until its shrink took that replica out.
+            CopyFrom::InSync => self.rebuild_source()?,
+        };
         let epoch = self.current().epoch;
         let mut read = Request::new(Op::Read, 0, epoch);
         read.offset = start;
@@ -489,7 +528,9 @@ impl VolumeTarget {
                 let diffs = self.differing_extents(source, dest, config.epoch).await?;
                 let mut copied = 0;
                 for &extent in &diffs {
-                    copied += self.copy_extent(source, dest, extent).await?;
+                    copied += self
+                        .copy_extent(CopyFrom::Replica(source), dest, extent)
+                        .await?;
                 }
                 Ok(copied)
             }
