@@ -1,5 +1,6 @@
 //! `strata volume ...`: create, list, describe, resize, delete and export
-//! replicated volumes, and replace a replica by one on another node.
+//! replicated volumes, replace a replica by one on another node, and give
+//! up a move.
 
 use bytesize::ByteSize;
 
@@ -54,6 +55,9 @@ pub enum VolumeCommand {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Give up the move of a replica under way (a replace-replica of a
+    /// healthy replica): the new replica is dropped, the old one stays.
+    CancelMove { name: String },
     /// Open the volume's target (fencing any other) and print its NBD URI.
     Export {
         name: String,
@@ -148,6 +152,23 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
                     "the old replica on {from} could not be deleted (node unreachable); \
                      it is deleted once the node is back (with automatic replacement on), \
                      or by the next replacement or `strata volume rm`"
+                );
+            }
+            Ok(())
+        }
+        VolumeCommand::CancelMove { name } => {
+            let cancelled = volumes::cancel_move(cluster, &name).await?;
+            println!(
+                "cancelled the move of {name}: its replica stays on {}, and the new one on {} \
+                 left the volume (change made by the target on {})",
+                cancelled.stays, cancelled.dropped, cancelled.target_node
+            );
+            if !cancelled.dropped_deleted {
+                println!(
+                    "the new replica on {} could not be deleted (node unreachable); it is \
+                     deleted once the node is back (with automatic replacement on), or by the \
+                     next replacement or `strata volume rm`",
+                    cancelled.dropped
                 );
             }
             Ok(())

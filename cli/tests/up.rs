@@ -492,7 +492,7 @@ fn snapshots_are_taken_listed_restored_and_removed() {
 }
 
 #[test]
-fn replace_replica_replaces_a_dead_nodes_replica_and_moves_a_live_one() {
+fn replace_replica_replaces_a_dead_nodes_replica_and_moves_a_live_one_unless_cancelled() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
     // A slow rebuild, so its progress can be seen; no automatic replacement.
@@ -600,6 +600,31 @@ fn replace_replica_replaces_a_dead_nodes_replica_and_moves_a_live_one() {
     assert!(
         ok(&dir, &["volume", "ls"]).contains("3/4 in sync, moving a replica"),
         "{described}"
+    );
+    // Given up while the copy runs: node-2 keeps its replica, node-3 none.
+    let cancelled = ok(&dir, &["volume", "cancel-move", "db"]);
+    assert!(
+        cancelled.contains(
+            "cancelled the move of db: its replica stays on node-2, and the new one on node-3 \
+             left the volume"
+        ),
+        "{cancelled}"
+    );
+    let described = ok(&dir, &["volume", "describe", "db"]);
+    assert!(
+        described.contains("3/3 in sync") && !described.contains("leaving"),
+        "{described}"
+    );
+    assert!(!described.contains("node-3"), "{described}");
+    assert_eq!(
+        fails(&dir, &["volume", "cancel-move", "db"]),
+        "error: no replica of volume \"db\" is being moved\n"
+    );
+    // Moved again, it goes this time.
+    let moved = ok(&dir, &replace(&["db", "--from", "node-2"]));
+    assert!(
+        moved.contains("moving the replica of db on node-2 to node-3"),
+        "{moved}"
     );
     wait_for(|| {
         let described = ok(&dir, &["volume", "describe", "db"]);

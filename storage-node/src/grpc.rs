@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use strata_proto::storage::storage_node_server::StorageNode;
 use strata_proto::storage::{
-    CloseTargetRequest, CloseTargetResponse, CreateReplicaRequest, CreateSnapshotRequest,
-    CreateSnapshotResponse, CreateVolumeRequest, DeleteReplicaRequest, DeleteReplicaResponse,
-    DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVolumeRequest, DeleteVolumeResponse,
-    GetNodeInfoRequest, GetVolumeRequest, ListReplicasRequest, ListReplicasResponse,
-    ListSnapshotsRequest, ListSnapshotsResponse, ListTargetsRequest, ListTargetsResponse,
-    ListVolumesRequest, ListVolumesResponse, NodeInfo, OpenTargetRequest, ReplaceReplicaRequest,
-    Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest, Snapshot, Target,
-    TargetReplica, Volume,
+    CancelMoveRequest, CloseTargetRequest, CloseTargetResponse, CreateReplicaRequest,
+    CreateSnapshotRequest, CreateSnapshotResponse, CreateVolumeRequest, DeleteReplicaRequest,
+    DeleteReplicaResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVolumeRequest,
+    DeleteVolumeResponse, GetNodeInfoRequest, GetVolumeRequest, ListReplicasRequest,
+    ListReplicasResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListTargetsRequest,
+    ListTargetsResponse, ListVolumesRequest, ListVolumesResponse, NodeInfo, OpenTargetRequest,
+    ReplaceReplicaRequest, Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest,
+    Snapshot, Target, TargetReplica, Volume,
 };
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
@@ -519,14 +519,34 @@ impl StorageNode for ControlService {
         target
             .replace_member(req.remove_id, member, req.keep_until_copied)
             .await
-            .map_err(|err| match err {
-                ReplaceError::Membership(_)
-                | ReplaceError::NodeHoldsReplica(_)
-                | ReplaceError::CannotMove { .. } => Status::failed_precondition(err.to_string()),
-                ReplaceError::Fenced => Status::aborted(err.to_string()),
-                ReplaceError::Change(_) => Status::unavailable(err.to_string()),
-            })?;
+            .map_err(replace_status)?;
         Ok(Response::new(self.target(&target)))
+    }
+
+    async fn cancel_move(
+        &self,
+        request: Request<CancelMoveRequest>,
+    ) -> Result<Response<Target>, Status> {
+        let req = request.into_inner();
+        let volume = required_name(&req.volume)?;
+        let target = self
+            .registry
+            .target(volume)
+            .filter(|t| !t.is_fenced())
+            .ok_or_else(|| Status::not_found(format!("no target of {volume:?} on this node")))?;
+        target.cancel_move().await.map_err(replace_status)?;
+        Ok(Response::new(self.target(&target)))
+    }
+}
+
+/// The status of a replacement, a move or a cancelled move that failed.
+fn replace_status(err: ReplaceError) -> Status {
+    match err {
+        ReplaceError::Membership(_)
+        | ReplaceError::NodeHoldsReplica(_)
+        | ReplaceError::CannotMove { .. } => Status::failed_precondition(err.to_string()),
+        ReplaceError::Fenced => Status::aborted(err.to_string()),
+        ReplaceError::Change(_) => Status::unavailable(err.to_string()),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Replacing a replica by a new one on another node, with real storage node
 //! processes on loopback: on request while fio writes and verifies, and
-//! automatically once a replica stayed faulted long enough; refusals; and
-//! the replicas a replacement or a deletion leaves on a node that was down.
+//! automatically once a replica stayed faulted long enough; moves of live
+//! replicas, and giving them up; refusals; and the replicas a replacement
+//! or a deletion leaves on a node that was down.
 
 mod common;
 
@@ -11,6 +12,7 @@ use common::cluster::{fio_verify, TestCluster};
 use common::nbd_client::NbdClient;
 use common::*;
 use strata_node::cluster::volumes::{self, VolumeReport};
+use strata_proto::storage::CancelMoveRequest;
 
 /// Replicas that do not answer within a second are dropped: tests go fast.
 const FAST_TIMEOUT: &[&str] = &["--replica-timeout-ms", "1000"];
@@ -699,6 +701,87 @@ async fn a_move_goes_on_when_the_leaving_replica_and_its_successor_die_together(
     expected.sort();
     assert_eq!(member_nodes(&done), expected);
     assert_eq!(done.in_sync().len(), 3, "{:?}", done.in_sync());
+    assert!(connect(&uri).read(0, 6 << 20).unwrap() == data);
+}
+
+/// A move can be given up while its copy runs (`strata volume
+/// cancel-move`): the new replica leaves the volume and its data is
+/// deleted, the replica that was being moved stays in sync where it was,
+/// and writes go on to the three. With no move under way, or asked of a
+/// node without the volume's target, the cancel is refused with a clear
+/// error; the move can be started again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_under_way_can_be_cancelled() {
+    let MoveUnderWay {
+        _dir,
+        cluster,
+        report,
+        target_node,
+        leaving,
+        other,
+        spare,
+        target,
+        uri,
+        mut data,
+    } = start_a_move(17).await;
+    let cancelled = volumes::cancel_move(&cluster.file(), "live").await.unwrap();
+    assert_eq!(
+        (&cancelled.stays, &cancelled.dropped, &cancelled.target_node),
+        (&leaving, &spare, &target_node)
+    );
+    assert!(cancelled.dropped_deleted, "the new replica's node answers");
+    let spare_node = &cluster.nodes[cluster.index_of(&spare)];
+    assert!(replicas_on(spare_node).await.is_empty());
+    let after = cluster.report("live").await;
+    assert_eq!(after.leaving(), None);
+    assert_eq!(member_nodes(&after), member_nodes(&report));
+    assert_eq!(after.in_sync().len(), 3, "{:?}", after.in_sync());
+    let (_, target_view) = after.active_target().expect("the target serves on");
+    assert!(target_view.replicas.iter().all(|r| !r.rebuilding));
+
+    let update = random_bytes(64 << 10, 18);
+    connect(&uri).write(1 << 20, &update, true).unwrap();
+    data[1 << 20..(1 << 20) + update.len()].copy_from_slice(&update);
+    assert!(connect(&uri).read(0, 6 << 20).unwrap() == data);
+    cluster.assert_replicas_identical("live").await;
+
+    let err = volumes::cancel_move(&cluster.file(), "live")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "no replica of volume \"live\" is being moved");
+    let mut client = cluster.nodes[target].client().await;
+    let refused = client
+        .cancel_move(CancelMoveRequest {
+            volume: "live".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(refused.message(), "no replica of the volume is being moved");
+    let mut elsewhere = cluster.nodes[cluster.index_of(&other)].client().await;
+    let refused = elsewhere
+        .cancel_move(CancelMoveRequest {
+            volume: "live".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let refused = client
+        .cancel_move(CancelMoveRequest { volume: "".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // Moved again, the replica goes this time.
+    let outcome = volumes::replace_replica(&cluster.file(), "live", &leaving, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.planned.node.name, spare);
+    let done = wait_for_move("live", &cluster, &cluster.nodes[target], 3).await;
+    let mut expected = vec![target_node.clone(), other.clone(), spare.clone()];
+    expected.sort();
+    assert_eq!(member_nodes(&done), expected);
     assert!(connect(&uri).read(0, 6 << 20).unwrap() == data);
 }
 

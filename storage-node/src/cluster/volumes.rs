@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use strata_proto::storage::{
-    CloseTargetRequest, CreateReplicaRequest, DeleteReplicaRequest, ListReplicasRequest,
-    ListTargetsRequest, NodeInfo, OpenTargetRequest, ReplaceReplicaRequest, Replica, ReplicaMember,
-    ReplicaRef, ResizeReplicaRequest, Target,
+    CancelMoveRequest, CloseTargetRequest, CreateReplicaRequest, DeleteReplicaRequest,
+    ListReplicasRequest, ListTargetsRequest, NodeInfo, OpenTargetRequest, ReplaceReplicaRequest,
+    Replica, ReplicaMember, ReplicaRef, ResizeReplicaRequest, Target,
 };
 use tonic::Code;
 
@@ -874,6 +874,85 @@ pub async fn replace_replica(
         planned,
         target_node: target_node.name,
         old_deleted,
+    })
+}
+
+/// What `cancel_move` did.
+#[derive(Debug, Clone)]
+pub struct CancelledMove {
+    /// The node whose target made the change.
+    pub target_node: String,
+    /// The node of the replica that was being moved and stays.
+    pub stays: String,
+    /// The node of the new replica that left.
+    pub dropped: String,
+    /// Whether the new replica's data was deleted (its node was reachable).
+    pub dropped_deleted: bool,
+}
+
+/// Gives up the move of a replica of `name` under way (see
+/// [`replace_replica`]): the volume's target (opened if the volume has
+/// none) takes the new replica out of the member list, and the replica
+/// being moved stays where it was; then the new replica is deleted if its
+/// node answers.
+pub async fn cancel_move(cluster: &ClusterFile, name: &str) -> Result<CancelledMove, VolumeError> {
+    let volume = get(cluster, name).await?;
+    let Some(leaving) = volume.leaving() else {
+        return Err(VolumeError::Invalid(format!(
+            "no replica of volume {name:?} is being moved"
+        )));
+    };
+    let members = volume.members();
+    let node_of = |id: u32| {
+        members
+            .iter()
+            .find(|m| m.id == id)
+            .map_or_else(|| format!("replica {id}"), |m| m.node.clone())
+    };
+    let (node, _) = match volume.active_target() {
+        Some(active) => active.clone(),
+        None => open_target(cluster, name, None).await?,
+    };
+    let target = client::connect(&node)
+        .await
+        .map_err(|e| VolumeError::Unavailable(e.to_string()))?
+        .cancel_move(CancelMoveRequest {
+            volume: name.to_string(),
+        })
+        .await
+        .map_err(|status| VolumeError::node(&node, status))?
+        .into_inner();
+    // The member the change took out: the successor (the target's word,
+    // which is newer than the look above).
+    let dropped = members
+        .iter()
+        .find(|m| {
+            !target
+                .replicas
+                .iter()
+                .any(|r| r.member.as_ref().is_some_and(|t| t.id == m.id))
+        })
+        .ok_or_else(|| VolumeError::Unavailable("the target kept every member".into()))?;
+    // Never in sync, so deleting it loses nothing. The target deletes it
+    // too once the node answers, so it may be gone already (Ok then).
+    let dropped_deleted = match cluster.node(&dropped.node) {
+        Ok(entry) => delete_replica_by_id(
+            entry,
+            name,
+            ExpectedReplica {
+                replica_id: dropped.id,
+                volume_uid: volume.uid,
+            },
+        )
+        .await
+        .is_ok(),
+        Err(_) => false,
+    };
+    Ok(CancelledMove {
+        target_node: node.name,
+        stays: node_of(leaving),
+        dropped: dropped.node.clone(),
+        dropped_deleted,
     })
 }
 

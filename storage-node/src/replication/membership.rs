@@ -540,6 +540,8 @@ pub enum ReplaceError {
         .moving.successor
     )]
     StaysDuringMove { replica: ReplicaId, moving: Move },
+    #[error("no replica of the volume is being moved")]
+    NoMoveUnderWay,
 }
 
 /// The config that replaces member `remove` by the new, empty member `add`,
@@ -636,6 +638,29 @@ pub fn plan_move(
         }),
         swapped: None,
     })
+}
+
+/// The config that gives up the move under way, at the next epoch: the
+/// successor leaves and the member being moved stays, as before the move.
+/// The successor was never in sync (the change that would have made it so
+/// ends the move, `plan_grow`), so no copy the volume counts on is lost;
+/// its replica is deleted like a replaced one. Also returns the move.
+///
+/// Like every change, this one is taken by a quorum of the config before
+/// (both lists of the move, and those before a swap of the successor) and
+/// of the one after (a majority of the members), so a target that opens
+/// later finds either the move or its end, never a quorum of neither.
+pub fn plan_cancel_move(current: &Config) -> Result<(Config, Move), ReplaceError> {
+    let moving = current.moving.ok_or(ReplaceError::NoMoveUnderWay)?;
+    let mut next = current.clone();
+    next.epoch += 1;
+    next.members.retain(|&id| id != moving.successor);
+    next.in_sync.remove(&moving.successor);
+    next.moving = None;
+    // Persisting this takes a quorum of `current`'s lists, those before
+    // the swap included: the swap is settled with it.
+    next.swapped = None;
+    Ok((next, moving))
 }
 
 fn check_newcomer(current: &Config, remove: ReplicaId, add: ReplicaId) -> Result<(), ReplaceError> {
@@ -979,6 +1004,62 @@ mod tests {
                 assert!(!q.is_disjoint(&other), "{q:?} and {other:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_cancelled_move_drops_the_successor_and_keeps_the_member_moved() {
+        let move_2_to_4 = moving(5, &[1, 2, 3, 4], &[1, 2, 3], (2, 4));
+        let (cancelled, given_up) = plan_cancel_move(&move_2_to_4).unwrap();
+        assert_eq!(cancelled, config(6, &[1, 2, 3], &[1, 2, 3]));
+        assert_eq!(given_up, move_2_to_4.moving.unwrap());
+        assert_eq!(
+            plan_cancel_move(&cancelled),
+            Err(ReplaceError::NoMoveUnderWay)
+        );
+        // The two members that stay can cancel on their own; the successor
+        // and one of them cannot.
+        assert!(change_quorum_reached(
+            &move_2_to_4,
+            &cancelled,
+            &set(&[1, 3])
+        ));
+        assert!(!change_quorum_reached(
+            &move_2_to_4,
+            &cancelled,
+            &set(&[1, 4])
+        ));
+        // A cancel and the grow that would end the move otherwise cannot
+        // both be persisted: every two of their quorums meet.
+        let finished = plan_grow(&move_2_to_4, ReplicaId(4));
+        let change_quorums = |next: &Config| -> Vec<BTreeSet<ReplicaId>> {
+            subsets(&[1, 2, 3, 4])
+                .into_iter()
+                .filter(|q| change_quorum_reached(&move_2_to_4, next, q))
+                .collect()
+        };
+        for q in change_quorums(&cancelled) {
+            for other in change_quorums(&finished) {
+                assert!(!q.is_disjoint(&other), "{q:?} and {other:?}");
+            }
+        }
+
+        // A successor that was itself replaced (4 by 5) is the one that
+        // leaves, and the swap is settled by the same change.
+        let successor_replaced = plan_replace(&move_2_to_4, ReplicaId(4), ReplicaId(5)).unwrap();
+        let (cancelled, given_up) = plan_cancel_move(&successor_replaced).unwrap();
+        assert_eq!(cancelled, config(7, &[1, 2, 3], &[1, 2, 3]));
+        assert_eq!(given_up.successor, ReplicaId(5));
+        // The quorum of the change still needs the list before the swap.
+        assert!(!change_quorum_reached(
+            &successor_replaced,
+            &cancelled,
+            &set(&[1, 5])
+        ));
+        assert!(change_quorum_reached(
+            &successor_replaced,
+            &cancelled,
+            &set(&[1, 3])
+        ));
     }
 
     #[test]

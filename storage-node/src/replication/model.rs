@@ -368,6 +368,8 @@ enum Action {
     StartReplace(usize, usize),
     /// A serving target starts moving an in-sync member to the spare.
     StartMove(usize, usize),
+    /// A serving target gives up the move under way: the spare leaves.
+    CancelMove(usize),
     /// The node of a crashed target restarts and reopens it.
     Reopen(usize),
     /// The node saves its target records (on any epoch change of any of
@@ -559,6 +561,8 @@ struct Bounds {
     /// Moves of an in-sync member to the spare (0 or 1; with `replaces`,
     /// at most one of the two, as there is one spare).
     moves: u8,
+    /// Moves given up (`membership::plan_cancel_move`), over all targets.
+    cancels: u8,
     /// Whether a fault may be a partition.
     partitions: bool,
 }
@@ -687,6 +691,7 @@ struct World {
     reopens_left: u8,
     replaces_left: u8,
     moves_left: u8,
+    cancels_left: u8,
 }
 
 impl World {
@@ -736,6 +741,7 @@ impl World {
             reopens_left: bounds.reopens,
             replaces_left: bounds.replaces,
             moves_left: bounds.moves,
+            cancels_left: bounds.cancels,
         }
     }
 
@@ -942,6 +948,9 @@ impl World {
                                 out.push(Action::StartMove(t, r));
                             }
                         }
+                    }
+                    if self.cancels_left > 0 && cfg.leaving != 0 {
+                        out.push(Action::CancelMove(t));
                     }
                     if self.reopens_left > 0
                         && self.record[t].is_some()
@@ -1202,6 +1211,24 @@ impl World {
                 let next_cfg = Cfg {
                     epoch: self.change_epoch(t, cfg),
                     ..planned
+                };
+                next.start_prepare(t, next_cfg.epoch, Purpose::Replace { next: next_cfg });
+                None
+            }
+            Action::CancelMove(t) => {
+                let Target::Serving { cfg } = self.targets[t] else {
+                    unreachable!("CancelMove is only enabled while serving")
+                };
+                next.cancels_left -= 1;
+                let (planned, _) = membership::plan_cancel_move(&cfg.config())
+                    .expect("CancelMove is only enabled during a move");
+                // As the real target: the successor's rebuild stops first.
+                if self.rebuild[t].is_some_and(|r| usize::from(r.replica) == SPARE) {
+                    next.rebuild[t] = None;
+                }
+                let next_cfg = Cfg {
+                    epoch: self.change_epoch(t, cfg),
+                    ..Cfg::of(&planned)
                 };
                 next.start_prepare(t, next_cfg.epoch, Purpose::Replace { next: next_cfg });
                 None
@@ -1739,6 +1766,7 @@ fn describe(action: Action, before: &World, after: &World) -> String {
         | Action::StartRebuild(t, _)
         | Action::StartReplace(t, _)
         | Action::StartMove(t, _)
+        | Action::CancelMove(t)
         | Action::Grow(t) => {
             let verb = match action {
                 Action::CrashTarget(_) => "crashes",
@@ -1907,6 +1935,7 @@ const BOUNDS: Bounds = Bounds {
     reopens: 0,
     replaces: 0,
     moves: 0,
+    cancels: 0,
     partitions: false,
 };
 
@@ -1975,6 +2004,33 @@ const MOVES_WITH_A_COMPETING_TARGET: Bounds = Bounds {
     faults: 0,
     ..MOVES
 };
+
+/// `MOVES` with the move given up (`membership::plan_cancel_move`): the
+/// cancel's rounds interleave with the spare's rebuild and the grow that
+/// would end the move, with no fault.
+const CANCELLED_MOVES: Bounds = Bounds {
+    cancels: 1,
+    faults: 0,
+    ..MOVES
+};
+
+/// A move given up with a fault (a crash, a timeout) and a reopen, without
+/// the spare's rebuild.
+const CANCELLED_MOVES_WITH_A_FAULT: Bounds = Bounds {
+    cancels: 1,
+    rebuilds: 0,
+    ..MOVES
+};
+
+#[test]
+fn correct_rules_keep_every_invariant_when_a_move_is_cancelled() {
+    assert_correct_within(CANCELLED_MOVES);
+}
+
+#[test]
+fn correct_rules_keep_every_invariant_when_a_move_is_cancelled_after_a_fault() {
+    assert_correct_within(CANCELLED_MOVES_WITH_A_FAULT);
+}
 
 #[test]
 fn correct_rules_keep_every_invariant_through_moves() {

@@ -15,6 +15,10 @@
 //! holds, since it is empty), and joins the in-sync set. The old replica's
 //! data is deleted once it is out of the member list and its node answers.
 //!
+//! A move can be given up while the copy runs
+//! (`membership::plan_cancel_move`): the new replica leaves and the old one
+//! stays, as before the move.
+//!
 //! For automatic replacement, the node finds the candidate nodes through its
 //! `Discovery` (the cluster file of `strata up`, or the headless Service's
 //! DNS name in Kubernetes) and places the new replica as `strata volume
@@ -138,10 +142,23 @@ impl VolumeTarget {
         }
         let node = add.node.clone();
         {
+            // A slot stays behind for a member that left (a move given up)
+            // or failed to join; its id may come back for a new replica once
+            // the old one is deleted. The new one gets a fresh slot: the old
+            // link leads to the deleted replica.
             let mut slots = self.slots.write().expect("slots lock");
-            // A slot is kept for a member that failed to join before.
-            if !slots.iter().any(|slot| slot.member.id == add.id) {
-                slots.push(super::Slot::new(add));
+            match slots.iter().position(|slot| slot.member.id == add.id) {
+                Some(index) => slots[index] = super::Slot::new(add),
+                None => slots.push(super::Slot::new(add)),
+            }
+        }
+        {
+            // The old replica of that id is gone from the new one's node
+            // (the node refuses a second replica of a volume), so a deletion
+            // still pending there would delete the new one.
+            let mut replaced = self.replaced.lock().expect("replaced lock");
+            if replaced.get(&add_id.0) == Some(&node) {
+                replaced.remove(&add_id.0);
             }
         }
         if !keep_until_copied {
@@ -176,6 +193,42 @@ impl VolumeTarget {
         Ok(())
     }
 
+    /// Gives up the move under way (`membership::plan_cancel_move`): the
+    /// successor leaves, its copy stops, and its replica is deleted once its
+    /// node answers; the member that was being moved stays, in sync as it
+    /// was. Returns the nodes of the member that stays and of the successor.
+    pub async fn cancel_move(&self) -> Result<(String, String), ReplaceError> {
+        let _exclusive = self.gate.write().await;
+        if self.is_fenced() {
+            return Err(ReplaceError::Fenced);
+        }
+        let current = self.current();
+        let (next, moving) = membership::plan_cancel_move(&current)?;
+        let (stays, successor) = (
+            self.index_of(moving.leaving),
+            self.index_of(moving.successor),
+        );
+        // Its copy stops now: the rebuild's last step (the grow that would
+        // end the move) waits for the gate and then finds it aborted.
+        self.abort_rebuild(successor, "move cancelled");
+        self.commit_change(&current, next)
+            .await
+            .map_err(|reason| match self.is_fenced() {
+                true => ReplaceError::Fenced,
+                false => ReplaceError::Change(reason),
+            })?;
+        self.drop_member_data(successor);
+        let (stays, successor) = (self.node_of(stays), self.node_of(successor));
+        tracing::warn!(
+            volume = %self.volume,
+            stays = %stays,
+            dropped = %successor,
+            epoch = self.epoch(),
+            "move cancelled: the replica stays where it was"
+        );
+        Ok((stays, successor))
+    }
+
     /// Settles the replacement that made the current config, if any
     /// (`membership::Config::settled`): one more change, after which a
     /// quorum is a majority of the new member list alone. The caller holds
@@ -195,20 +248,26 @@ impl VolumeTarget {
         }
     }
 
-    /// Notes that member `index` left the volume: its data is deleted from
-    /// its node once the node answers (see `spawn_replacer`).
+    /// Notes that member `index` was replaced (or moved) and left the
+    /// volume: its data is deleted from its node once the node answers.
     pub(super) fn retire(&self, index: usize) {
-        self.replaced
-            .lock()
-            .expect("replaced lock")
-            .insert(self.id_of(index), self.node_of(index));
-        self.cleanup_due.store(true, Ordering::Release);
+        self.drop_member_data(index);
         self.local
             .pool()
             .metrics()
             .replaced_replicas
             .get_or_create(&self.labels())
             .inc();
+    }
+
+    /// Has the data of member `index`, which left the volume, deleted from
+    /// its node once the node answers (see `spawn_replacer`).
+    fn drop_member_data(&self, index: usize) {
+        self.replaced
+            .lock()
+            .expect("replaced lock")
+            .insert(self.id_of(index), self.node_of(index));
+        self.cleanup_due.store(true, Ordering::Release);
     }
 
     /// Replaces member `remove` on a node the placement rules choose, and
