@@ -618,7 +618,8 @@ fn replace_replica_replaces_a_dead_nodes_replica_and_moves_a_live_one_unless_can
     assert!(!described.contains("node-3"), "{described}");
     assert_eq!(
         fails(&dir, &["volume", "cancel-move", "db"]),
-        "error: no replica of volume \"db\" is being moved\n"
+        "error: no replica of volume \"db\" is being moved (a move that ended or was cancelled \
+         shows in `strata volume describe db`)\n"
     );
     // Moved again, it goes this time.
     let moved = ok(&dir, &replace(&["db", "--from", "node-2"]));

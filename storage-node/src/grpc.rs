@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use strata_proto::storage::storage_node_server::StorageNode;
 use strata_proto::storage::{
-    CancelMoveRequest, CloseTargetRequest, CloseTargetResponse, CreateReplicaRequest,
-    CreateSnapshotRequest, CreateSnapshotResponse, CreateVolumeRequest, DeleteReplicaRequest,
-    DeleteReplicaResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVolumeRequest,
-    DeleteVolumeResponse, GetNodeInfoRequest, GetVolumeRequest, ListReplicasRequest,
-    ListReplicasResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListTargetsRequest,
-    ListTargetsResponse, ListVolumesRequest, ListVolumesResponse, NodeInfo, OpenTargetRequest,
-    ReplaceReplicaRequest, Replica, ReplicaMember, ResizeReplicaRequest, ResizeVolumeRequest,
-    Snapshot, Target, TargetReplica, Volume,
+    CancelMoveRequest, CancelMoveResponse, CloseTargetRequest, CloseTargetResponse,
+    CreateReplicaRequest, CreateSnapshotRequest, CreateSnapshotResponse, CreateVolumeRequest,
+    DeleteReplicaRequest, DeleteReplicaResponse, DeleteSnapshotRequest, DeleteSnapshotResponse,
+    DeleteVolumeRequest, DeleteVolumeResponse, GetNodeInfoRequest, GetVolumeRequest,
+    ListReplicasRequest, ListReplicasResponse, ListSnapshotsRequest, ListSnapshotsResponse,
+    ListTargetsRequest, ListTargetsResponse, ListVolumesRequest, ListVolumesResponse, NodeInfo,
+    OpenTargetRequest, ReplaceReplicaRequest, Replica, ReplicaMember, ResizeReplicaRequest,
+    ResizeVolumeRequest, Snapshot, Target, TargetReplica, Volume,
 };
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
@@ -78,6 +78,7 @@ impl ControlService {
             in_sync: state.config.in_sync,
             members: state.members.iter().map(member_message).collect(),
             leaving_id: state.config.leaving.unwrap_or(0),
+            highest_member_id: state.highest_member_id,
         }
     }
 
@@ -526,7 +527,7 @@ impl StorageNode for ControlService {
     async fn cancel_move(
         &self,
         request: Request<CancelMoveRequest>,
-    ) -> Result<Response<Target>, Status> {
+    ) -> Result<Response<CancelMoveResponse>, Status> {
         let req = request.into_inner();
         let volume = required_name(&req.volume)?;
         let target = self
@@ -534,8 +535,12 @@ impl StorageNode for ControlService {
             .target(volume)
             .filter(|t| !t.is_fenced())
             .ok_or_else(|| Status::not_found(format!("no target of {volume:?} on this node")))?;
-        target.cancel_move().await.map_err(replace_status)?;
-        Ok(Response::new(self.target(&target)))
+        let (stays, dropped) = target.cancel_move().await.map_err(replace_status)?;
+        Ok(Response::new(CancelMoveResponse {
+            target: Some(self.target(&target)),
+            stays: Some(member_message(&stays)),
+            dropped: Some(member_message(&dropped)),
+        }))
     }
 }
 

@@ -711,11 +711,20 @@ pub async fn create_replacement(
     let (node, info) = place(&candidates, volume.size_bytes, &placement, &zones_in_use)?
         .pop()
         .expect("one node placed");
-    // Ids only grow, so a leftover replica never shares one with a member.
+    // Ids only grow, so a leftover replica never shares one with a member,
+    // and a replica deleted since (a move given up) never shares one with
+    // the new one: the replicas remember the highest id they were told of.
     let id = members
         .iter()
         .map(|m| m.id)
         .chain(volume.retired.iter().map(|r| r.replica.replica_id))
+        .chain(
+            volume
+                .replicas
+                .iter()
+                .chain(&volume.retired)
+                .map(|r| r.replica.highest_member_id),
+        )
         .max()
         .unwrap_or(0)
         + 1;
@@ -897,23 +906,17 @@ pub struct CancelledMove {
 /// node answers.
 pub async fn cancel_move(cluster: &ClusterFile, name: &str) -> Result<CancelledMove, VolumeError> {
     let volume = get(cluster, name).await?;
-    let Some(leaving) = volume.leaving() else {
+    if volume.leaving().is_none() {
         return Err(VolumeError::Invalid(format!(
-            "no replica of volume {name:?} is being moved"
+            "no replica of volume {name:?} is being moved (a move that ended or was \
+             cancelled shows in `strata volume describe {name}`)"
         )));
-    };
-    let members = volume.members();
-    let node_of = |id: u32| {
-        members
-            .iter()
-            .find(|m| m.id == id)
-            .map_or_else(|| format!("replica {id}"), |m| m.node.clone())
-    };
+    }
     let (node, _) = match volume.active_target() {
         Some(active) => active.clone(),
         None => open_target(cluster, name, None).await?,
     };
-    let target = client::connect(&node)
+    let cancelled = client::connect(&node)
         .await
         .map_err(|e| VolumeError::Unavailable(e.to_string()))?
         .cancel_move(CancelMoveRequest {
@@ -922,17 +925,12 @@ pub async fn cancel_move(cluster: &ClusterFile, name: &str) -> Result<CancelledM
         .await
         .map_err(|status| VolumeError::node(&node, status))?
         .into_inner();
-    // The member the change took out: the successor (the target's word,
-    // which is newer than the look above).
-    let dropped = members
-        .iter()
-        .find(|m| {
-            !target
-                .replicas
-                .iter()
-                .any(|r| r.member.as_ref().is_some_and(|t| t.id == m.id))
-        })
-        .ok_or_else(|| VolumeError::Unavailable("the target kept every member".into()))?;
+    let (Some(stays), Some(dropped)) = (cancelled.stays, cancelled.dropped) else {
+        return Err(VolumeError::Unavailable(format!(
+            "node {} cancelled the move but did not say which replicas",
+            node.name
+        )));
+    };
     // Never in sync, so deleting it loses nothing. The target deletes it
     // too once the node answers, so it may be gone already (Ok then).
     let dropped_deleted = match cluster.node(&dropped.node) {
@@ -950,8 +948,8 @@ pub async fn cancel_move(cluster: &ClusterFile, name: &str) -> Result<CancelledM
     };
     Ok(CancelledMove {
         target_node: node.name,
-        stays: node_of(leaving),
-        dropped: dropped.node.clone(),
+        stays: stays.node,
+        dropped: dropped.node,
         dropped_deleted,
     })
 }

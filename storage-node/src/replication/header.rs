@@ -58,6 +58,15 @@ pub struct Header {
     pub members: Vec<Member>,
     pub promised_epoch: u64,
     pub config: ConfigRecord,
+    /// The highest replica id any member list this replica took named, so
+    /// a new replica's id never repeats one that was deleted (0 in headers
+    /// written before there was one: the member ids then tell).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub highest_member_id: u32,
+}
+
+fn is_zero(id: &u32) -> bool {
+    *id == 0
 }
 
 /// Why a block yields no header.
@@ -310,6 +319,7 @@ mod tests {
                 })
                 .collect(),
             promised_epoch,
+            highest_member_id: 3,
             config: ConfigRecord {
                 epoch: promised_epoch,
                 members: vec![1, 2, 3],

@@ -131,6 +131,10 @@ pub struct StateRecord {
     pub size: u64,
     pub promised_epoch: u64,
     pub config: ConfigRecord,
+    /// The highest replica id any member list this replica took named
+    /// (see `Header::highest_member_id`).
+    #[serde(default)]
+    pub highest_member_id: u32,
     /// In the answer to a Prepare: how long the target that used this
     /// replica before may still serve reads (see `lease`). A newer target
     /// waits that long before it serves.
@@ -193,6 +197,8 @@ pub struct Replica {
     incarnation: u64,
     /// When this replica last accepted a data request (see `lease`).
     last_accepted: LastAccepted,
+    /// See `Header::highest_member_id`.
+    highest_member_id: std::sync::atomic::AtomicU32,
     /// The header block as last written; header writes take turns under
     /// this lock (see `header`).
     header: tokio::sync::Mutex<HeaderBlock>,
@@ -235,6 +241,9 @@ impl Replica {
             size: self.size(),
             promised_epoch: state.promised_epoch,
             config: ConfigRecord::from(&state.config),
+            highest_member_id: self
+                .highest_member_id
+                .load(std::sync::atomic::Ordering::Acquire),
             lease_remaining_ms: 0,
         }
     }
@@ -248,6 +257,10 @@ impl Replica {
         state: &ReplicaState,
         members: Vec<Member>,
     ) -> Result<(), BlockError> {
+        let highest_member_id = highest_member_id(&members).max(
+            self.highest_member_id
+                .load(std::sync::atomic::Ordering::Acquire),
+        );
         let header = Header {
             volume: self.volume_name.clone(),
             volume_uid: self.volume_uid,
@@ -255,12 +268,15 @@ impl Replica {
             members,
             promised_epoch: state.promised_epoch,
             config: ConfigRecord::from(&state.config),
+            highest_member_id,
         };
         let mut block = self.header.lock().await;
         for next in block.writes(&header).map_err(BlockError::Io)? {
             self.data.write(0, next.bytes(), true).await?;
             *block = next;
         }
+        self.highest_member_id
+            .fetch_max(highest_member_id, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 
@@ -595,11 +611,15 @@ impl Replicas {
             };
             match header {
                 Ok((header, header_block)) => {
+                    let highest = highest_member_id(&header.members)
+                        .max(header.highest_member_id)
+                        .max(header.replica_id);
                     let replica = Replica {
                         pool: pool.clone(),
                         volume_name: header.volume.clone(),
                         volume_uid: header.volume_uid,
                         replica_id: header.replica_id,
+                        highest_member_id: highest.into(),
                         members: std::sync::RwLock::new(header.members),
                         data,
                         state: RwLock::new(ReplicaState {
@@ -731,6 +751,7 @@ impl Replicas {
             volume_name: volume.to_string(),
             volume_uid,
             replica_id,
+            highest_member_id: highest_member_id(&members).max(replica_id).into(),
             members: std::sync::RwLock::new(members),
             data,
             state: RwLock::new(state.clone()),
@@ -863,6 +884,11 @@ impl Replicas {
             .await?;
         Ok(())
     }
+}
+
+/// The highest id in a member list.
+fn highest_member_id(members: &[Member]) -> u32 {
+    members.iter().map(|m| m.id).max().unwrap_or(0)
 }
 
 #[cfg(test)]

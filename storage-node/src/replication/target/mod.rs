@@ -113,6 +113,9 @@ impl Link {
 struct Slot {
     member: Member,
     link: Mutex<LinkSlot>,
+    /// After a failed rebuild of the member: when the rebuilder may try
+    /// again, and the wait that led there.
+    rebuild_backoff: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Slot {
@@ -120,6 +123,7 @@ impl Slot {
         Arc::new(Slot {
             member,
             link: Mutex::default(),
+            rebuild_backoff: Mutex::default(),
         })
     }
 }
@@ -594,8 +598,10 @@ impl VolumeTarget {
     /// (the request path), a member whose connection failed less than
     /// `RECONNECT_INTERVAL` ago counts as lost at once instead.
     async fn connect(&self, index: usize, wait: bool) -> Result<Arc<Link>, LinkError> {
+        // This slot throughout: a new member may take the index's place
+        // meanwhile (see `replace_member`), and this link is not its.
+        let slot = self.slot(index);
         {
-            let slot = self.slot(index);
             let mut slot = slot.link.lock().expect("link lock");
             if let Some(link) = &slot.link {
                 if link.is_alive() {
@@ -614,7 +620,7 @@ impl VolumeTarget {
             }
             slot.last_attempt = Some(Instant::now());
         }
-        let member = self.member(index);
+        let member = slot.member.clone();
         let expected = self.expected_replica(member.id);
         let link = if member.node == self.options.node {
             match self.local.get(&self.volume) {
@@ -649,7 +655,6 @@ impl VolumeTarget {
         };
         let link = Arc::new(link);
         let in_sync = self.current().in_sync.contains(&ReplicaId(member.id));
-        let slot = self.slot(index);
         let mut slot = slot.link.lock().expect("link lock");
         if let (Some(known), Some(now)) = (slot.incarnation, incarnation) {
             if known != now && in_sync && !slot.restarted {
@@ -791,15 +796,23 @@ impl VolumeTarget {
                 .then(|| Unsettled::new(&self.unsettled));
             // Before the gate is let go: the grow that would add a member
             // to the in-sync set waits for it exclusively, and must find the
-            // rebuild of one that missed this request stopped.
+            // rebuild of one that missed this request stopped, or took it
+            // when no in-sync replica did (all refused it: no space, say),
+            // so that its copy differs from theirs.
+            let in_sync_took_it = answers
+                .iter()
+                .any(|(i, a)| in_sync.contains(i) && matches!(a, Answer::Done(_)));
             for index in rebuilding {
                 if in_sync.contains(&index) {
                     continue;
                 }
-                if let Some(answer) = answers.remove(&index) {
-                    if !matches!(answer, Answer::Done(_)) {
-                        self.abort_rebuild(index, &format!("{answer:?}"));
+                match answers.remove(&index) {
+                    Some(Answer::Done(_)) if in_sync_took_it => {}
+                    Some(Answer::Done(_)) => {
+                        self.abort_rebuild(index, "took a request every in-sync replica refused")
                     }
+                    Some(answer) => self.abort_rebuild(index, &format!("{answer:?}")),
+                    None => {}
                 }
             }
             drop(gate);

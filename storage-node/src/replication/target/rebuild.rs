@@ -61,10 +61,6 @@ pub struct RebuildProgress {
 pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
     let weak = Arc::downgrade(target);
     tokio::spawn(async move {
-        // After a failed rebuild, the member waits longer each time (up to
-        // REBUILD_BACKOFF_MAX), so a replica that cannot take the copy (a full
-        // pool, say) does not fill the log.
-        let mut backoff: BTreeMap<usize, (Instant, Duration)> = BTreeMap::new();
         loop {
             tokio::time::sleep(REBUILD_POLL).await;
             let Some(target) = weak.upgrade() else { return };
@@ -96,28 +92,29 @@ pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
                 let _ = target.shrink(&restarted).await;
                 continue;
             }
-            let members = target.member_indexes(&config);
-            // A slot that left may come back for a new replica (see
-            // `replace_member`), which starts without the old one's wait.
-            backoff.retain(|index, _| members.contains(index));
-            for index in members {
-                let id = ReplicaId(target.id_of(index));
-                if config.in_sync.contains(&id) {
-                    backoff.remove(&index);
-                    continue;
-                }
-                if backoff
-                    .get(&index)
-                    .is_some_and(|(at, _)| Instant::now() < *at)
-                {
+            for index in target.member_indexes(&config) {
+                // After a failed rebuild, the member waits longer each time
+                // (up to REBUILD_BACKOFF_MAX), so a replica that cannot take
+                // the copy (a full pool, say) does not fill the log. The
+                // wait is the slot's: a new member gets a fresh one.
+                let slot = target.slot(index);
+                let waiting = {
+                    let mut backoff = slot.rebuild_backoff.lock().expect("backoff lock");
+                    if config.in_sync.contains(&ReplicaId(slot.member.id)) {
+                        *backoff = None;
+                    }
+                    backoff.is_some_and(|(at, _)| Instant::now() < at)
+                };
+                if config.in_sync.contains(&ReplicaId(slot.member.id)) || waiting {
                     continue;
                 }
                 if let Err(err) = target.rebuild(index).await {
                     target.abort_rebuild(index, &err);
-                    let wait = backoff.get(&index).map_or(REBUILD_POLL, |(_, wait)| {
-                        (*wait * 2).min(REBUILD_BACKOFF_MAX)
+                    let mut backoff = slot.rebuild_backoff.lock().expect("backoff lock");
+                    let wait = backoff.map_or(REBUILD_POLL, |(_, wait)| {
+                        (wait * 2).min(REBUILD_BACKOFF_MAX)
                     });
-                    backoff.insert(index, (Instant::now() + wait, wait));
+                    *backoff = Some((Instant::now() + wait, wait));
                 }
             }
         }
@@ -465,9 +462,10 @@ impl VolumeTarget {
 
     /// The gate, shared, once no request that failed on an in-sync replica
     /// is still shrinking the in-sync set: until then a replica the config
-    /// names in sync may lack a write that the others have.
+    /// names in sync may lack a write that the others have. A shrink waits
+    /// for replicas that do not answer up to the link timeout, twice; this
+    /// waits as long as it takes.
     async fn settled_gate(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, String> {
-        let deadline = Instant::now() + self.options.timeout * 2;
         loop {
             let gate = self.gate.read().await;
             if self.unsettled.load(Ordering::Acquire) == 0 {
@@ -475,8 +473,8 @@ impl VolumeTarget {
             }
             // The shrink needs the gate exclusively: let it go first.
             drop(gate);
-            if Instant::now() > deadline || self.is_fenced() || self.is_closed() {
-                return Err("replicas are failing; comparing again later".into());
+            if self.is_fenced() || self.is_closed() {
+                return Err("target closed".into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

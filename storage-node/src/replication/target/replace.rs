@@ -196,8 +196,8 @@ impl VolumeTarget {
     /// Gives up the move under way (`membership::plan_cancel_move`): the
     /// successor leaves, its copy stops, and its replica is deleted once its
     /// node answers; the member that was being moved stays, in sync as it
-    /// was. Returns the nodes of the member that stays and of the successor.
-    pub async fn cancel_move(&self) -> Result<(String, String), ReplaceError> {
+    /// was. Returns the member that stays and the successor.
+    pub async fn cancel_move(&self) -> Result<(Member, Member), ReplaceError> {
         let _exclusive = self.gate.write().await;
         if self.is_fenced() {
             return Err(ReplaceError::Fenced);
@@ -218,11 +218,11 @@ impl VolumeTarget {
                 false => ReplaceError::Change(reason),
             })?;
         self.drop_member_data(successor);
-        let (stays, successor) = (self.node_of(stays), self.node_of(successor));
+        let (stays, successor) = (self.member(stays), self.member(successor));
         tracing::warn!(
             volume = %self.volume,
-            stays = %stays,
-            dropped = %successor,
+            stays = %stays.node,
+            dropped = %successor.node,
             epoch = self.epoch(),
             "move cancelled: the replica stays where it was"
         );
