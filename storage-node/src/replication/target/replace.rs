@@ -195,8 +195,9 @@ impl VolumeTarget {
 
     /// Gives up the move under way (`membership::plan_cancel_move`): the
     /// successor leaves, its copy stops, and its replica is deleted once its
-    /// node answers; the member that was being moved stays, in sync as it
-    /// was. Returns the member that stays and the successor.
+    /// node answers; the member that was being moved stays as it was (in
+    /// sync, unless it failed meanwhile). Returns the member that stays and
+    /// the successor.
     pub async fn cancel_move(&self) -> Result<(Member, Member), ReplaceError> {
         let _exclusive = self.gate.write().await;
         if self.is_fenced() {
