@@ -655,19 +655,30 @@ impl VolumeTarget {
         };
         let link = Arc::new(link);
         let in_sync = self.current().in_sync.contains(&ReplicaId(member.id));
-        let mut slot = slot.link.lock().expect("link lock");
-        if let (Some(known), Some(now)) = (slot.incarnation, incarnation) {
-            if known != now && in_sync && !slot.restarted {
+        let restarted_while_rebuilt = {
+            let mut link_slot = slot.link.lock().expect("link lock");
+            let restarted = matches!(
+                (link_slot.incarnation, incarnation),
+                (Some(known), Some(now)) if known != now
+            );
+            if restarted && in_sync && !link_slot.restarted {
                 tracing::warn!(
                     volume = %self.volume,
                     node = %member.node,
                     "replica restarted; it is dropped from the in-sync set and rebuilt"
                 );
-                slot.restarted = true;
+                link_slot.restarted = true;
             }
+            link_slot.incarnation = incarnation.or(link_slot.incarnation);
+            link_slot.link = Some(link.clone());
+            restarted && !in_sync
+        };
+        // A replica being caught up that restarted lost what it had not
+        // made durable (copies and writes alike): its rebuild starts over,
+        // comparing again, rather than go on to the grow without them.
+        if restarted_while_rebuilt && Arc::ptr_eq(&slot, &self.slot(index)) {
+            self.abort_rebuild(index, "the replica restarted");
         }
-        slot.incarnation = incarnation.or(slot.incarnation);
-        slot.link = Some(link.clone());
         Ok(link)
     }
 
@@ -1366,10 +1377,22 @@ impl VolumeTarget {
             let node = self.node_of(index);
             match answer {
                 Answer::Done(_) => nodes.push(node.clone()),
-                Answer::Refused(Status::Fenced, _) => {
-                    self.set_fenced();
-                    return Err(self.fenced_error());
-                }
+                Answer::Refused(Status::Fenced, payload) => match self.fence_kind(&payload) {
+                    // An epoch this target prepared in a change that did not
+                    // reach a majority: the rebuilder completes one within
+                    // a second; this target is not deposed.
+                    Fence::Own => {
+                        return Err(BlockError::Io(format!(
+                            "volume {}: a configuration change is being completed; try the \
+                             snapshot again",
+                            self.volume
+                        )))
+                    }
+                    Fence::Foreign(_) => {
+                        self.set_fenced();
+                        return Err(self.fenced_error());
+                    }
+                },
                 Answer::Refused(Status::NoSpace, _) => return Err(BlockError::NoSpace),
                 Answer::Refused(status, message) => {
                     failures.push(format!("{node}: {status:?}: {message}"))

@@ -238,12 +238,6 @@ impl VolumeTarget {
                 .dec();
             self.throttle(started, copied_bytes).await;
         }
-        {
-            let _gate = self.gate.read().await;
-            let epoch = self.current().epoch;
-            self.expect_done(index, Request::new(Op::Flush, 0, epoch))
-                .await?;
-        }
         self.grow(index).await?;
         tracing::info!(
             volume = %self.volume,
@@ -338,6 +332,16 @@ impl VolumeTarget {
         let _exclusive = self.gate.write().await;
         if !self.still_rebuilding(index) {
             return Err("aborted".into());
+        }
+        // With no request in flight, everything the replica took is made
+        // durable; had it restarted since it joined, the flush's connection
+        // would have found it and stopped the rebuild (see `connect`). What
+        // it takes after this, until the change, is the change's own config.
+        let epoch = self.current().epoch;
+        self.expect_done(index, Request::new(Op::Flush, 0, epoch))
+            .await?;
+        if !self.still_rebuilding(index) {
+            return Err("aborted: the replica restarted".into());
         }
         let current = self.current();
         self.check_member(&current, index)?;
