@@ -3,6 +3,7 @@
 use strata_node::cluster;
 mod db;
 mod node;
+mod ports;
 mod snapshot;
 mod up;
 mod volume;

@@ -11,7 +11,7 @@
 //! first, then their volumes detached) before the nodes do.
 
 use std::fs::OpenOptions;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,7 +109,8 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     }
     for node in &mut cluster.nodes {
         if node.replication.is_none() {
-            node.replication = Some(free_local_addr()?);
+            let port = crate::ports::free_local_ports(1)?[0];
+            node.replication = Some(SocketAddr::from(([127, 0, 0, 1], port)));
         }
     }
     cluster.supervisor_pid = Some(std::process::id());
@@ -169,20 +170,11 @@ pub async fn up(dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An address on loopback that is free now (the node binds it shortly after).
-fn free_local_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?)
-}
-
 /// Addresses for a new node's four listeners: gRPC, NBD, HTTP, replication.
 fn fresh_ports() -> anyhow::Result<[SocketAddr; 4]> {
-    Ok([
-        free_local_addr()?,
-        free_local_addr()?,
-        free_local_addr()?,
-        free_local_addr()?,
-    ])
+    let ports = crate::ports::free_local_ports(4)?;
+    let addr = |i: usize| SocketAddr::from(([127, 0, 0, 1], ports[i]));
+    Ok([addr(0), addr(1), addr(2), addr(3)])
 }
 
 fn start(node: &mut RunningNode, dir: &Path, args: &UpArgs) -> anyhow::Result<()> {

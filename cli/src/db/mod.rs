@@ -135,18 +135,6 @@ fn validate_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `count` distinct loopback ports that are free now (all held at once, so
-/// none is handed out twice).
-fn free_local_ports(count: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
 /// Checks the request and lays the cluster out: instance names, volumes,
 /// nodes, ports and passwords.
 fn plan(
@@ -184,7 +172,7 @@ fn plan(
     }
     let count = instances as usize;
     // Per instance a PostgreSQL and an API port; then the two stable addresses.
-    let ports = free_local_ports(2 * count + 2)?;
+    let ports = crate::ports::free_local_ports(2 * count + 2)?;
     let instances = (1..=count)
         .map(|i| InstanceSpec {
             name: format!("{name}-{i}"),
