@@ -15,7 +15,7 @@ use common::nbd_client::NbdClient;
 use common::netns::NetLab;
 use common::*;
 use rand::{Rng, SeedableRng};
-use strata_node::cluster::volumes::VolumeReport;
+use strata_node::cluster::volumes::{self, VolumeReport};
 
 /// Replicas that do not answer within a second are dropped: tests go fast.
 const FAST_TIMEOUT: &[&str] = &["--replica-timeout-ms", "1000"];
@@ -641,6 +641,102 @@ async fn a_replica_restarted_between_requests_is_rebuilt_before_it_serves() {
     // The volume moves to node-2 and reads its own copy first.
     let mut moved = connect(&cluster.export("restarted", 1).await);
     assert!(moved.read(0, 4096).unwrap() == vec![0xbb; 4096]);
+}
+
+/// Grows the replica of `volume` on each of `nodes` to `size`, as a resize
+/// does node by node (one whose later calls failed, or that a node missed).
+async fn grow_replicas_on(nodes: &[TestNode], volume: &str, size: u64) {
+    for node in nodes {
+        node.client()
+            .await
+            .resize_replica(strata_proto::storage::ResizeReplicaRequest {
+                volume: volume.to_string(),
+                size_bytes: size,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// A resize that grew two replicas of three (the call to the last node
+/// failed) leaves the volume at the size all of them hold: a target opened
+/// on a grown replica serves the old size, so no write can land past the end
+/// of the small one. Resizing again grows it, and the target takes the new
+/// size without dropping a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_that_reached_some_replicas_leaves_the_size_all_of_them_hold() {
+    let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("grown", 16 * MIB, 3).await;
+    grow_replicas_on(&cluster.nodes[..2], "grown", 32 * MIB).await;
+
+    let (_, target) = volumes::open_target(&cluster.file(), "grown", Some(&cluster.nodes[0].name))
+        .await
+        .unwrap();
+    assert_eq!(target.size_bytes, 16 * MIB, "{target:?}");
+    assert_eq!(
+        run_ok("nbdinfo", &["--size", &target.export_uri]).trim(),
+        (16 * MIB).to_string()
+    );
+
+    volumes::resize(&cluster.file(), "grown", 32 * MIB)
+        .await
+        .unwrap();
+    let mut client = connect(&target.export_uri);
+    client.write(31 * MIB, &[0x5a; 4096], true).unwrap();
+    assert!(client.read(31 * MIB, 4096).unwrap() == vec![0x5a; 4096]);
+    let report = cluster.report("grown").await;
+    assert_eq!(report.active_target().unwrap().1.size_bytes, 32 * MIB);
+    assert_eq!(
+        report.in_sync().len(),
+        3,
+        "a replica was dropped: {report:?}"
+    );
+    cluster.assert_replicas_identical("grown").await;
+}
+
+/// A replica that was away while the others grew cannot rejoin at its old
+/// size (every write past its end would fail it again): it waits out of the
+/// in-sync set, the target's log says why, and once a resize grows it the
+/// rebuild brings it back with the data written past its old end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_smaller_than_the_volume_rejoins_once_a_resize_grows_it() {
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    cluster.create_volume("away", 16 * MIB, 3).await;
+    let mut client = connect(&cluster.export("away", 0).await);
+    client.write(0, &[0x11; 4096], true).unwrap();
+    cluster.nodes[2].stop();
+    client.write(4096, &[0x22; 4096], true).unwrap();
+    cluster
+        .wait_in_sync("away", 2, Duration::from_secs(30))
+        .await;
+
+    // `strata volume resize` refuses while a replica's node is down; the
+    // two that answer are grown by hand, as by a resize that failed on the
+    // third node's before it went down.
+    grow_replicas_on(&cluster.nodes[..2], "away", 32 * MIB).await;
+    let (_, target) = volumes::open_target(&cluster.file(), "away", Some(&cluster.nodes[0].name))
+        .await
+        .unwrap();
+    assert_eq!(target.size_bytes, 32 * MIB);
+    client.write(31 * MIB, &[0x33; 4096], true).unwrap();
+
+    cluster.nodes[2].spawn();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let report = cluster.report("away").await;
+    assert_eq!(report.in_sync().len(), 2, "{report:?}");
+    assert!(
+        cluster.nodes[0].log().contains("less than the volume's"),
+        "the target does not say why the replica is not rebuilt"
+    );
+
+    volumes::resize(&cluster.file(), "away", 32 * MIB)
+        .await
+        .unwrap();
+    cluster
+        .wait_in_sync("away", 3, Duration::from_secs(60))
+        .await;
+    cluster.assert_replicas_identical("away").await;
+    assert!(client.read(31 * MIB, 4096).unwrap() == vec![0x33; 4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -279,6 +279,10 @@ impl VolumeTarget {
             local,
         });
         target.fence_and_plan(promise_at_most).await?;
+        // The replica opened from may be one that a partly failed resize
+        // grew: the volume is as large as its smallest in-sync replica, and
+        // the replicas are compared over that size.
+        target.refresh_size().await;
         target
             .reconcile_in_sync()
             .await
@@ -1415,9 +1419,14 @@ impl VolumeTarget {
         &self.volume
     }
 
-    /// Takes the size of the smallest in-sync replica, after the replicas
-    /// were grown.
+    /// Takes the size of the smallest in-sync replica: after the replicas
+    /// were grown, and when the target opens (a resize that failed on some
+    /// replicas leaves them smaller than the others, and no write may land
+    /// past the end of one). Holds the gate, so a rebuilt replica joins the
+    /// in-sync set either before the sizes are asked (and counts) or after
+    /// the size is set (and `grow` checks it against that).
     pub async fn refresh_size(&self) {
+        let _exclusive = self.gate.write().await;
         let config = self.current();
         let in_sync: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
         let sizes: Vec<u64> = self
@@ -1432,7 +1441,16 @@ impl VolumeTarget {
             .collect();
         if sizes.len() == in_sync.len() {
             if let Some(&size) = sizes.iter().min() {
-                self.size.store(size, Ordering::Relaxed);
+                let before = self.size.swap(size, Ordering::Relaxed);
+                if before != size {
+                    tracing::info!(volume = %self.volume, before, size, "volume size changed");
+                }
+                // A replica waiting to be rebuilt may have been too small
+                // (`rebuild::check_room`) and grown by this resize: its next
+                // attempt need not wait out its back-off.
+                for slot in self.slots.read().expect("slots lock").iter() {
+                    *slot.rebuild_backoff.lock().expect("backoff lock") = None;
+                }
             }
         }
     }

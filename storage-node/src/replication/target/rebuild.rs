@@ -279,6 +279,7 @@ impl VolumeTarget {
         let config = self.current();
         // A replacement may have removed it since the rebuilder looked.
         self.check_member(&config, index)?;
+        self.check_room(index, config.epoch).await?;
         let answer = self
             .send_one(index, Request::new(Op::Prepare, 0, config.epoch))
             .await;
@@ -345,6 +346,8 @@ impl VolumeTarget {
         }
         let current = self.current();
         self.check_member(&current, index)?;
+        // The volume may have grown while the replica was being rebuilt.
+        self.check_room(index, epoch).await?;
         let next = membership::plan_grow(&current, ReplicaId(self.id_of(index)));
         let left = current
             .moving
@@ -415,6 +418,30 @@ impl VolumeTarget {
         } else {
             Err("no longer a member (replaced)".into())
         }
+    }
+
+    /// Fails when the replica is smaller than the volume: a resize that
+    /// failed on its node, or one made while it was away. In the in-sync
+    /// set it would fail every write past its end and be dropped again; it
+    /// waits, out of the set, for `strata volume resize` to grow it.
+    async fn check_room(&self, index: usize, epoch: u64) -> Result<(), String> {
+        let payload = self
+            .expect_done(index, Request::new(Op::GetState, 0, epoch))
+            .await?;
+        let state: StateRecord = serde_json::from_slice(&payload)
+            .map_err(|err| format!("replica on {}: bad state: {err}", self.node_of(index)))?;
+        let size = self.size_now();
+        if state.size < size {
+            let err = format!(
+                "the replica on {} holds {} bytes, less than the volume's {size}; \
+                 `strata volume resize` grows it",
+                self.node_of(index),
+                state.size
+            );
+            tracing::warn!(volume = %self.volume, "cannot rebuild: {err}");
+            return Err(err);
+        }
+        Ok(())
     }
 
     pub(super) async fn send_one(&self, index: usize, request: Request) -> Answer {
