@@ -31,7 +31,17 @@ pub async fn run(cluster: &ClusterFile, command: SnapshotCommand) -> anyhow::Res
                 "{:<24} {:<20} {:>10} {:>10} NODES",
                 "NAME", "VOLUME", "SIZE", "EXCLUSIVE"
             );
-            for snapshot in snapshots::list(cluster).await? {
+            let all = snapshots::list(cluster).await?;
+            // Copies of different snapshots under one name are listed apart.
+            let mut per_name: std::collections::BTreeMap<&str, usize> = Default::default();
+            for snapshot in &all {
+                *per_name.entry(snapshot.name.as_str()).or_default() += 1;
+            }
+            let conflicts = per_name
+                .into_iter()
+                .filter(|&(_, n)| n > 1)
+                .map(|(name, _)| name);
+            for snapshot in &all {
                 let exclusive = snapshot
                     .copies
                     .iter()
@@ -44,7 +54,14 @@ pub async fn run(cluster: &ClusterFile, command: SnapshotCommand) -> anyhow::Res
                     snapshot.volume,
                     human(snapshot.size_bytes),
                     human(exclusive),
-                    nodes(&snapshot)
+                    nodes(snapshot)
+                );
+            }
+            for name in conflicts {
+                println!(
+                    "note: the nodes hold copies of different snapshots named {name} (a node \
+                     kept an old copy through a delete); no volume can be made from it until \
+                     `strata snapshot rm {name}` deletes them all"
                 );
             }
         }

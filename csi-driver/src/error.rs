@@ -73,6 +73,8 @@ impl From<VolumeError> for CsiError {
             VolumeError::Invalid(_) => CsiError::InvalidArgument(message),
             VolumeError::NoRoom(_) => CsiError::ResourceExhausted(message),
             VolumeError::Unavailable(_) => CsiError::Unavailable(message),
+            // Not retried away: an operator deletes the old copies.
+            VolumeError::SnapshotConflict(_) => CsiError::FailedPrecondition(message),
             // A node's own answer keeps its meaning; what the CSI spec has
             // no code for is the plugin's internal failure.
             VolumeError::Node { status, .. } => match status.code() {

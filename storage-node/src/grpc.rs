@@ -301,7 +301,10 @@ impl StorageNode for ControlService {
         let start = match (req.from_snapshot.as_str(), req.replacement) {
             ("", false) => ReplicaStart::Empty,
             ("", true) => ReplicaStart::Replacement,
-            (snapshot, false) => ReplicaStart::Snapshot(snapshot),
+            (snapshot, false) => ReplicaStart::Snapshot {
+                name: snapshot,
+                uid: req.from_snapshot_uid,
+            },
             (_, true) => {
                 return Err(Status::invalid_argument(
                     "a replacement replica cannot start from a snapshot",
@@ -437,13 +440,13 @@ impl StorageNode for ControlService {
                     "the target of {volume:?} is not open on this node"
                 ))
             })?;
-        let nodes = target.snapshot(name).await.map_err(|err| match err {
+        let (nodes, uid) = target.snapshot(name).await.map_err(|err| match err {
             BlockError::NoSpace => Status::resource_exhausted(format!(
                 "no room for snapshot {name:?} of {volume:?}: {err}"
             )),
             other => Status::unavailable(other.to_string()),
         })?;
-        Ok(Response::new(CreateSnapshotResponse { nodes }))
+        Ok(Response::new(CreateSnapshotResponse { nodes, uid }))
     }
 
     async fn delete_snapshot(
@@ -475,6 +478,7 @@ impl StorageNode for ControlService {
                 referenced_bytes: s.referenced,
                 exclusive_bytes: s.exclusive,
                 created_unix: s.created_unix,
+                uid: s.uid,
             })
             .collect();
         Ok(Response::new(ListSnapshotsResponse { snapshots }))

@@ -171,3 +171,78 @@ async fn snapshot_copies_survive_a_node_restart_and_a_stale_target_cannot_take_o
     let clone_uri = cluster.export("v-clone", 1).await;
     assert!(connect(&clone_uri).read(0, MIB as u32).unwrap() == data);
 }
+
+/// A node down while a snapshot is deleted keeps its copy. When a new
+/// snapshot is taken under the same name meanwhile and the node comes back,
+/// its old copy is not taken for one of the new snapshot's: the two are
+/// listed apart, no volume is made from the name (its replicas would start
+/// from different data), and deleting the name deletes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_copy_kept_through_a_delete_is_never_mixed_with_a_new_snapshot_of_its_name() {
+    let mut cluster = TestCluster::start(3, "256MiB", &["--replica-timeout-ms", "1000"]);
+    let file = cluster.file();
+    cluster.create_volume("v", 8 * MIB, 3).await;
+    let mut client = connect(&cluster.export("v", 0).await);
+    client.write(0, &[0x01; 4096], true).unwrap();
+    let old = snapshots::create(&file, "v", "nightly").await.unwrap();
+    assert_eq!(old.copies.len(), 3);
+
+    cluster.nodes[2].stop();
+    let err = snapshots::delete(&file, "nightly").await.unwrap_err();
+    assert!(err.to_string().contains("node-3"), "{err}");
+    client.write(0, &[0x02; 4096], true).unwrap();
+    let new = snapshots::create(&file, "v", "nightly").await.unwrap();
+    assert_ne!(new.uid, old.uid);
+    assert_eq!(new.copies.len(), 2, "taken on the two in-sync replicas");
+
+    cluster.nodes[2].spawn();
+    // The node answers once its pool is open.
+    let mut listed = Vec::new();
+    for _ in 0..150 {
+        listed = snapshots::list(&file).await.unwrap();
+        if listed.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        listed.iter().all(|s| s.name == "nightly") && listed[0].uid != listed[1].uid,
+        "{listed:?}"
+    );
+    // Taking it again returns neither, and no volume comes from the name.
+    for err in [
+        snapshots::get(&file, "nightly").await.unwrap_err(),
+        snapshots::create(&file, "v", "nightly").await.unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, VolumeError::SnapshotConflict(m) if m.contains("snapshot rm")),
+            "{err}"
+        );
+    }
+    // Even a volume asked for from the new snapshot's report is made only
+    // from copies of it: the old copy's node refuses.
+    let mut mixed = new.clone();
+    mixed.copies.extend(
+        listed
+            .iter()
+            .filter(|s| s.uid == old.uid)
+            .flat_map(|s| s.copies.clone()),
+    );
+    let err = volumes::create_from_snapshot(&file, "clone", &mixed, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another snapshot"), "{err}");
+    assert!(matches!(
+        volumes::get(&file, "clone").await,
+        Err(VolumeError::NotFound(_))
+    ));
+    // Made from the new snapshot's copies alone, the clone holds its data.
+    volumes::create_from_snapshot(&file, "clone", &new, None)
+        .await
+        .unwrap();
+    let mut clone = connect(&cluster.export("clone", 0).await);
+    assert!(clone.read(0, 4096).unwrap() == vec![0x02; 4096]);
+
+    snapshots::delete(&file, "nightly").await.unwrap();
+    assert!(snapshots::list(&file).await.unwrap().is_empty());
+}

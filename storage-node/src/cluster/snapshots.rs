@@ -24,6 +24,9 @@ pub struct SnapshotCopy {
 #[derive(Debug, Clone)]
 pub struct SnapshotReport {
     pub name: String,
+    /// Tells it from another snapshot that had the same name (see the
+    /// proto's `Snapshot.uid`); every copy here has it.
+    pub uid: u64,
     /// The volume it was taken of (which may have been deleted since).
     pub volume: String,
     /// Size of the volume when it was taken.
@@ -61,8 +64,8 @@ async fn survey(cluster: &ClusterFile) -> (Vec<SnapshotCopy>, Vec<NodeEntry>) {
     (copies, unreachable)
 }
 
-/// Every snapshot the reachable nodes hold, by name. Fails only when no
-/// node answers.
+/// Every snapshot the reachable nodes hold, by name. Two snapshots under
+/// one name (see [`get`]) are listed apart. Fails only when no node answers.
 pub async fn list(cluster: &ClusterFile) -> Result<Vec<SnapshotReport>, VolumeError> {
     let (copies, unreachable) = survey(cluster).await;
     if unreachable.len() == cluster.nodes.len() {
@@ -70,12 +73,13 @@ pub async fn list(cluster: &ClusterFile) -> Result<Vec<SnapshotReport>, VolumeEr
             "no storage node is reachable (is `strata up` running?)".into(),
         ));
     }
-    let mut by_name: BTreeMap<String, SnapshotReport> = BTreeMap::new();
+    let mut by_name: BTreeMap<(String, u64), SnapshotReport> = BTreeMap::new();
     for copy in copies {
         let report = by_name
-            .entry(copy.snapshot.name.clone())
+            .entry((copy.snapshot.name.clone(), copy.snapshot.uid))
             .or_insert_with(|| SnapshotReport {
                 name: copy.snapshot.name.clone(),
+                uid: copy.snapshot.uid,
                 volume: copy.snapshot.volume.clone(),
                 size_bytes: copy.snapshot.size_bytes,
                 created_unix: copy.snapshot.created_unix,
@@ -87,12 +91,44 @@ pub async fn list(cluster: &ClusterFile) -> Result<Vec<SnapshotReport>, VolumeEr
     Ok(by_name.into_values().collect())
 }
 
+/// Snapshot `name`. When the nodes hold copies of two snapshots under the
+/// name, it is refused: a volume made from both kinds of copy would have
+/// replicas with different data. That happens when a node that was down
+/// while the old snapshot was deleted comes back with its copy after a new
+/// one was taken; `strata snapshot rm` deletes every copy of both.
 pub async fn get(cluster: &ClusterFile, name: &str) -> Result<SnapshotReport, VolumeError> {
-    list(cluster)
+    let mut found: Vec<SnapshotReport> = list(cluster)
         .await?
         .into_iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))
+        .filter(|s| s.name == name)
+        .collect();
+    match found.len() {
+        0 => Err(VolumeError::SnapshotNotFound(name.to_string())),
+        1 => Ok(found.remove(0)),
+        _ => Err(conflict(name, &found)),
+    }
+}
+
+/// The error for copies of several snapshots under one name.
+fn conflict(name: &str, snapshots: &[SnapshotReport]) -> VolumeError {
+    let kinds: Vec<String> = snapshots
+        .iter()
+        .map(|s| {
+            let nodes: Vec<&str> = s.copies.iter().map(|c| c.node.name.as_str()).collect();
+            format!(
+                "one of volume {} taken at {} (unix time) on {}",
+                s.volume,
+                s.created_unix,
+                nodes.join(", ")
+            )
+        })
+        .collect();
+    VolumeError::SnapshotConflict(format!(
+        "the nodes hold copies of {} different snapshots named {name:?} ({}): a node kept an \
+         old copy through a delete; `strata snapshot rm {name}` deletes them all",
+        snapshots.len(),
+        kinds.join("; ")
+    ))
 }
 
 /// Takes snapshot `name` of `volume` on every in-sync replica, through the
@@ -108,14 +144,16 @@ pub async fn create(
 ) -> Result<SnapshotReport, VolumeError> {
     crate::pool::validate_volume_name(name)
         .map_err(|e| VolumeError::Invalid(e.to_string().replace("volume name", "snapshot name")))?;
-    if let Some(existing) = list(cluster).await?.into_iter().find(|s| s.name == name) {
-        if existing.volume == volume {
-            return Ok(existing);
+    match get(cluster, name).await {
+        Ok(existing) if existing.volume == volume => return Ok(existing),
+        Ok(existing) => {
+            return Err(VolumeError::SnapshotExists {
+                name: name.to_string(),
+                volume: existing.volume,
+            })
         }
-        return Err(VolumeError::SnapshotExists {
-            name: name.to_string(),
-            volume: existing.volume,
-        });
+        Err(VolumeError::SnapshotNotFound(_)) => {}
+        Err(err) => return Err(err),
     }
     let report = volumes::get(cluster, volume).await?;
     // A volume nobody serves gets a target for the snapshot only, closed
@@ -135,20 +173,29 @@ pub async fn create(
     if opened {
         volumes::close_target_on(&node, volume).await;
     }
-    if let Err(status) = taken {
-        remove_copies(cluster, name).await;
-        return Err(match status.code() {
-            Code::ResourceExhausted => VolumeError::NoRoom(status.message().to_string()),
-            Code::Unavailable | Code::FailedPrecondition => {
-                VolumeError::Unavailable(status.message().to_string())
-            }
-            _ => VolumeError::Node {
-                node: node.name.clone(),
-                status,
-            },
-        });
-    }
-    get(cluster, name).await
+    let taken = match taken {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            remove_copies(cluster, name).await;
+            return Err(match status.code() {
+                Code::ResourceExhausted => VolumeError::NoRoom(status.message().to_string()),
+                Code::Unavailable | Code::FailedPrecondition => {
+                    VolumeError::Unavailable(status.message().to_string())
+                }
+                _ => VolumeError::Node {
+                    node: node.name.clone(),
+                    status,
+                },
+            });
+        }
+    };
+    // The one just taken, even if a node that was down comes back with an
+    // old copy under the name meanwhile.
+    list(cluster)
+        .await?
+        .into_iter()
+        .find(|s| s.name == name && s.uid == taken.uid)
+        .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))
 }
 
 /// Deletes every copy of the snapshot. Volumes created from it keep their

@@ -36,6 +36,9 @@ pub enum VolumeError {
     SnapshotNotFound(String),
     #[error("snapshot {name:?} already exists (of volume {volume:?})")]
     SnapshotExists { name: String, volume: String },
+    /// The nodes hold copies of more than one snapshot under the name.
+    #[error("{0}")]
+    SnapshotConflict(String),
     /// A node answered with an error.
     #[error("node {node}: {}", status.message())]
     Node { node: String, status: tonic::Status },
@@ -481,14 +484,15 @@ fn check_absent(survey: &Survey, name: &str) -> Result<(), VolumeError> {
 }
 
 /// Creates replica i+1 of volume `name` on `nodes[i]` (a node and its
-/// replication address), each from its copy of `from_snapshot` when given.
-/// Nothing is left behind when one of them cannot be created.
+/// replication address), each from its copy of `from_snapshot` (a name and
+/// uid) when given. Nothing is left behind when one of them cannot be
+/// created.
 async fn create_replicas(
     cluster: &ClusterFile,
     name: &str,
     size: u64,
     nodes: &[(NodeEntry, String)],
-    from_snapshot: Option<&str>,
+    from_snapshot: Option<(&str, u64)>,
 ) -> Result<VolumeReport, VolumeError> {
     let volume_uid = new_volume_uid();
     let members: Vec<ReplicaMember> = nodes
@@ -511,7 +515,8 @@ async fn create_replicas(
                     size_bytes: size,
                     replica_id: member.id,
                     members: members.clone(),
-                    from_snapshot: from_snapshot.unwrap_or_default().to_string(),
+                    from_snapshot: from_snapshot.map_or("", |(s, _)| s).to_string(),
+                    from_snapshot_uid: from_snapshot.map_or(0, |(_, uid)| uid),
                     replacement: false,
                     volume_uid,
                 })
@@ -575,7 +580,14 @@ pub async fn create_from_snapshot(
             snapshot.name
         )));
     }
-    create_replicas(cluster, name, size, &nodes, Some(&snapshot.name)).await
+    create_replicas(
+        cluster,
+        name,
+        size,
+        &nodes,
+        Some((&snapshot.name, snapshot.uid)),
+    )
+    .await
 }
 
 /// A new, empty replica created to take the place of a member; not a member
@@ -757,6 +769,7 @@ pub async fn create_replacement(
             replica_id: id,
             members: new_members,
             from_snapshot: String::new(),
+            from_snapshot_uid: 0,
             replacement: true,
             volume_uid: volume.uid,
         })

@@ -291,7 +291,9 @@ pub(super) fn mapped_entries(state: &State) -> u64 {
 }
 
 fn check_internal_name(what: &str, name: &str) -> Result<(), PoolError> {
-    if name.is_empty() || name.len() > MAX_VOLUME_NAME + 16 {
+    // Room for a prefix and a suffix around a user's name (a replicated
+    // volume's snapshot copy is `replica:<name>@<uid>`).
+    if name.is_empty() || name.len() > MAX_VOLUME_NAME + 32 {
         return Err(PoolError::Invalid(format!("invalid {what} name {name:?}")));
     }
     Ok(())

@@ -155,6 +155,45 @@ pub struct ReplicaSnapshot {
     /// Bytes only it holds on this node (what deleting it frees).
     pub exclusive: u64,
     pub created_unix: u64,
+    /// Which snapshot of that name (see [`snapshot_pool_name`]); 0 for a
+    /// copy taken before snapshots had one.
+    pub uid: u64,
+}
+
+/// The pool snapshot that holds this node's copy of snapshot `name` of a
+/// replicated volume. The uid, drawn by the target that took the snapshot,
+/// is the same in every copy of it and tells it from another snapshot of
+/// the same name: a copy that a node down during `snapshot rm` kept, say,
+/// which comes back next to a new snapshot taken under that name.
+/// Snapshot names cannot hold '@', so the uid is what follows the last one.
+fn snapshot_pool_name(name: &str, uid: u64) -> String {
+    if uid == 0 {
+        format!("{POOL_VOLUME_PREFIX}{name}")
+    } else {
+        format!("{POOL_VOLUME_PREFIX}{name}@{uid:016x}")
+    }
+}
+
+/// The pool snapshots holding this node's copy of snapshot `name`, with
+/// their uids: one at most, since a node takes one copy per name.
+fn copies_named(pool: &Pool, name: &str) -> Vec<(String, u64)> {
+    pool.list_snapshots()
+        .into_iter()
+        .filter_map(|info| {
+            let (copy_name, uid) = parse_snapshot_pool_name(&info.name)?;
+            (copy_name == name).then(|| (info.name.clone(), uid))
+        })
+        .collect()
+}
+
+/// The snapshot name and uid of a pool snapshot holding a copy; None for a
+/// pool snapshot that is not one.
+fn parse_snapshot_pool_name(pool_name: &str) -> Option<(&str, u64)> {
+    let rest = pool_name.strip_prefix(POOL_VOLUME_PREFIX)?;
+    match rest.rsplit_once('@') {
+        Some((name, uid)) => Some((name, u64::from_str_radix(uid, 16).ok()?)),
+        None => Some((rest, 0)),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -395,7 +434,14 @@ impl Replica {
                 // Shared, like a write: no configuration change meanwhile.
                 let state = self.state.read().await;
                 self.accept_io(&state, request.epoch)?;
-                let pool_name = format!("{POOL_VOLUME_PREFIX}{name}");
+                // One copy per name on a node, whatever its uid.
+                if !copies_named(&self.pool, name).is_empty() {
+                    return Err(invalid(format!(
+                        "snapshot {name:?} already exists on this node"
+                    )));
+                }
+                // The snapshot's uid travels in the offset field.
+                let pool_name = snapshot_pool_name(name, request.offset);
                 match self
                     .pool
                     .create_snapshot(self.data.name(), &pool_name)
@@ -552,8 +598,9 @@ pub enum ReplicaStart<'a> {
     /// Nothing: one of a fresh volume's replicas, all in sync at epoch 0.
     Empty,
     /// The data of this node's copy of the named snapshot, for a volume
-    /// cloned from it: in sync like `Empty`.
-    Snapshot(&'a str),
+    /// cloned from it: in sync like `Empty`. A copy of another snapshot of
+    /// that name than `uid` (when not 0) is refused.
+    Snapshot { name: &'a str, uid: u64 },
     /// Nothing, out of sync: it replaces a member of an existing volume,
     /// and a target's rebuild fills it.
     Replacement,
@@ -704,7 +751,7 @@ impl Replicas {
             replica_id,
         } = id;
         let snapshot = match start {
-            ReplicaStart::Snapshot(snapshot) => Some(snapshot),
+            ReplicaStart::Snapshot { name, uid } => Some((name, uid)),
             ReplicaStart::Empty | ReplicaStart::Replacement => None,
         };
         crate::pool::validate_volume_name(volume)?;
@@ -725,10 +772,17 @@ impl Replicas {
                     .create_internal_volume(&pool_name, size + HEADER_BYTES)
                     .await?;
             }
-            Some(snapshot) => {
-                let pool_snapshot = format!("{POOL_VOLUME_PREFIX}{snapshot}");
-                if self.pool.snapshot_info(&pool_snapshot).is_none() {
+            Some((snapshot, uid)) => {
+                let Some((pool_snapshot, copy_uid)) =
+                    copies_named(&self.pool, snapshot).into_iter().next()
+                else {
                     return Err(ReplicaError::SnapshotNotFound(snapshot.to_string()));
+                };
+                if uid != 0 && copy_uid != uid {
+                    return Err(ReplicaError::Invalid(format!(
+                        "this node's copy of snapshot {snapshot:?} is of another snapshot of \
+                         that name (uid {copy_uid:016x}, not {uid:016x})"
+                    )));
                 }
                 // The copied header (the source volume's) is rewritten below.
                 self.pool
@@ -744,7 +798,7 @@ impl Replicas {
         let ids = members.iter().map(|m| ReplicaId(m.id)).collect();
         let state = match start {
             ReplicaStart::Replacement => ReplicaState::replacement(ids),
-            ReplicaStart::Empty | ReplicaStart::Snapshot(_) => ReplicaState::new(ids),
+            ReplicaStart::Empty | ReplicaStart::Snapshot { .. } => ReplicaState::new(ids),
         };
         let replica = Arc::new(Replica {
             pool: self.pool.clone(),
@@ -843,10 +897,11 @@ impl Replicas {
             .list_snapshots()
             .into_iter()
             .filter_map(|info| {
-                let name = info.name.strip_prefix(POOL_VOLUME_PREFIX)?.to_string();
+                let (name, uid) = parse_snapshot_pool_name(&info.name)?;
                 let volume = info.source.strip_prefix(POOL_VOLUME_PREFIX)?.to_string();
                 Some(ReplicaSnapshot {
-                    name,
+                    name: name.to_string(),
+                    uid,
                     volume,
                     size: info.size.saturating_sub(HEADER_BYTES),
                     referenced: info.referenced.saturating_sub(HEADER_BYTES),
@@ -859,16 +914,18 @@ impl Replicas {
 
     /// Deletes this node's copy of a snapshot.
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), ReplicaError> {
-        match self
-            .pool
-            .delete_snapshot(&format!("{POOL_VOLUME_PREFIX}{name}"))
-            .await
-        {
-            Err(crate::pool::PoolError::SnapshotNotFound(_)) => {
-                Err(ReplicaError::SnapshotNotFound(name.to_string()))
-            }
-            other => Ok(other?),
+        let copies = copies_named(&self.pool, name);
+        if copies.is_empty() {
+            return Err(ReplicaError::SnapshotNotFound(name.to_string()));
         }
+        for (pool_name, _) in copies {
+            match self.pool.delete_snapshot(&pool_name).await {
+                // Deleted meanwhile by another call.
+                Err(crate::pool::PoolError::SnapshotNotFound(_)) => {}
+                other => other?,
+            }
+        }
+        Ok(())
     }
 
     /// Grows the replica to `size` bytes of data.
@@ -901,6 +958,26 @@ mod tests {
     use crate::replication::lease::LEASE;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_snapshot_copy_is_named_with_its_uid() {
+        let pool_name = snapshot_pool_name("nightly.2", 0xab);
+        assert_eq!(pool_name, "replica:nightly.2@00000000000000ab");
+        assert_eq!(
+            parse_snapshot_pool_name(&pool_name),
+            Some(("nightly.2", 0xab))
+        );
+        // Copies taken before snapshots had uids.
+        assert_eq!(snapshot_pool_name("old", 0), "replica:old");
+        assert_eq!(parse_snapshot_pool_name("replica:old"), Some(("old", 0)));
+        // Not a replicated volume's copy, or not a uid after the '@'.
+        assert_eq!(parse_snapshot_pool_name("plain"), None);
+        assert_eq!(parse_snapshot_pool_name("replica:x@yz"), None);
+        // The longest name a user may give still makes a pool name.
+        let longest = "n".repeat(128);
+        crate::pool::validate_volume_name(&longest).unwrap();
+        assert!(snapshot_pool_name(&longest, u64::MAX).len() <= 128 + 32);
+    }
 
     async fn open_pool(path: &std::path::Path) -> Arc<Pool> {
         let options = PoolOptions {

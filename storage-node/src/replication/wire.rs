@@ -69,8 +69,8 @@ pub enum Op {
     /// Digests of `length` extents from extent number `offset`.
     Digest = 10,
     /// Take a copy-on-write snapshot of the replica; the payload is the
-    /// snapshot's name. Epoch-checked like data requests, so a fenced target
-    /// cannot take one.
+    /// snapshot's name, `offset` its uid (the same in every copy). Epoch-
+    /// checked like data requests, so a fenced target cannot take one.
     Snapshot = 11,
 }
 

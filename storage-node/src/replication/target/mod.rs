@@ -1344,8 +1344,12 @@ impl VolumeTarget {
     /// so each in-sync replica holds exactly the writes acknowledged so far,
     /// and its copy holds the same data. Returns the nodes that hold a copy.
     /// When a replica fails, copies already taken stay (the caller deletes
-    /// them) and the replica is left to the next write to drop.
-    pub async fn snapshot(&self, name: &str) -> BlockResult<Vec<String>> {
+    /// them) and the replica is left to the next write to drop. The
+    /// snapshot's uid, drawn here, is in every copy (see
+    /// `replica::snapshot_pool_name`); it is returned with the nodes.
+    pub async fn snapshot(&self, name: &str) -> BlockResult<(Vec<String>, u64)> {
+        // Never 0, which marks copies taken before snapshots had uids.
+        let uid = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
         let deadline = Instant::now() + self.options.timeout * 2;
         let _exclusive = loop {
             if self.fenced.load(Ordering::Acquire) {
@@ -1372,6 +1376,7 @@ impl VolumeTarget {
             .ask(&in_sync, |_| {
                 let mut request = Request::new(Op::Snapshot, 0, config.epoch);
                 request.payload = Bytes::copy_from_slice(name.as_bytes());
+                request.offset = uid;
                 request
             })
             .await;
@@ -1411,8 +1416,8 @@ impl VolumeTarget {
                 failures.join("; ")
             )));
         }
-        tracing::info!(volume = %self.volume, snapshot = name, nodes = ?nodes, "took snapshot");
-        Ok(nodes)
+        tracing::info!(volume = %self.volume, snapshot = name, uid = format_args!("{uid:016x}"), nodes = ?nodes, "took snapshot");
+        Ok((nodes, uid))
     }
 
     pub fn volume(&self) -> &str {
