@@ -378,11 +378,22 @@ impl VolumeBackend for ClusterBackend {
 
     async fn list_snapshots(&self) -> BackendResult<Vec<BackendSnapshot>> {
         let cluster = self.cluster().await?;
-        Ok(snapshots::list(&cluster)
+        let mut listed: Vec<BackendSnapshot> = snapshots::list(&cluster)
             .await?
             .iter()
             .map(backend_snapshot)
-            .collect())
+            .collect();
+        // A snapshot id is its name. Copies of two snapshots of one name (an
+        // old copy that a node kept through a delete) are listed once, as
+        // the newer, so that ids stay unique and pages do not skip; creating
+        // a volume from it is refused until an operator deletes them.
+        listed.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then(b.created_unix.cmp(&a.created_unix))
+        });
+        listed.dedup_by(|later, kept| later.name == kept.name);
+        Ok(listed)
     }
 
     async fn create_snapshot(&self, volume: &str, name: &str) -> BackendResult<BackendSnapshot> {

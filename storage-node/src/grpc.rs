@@ -146,7 +146,9 @@ fn replica_status(err: ReplicaError) -> Status {
         ReplicaError::AlreadyExists(_) => Status::already_exists(err.to_string()),
         ReplicaError::SnapshotNotFound(_) => Status::not_found(err.to_string()),
         ReplicaError::Invalid(_) => Status::invalid_argument(err.to_string()),
-        ReplicaError::OtherReplica(_) => Status::failed_precondition(err.to_string()),
+        ReplicaError::OtherReplica(_) | ReplicaError::OtherSnapshot(_) => {
+            Status::failed_precondition(err.to_string())
+        }
         ReplicaError::Header(_) | ReplicaError::Block(_) => Status::internal(err.to_string()),
     }
 }
@@ -440,12 +442,15 @@ impl StorageNode for ControlService {
                     "the target of {volume:?} is not open on this node"
                 ))
             })?;
-        let (nodes, uid) = target.snapshot(name).await.map_err(|err| match err {
-            BlockError::NoSpace => Status::resource_exhausted(format!(
-                "no room for snapshot {name:?} of {volume:?}: {err}"
-            )),
-            other => Status::unavailable(other.to_string()),
-        })?;
+        let (nodes, uid) = target
+            .snapshot(name, req.uid)
+            .await
+            .map_err(|err| match err {
+                BlockError::NoSpace => Status::resource_exhausted(format!(
+                    "no room for snapshot {name:?} of {volume:?}: {err}"
+                )),
+                other => Status::unavailable(other.to_string()),
+            })?;
         Ok(Response::new(CreateSnapshotResponse { nodes, uid }))
     }
 
@@ -456,7 +461,7 @@ impl StorageNode for ControlService {
         let req = request.into_inner();
         let name = required_name(&req.name)?;
         self.replicas
-            .delete_snapshot(name)
+            .delete_snapshot(name, req.uid)
             .await
             .map_err(replica_status)?;
         Ok(Response::new(DeleteSnapshotResponse {}))

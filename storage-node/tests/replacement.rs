@@ -866,7 +866,7 @@ async fn a_replacement_replica_starts_out_of_sync() {
         replica_id: 1,
         members: members.clone(),
         from_snapshot: from_snapshot.to_string(),
-        from_snapshot_uid: 0,
+        from_snapshot_uid: None,
         replacement,
         volume_uid: 7,
     };

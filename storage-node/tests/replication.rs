@@ -658,16 +658,18 @@ async fn grow_replicas_on(nodes: &[TestNode], volume: &str, size: u64) {
     }
 }
 
-/// A resize that grew two replicas of three (the call to the last node
+/// A resize that grew one replica of three (the calls to the other nodes
 /// failed) leaves the volume at the size all of them hold: a target opened
-/// on a grown replica serves the old size, so no write can land past the end
-/// of the small one. Resizing again grows it, and the target takes the new
+/// on the grown replica serves the old size, even with a third node down,
+/// so no write can land past the end of a small replica and none is dropped
+/// for its size. Resizing again grows them, and the target takes the new
 /// size without dropping a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resize_that_reached_some_replicas_leaves_the_size_all_of_them_hold() {
-    let cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
+    let mut cluster = TestCluster::start(3, "256MiB", FAST_TIMEOUT);
     cluster.create_volume("grown", 16 * MIB, 3).await;
-    grow_replicas_on(&cluster.nodes[..2], "grown", 32 * MIB).await;
+    grow_replicas_on(&cluster.nodes[..1], "grown", 32 * MIB).await;
+    cluster.nodes[2].stop();
 
     let (_, target) = volumes::open_target(&cluster.file(), "grown", Some(&cluster.nodes[0].name))
         .await
@@ -677,7 +679,17 @@ async fn a_resize_that_reached_some_replicas_leaves_the_size_all_of_them_hold() 
         run_ok("nbdinfo", &["--size", &target.export_uri]).trim(),
         (16 * MIB).to_string()
     );
+    let small = target
+        .replicas
+        .iter()
+        .find(|r| r.member.as_ref().unwrap().node == "node-2")
+        .unwrap();
+    assert!(small.in_sync, "the small replica was dropped: {target:?}");
 
+    cluster.nodes[2].spawn();
+    cluster
+        .wait_in_sync("grown", 3, Duration::from_secs(60))
+        .await;
     volumes::resize(&cluster.file(), "grown", 32 * MIB)
         .await
         .unwrap();

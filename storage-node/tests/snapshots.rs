@@ -146,6 +146,7 @@ async fn snapshot_copies_survive_a_node_restart_and_a_stale_target_cannot_take_o
         .create_snapshot(strata_proto::storage::CreateSnapshotRequest {
             volume: "v".into(),
             name: "v-2".into(),
+            uid: 0,
         })
         .await
         .unwrap_err();

@@ -120,6 +120,11 @@ impl ControllerService {
         let temporary = matches!(source, Source::Volume(_));
         if let Source::Volume(id) = source {
             let _busy = self.inflight.begin(id, "CreateVolume (clone source)")?;
+            // A leftover of an earlier attempt (its deletion failed) would be
+            // taken for this one, and hold older data than the call asks
+            // for. A copy on a node that does not answer now cannot be mixed
+            // in: it has another uid, and the clone is refused.
+            let _ = self.backend.delete_snapshot(&snapshot).await;
             self.backend.create_snapshot(id, &snapshot).await?;
         }
         Ok(CloneFrom {

@@ -156,6 +156,7 @@ pub async fn create(
         Err(err) => return Err(err),
     }
     let report = volumes::get(cluster, volume).await?;
+    let uid = crate::replication::target::new_snapshot_uid();
     // A volume nobody serves gets a target for the snapshot only, closed
     // again after: the volume must not look attached to a node.
     let (node, opened) = match report.active_target() {
@@ -168,6 +169,7 @@ pub async fn create(
         .create_snapshot(CreateSnapshotRequest {
             volume: volume.to_string(),
             name: name.to_string(),
+            uid,
         })
         .await;
     if opened {
@@ -176,7 +178,7 @@ pub async fn create(
     let taken = match taken {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            remove_copies(cluster, name).await;
+            remove_copies(cluster, name, uid).await;
             return Err(match status.code() {
                 Code::ResourceExhausted => VolumeError::NoRoom(status.message().to_string()),
                 Code::Unavailable | Code::FailedPrecondition => {
@@ -213,6 +215,7 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
             .map_err(|e| VolumeError::Unavailable(e.to_string()))?
             .delete_snapshot(DeleteSnapshotRequest {
                 name: name.to_string(),
+                uid: None,
             })
             .await;
         match deleted {
@@ -236,15 +239,21 @@ pub async fn delete(cluster: &ClusterFile, name: &str) -> Result<(), VolumeError
     Ok(())
 }
 
-/// Best effort: deletes the copies a failed snapshot left.
-async fn remove_copies(cluster: &ClusterFile, name: &str) {
+/// Best effort: deletes the copies a failed snapshot `uid` left, and none
+/// of another snapshot that has its name. A replica of an older build,
+/// which fails the snapshot, takes its copy without the uid (as uid 0); no
+/// snapshot of the name was there when this one began.
+async fn remove_copies(cluster: &ClusterFile, name: &str, uid: u64) {
     for node in &cluster.nodes {
         if let Ok(mut c) = client::connect(node).await {
-            let _ = c
-                .delete_snapshot(DeleteSnapshotRequest {
-                    name: name.to_string(),
-                })
-                .await;
+            for uid in [uid, 0] {
+                let _ = c
+                    .delete_snapshot(DeleteSnapshotRequest {
+                        name: name.to_string(),
+                        uid: Some(uid),
+                    })
+                    .await;
+            }
         }
     }
 }

@@ -516,7 +516,7 @@ async fn create_replicas(
                     replica_id: member.id,
                     members: members.clone(),
                     from_snapshot: from_snapshot.map_or("", |(s, _)| s).to_string(),
-                    from_snapshot_uid: from_snapshot.map_or(0, |(_, uid)| uid),
+                    from_snapshot_uid: from_snapshot.map(|(_, uid)| uid),
                     replacement: false,
                     volume_uid,
                 })
@@ -769,7 +769,7 @@ pub async fn create_replacement(
             replica_id: id,
             members: new_members,
             from_snapshot: String::new(),
-            from_snapshot_uid: 0,
+            from_snapshot_uid: None,
             replacement: true,
             volume_uid: volume.uid,
         })

@@ -75,6 +75,19 @@ impl Pool {
         volume: &str,
         name: &str,
     ) -> Result<SnapshotInfo, PoolError> {
+        self.create_snapshot_unless(volume, name, |existing| existing == name)
+            .await
+    }
+
+    /// [`Pool::create_snapshot`], refused with `SnapshotExists` when a
+    /// snapshot whose name `clashes` exists: checked under the same lock as
+    /// the creation, so two calls cannot both pass.
+    pub async fn create_snapshot_unless(
+        &self,
+        volume: &str,
+        name: &str,
+        clashes: impl Fn(&str) -> bool,
+    ) -> Result<SnapshotInfo, PoolError> {
         check_internal_name("snapshot", name)?;
         // Writes in flight finish first: once the map is copied its blocks
         // are shared, and none may still be being overwritten in place.
@@ -82,7 +95,11 @@ impl Pool {
         let id = {
             let mut guard = self.state.lock().expect("state lock");
             let state = &mut *guard;
-            if state.snapshots.values().any(|s| s.name == name) {
+            if state
+                .snapshots
+                .values()
+                .any(|s| s.name == name || clashes(&s.name))
+            {
                 return Err(PoolError::SnapshotExists(name.to_string()));
             }
             let source = state

@@ -1282,3 +1282,21 @@ async fn blocks_under_an_abandoned_in_place_write_stay_taken_until_it_lands() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+/// Two snapshots whose names clash by the caller's rule (a replicated
+/// volume's copies of one name under different uids) cannot both be taken.
+#[tokio::test]
+async fn a_snapshot_whose_name_clashes_with_one_taken_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("pool"), 64 * MIB).await;
+    pool.create_volume("v", 8 * MIB).await.unwrap();
+    let same_stem = |name: &str| name.starts_with("copy@");
+    pool.create_snapshot_unless("v", "copy@1", same_stem)
+        .await
+        .unwrap();
+    assert!(matches!(
+        pool.create_snapshot_unless("v", "copy@2", same_stem).await,
+        Err(PoolError::SnapshotExists(_))
+    ));
+    assert_eq!(pool.list_snapshots().len(), 1);
+}

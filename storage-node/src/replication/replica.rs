@@ -206,6 +206,9 @@ pub enum ReplicaError {
     AlreadyExists(String),
     #[error("snapshot {0:?} is not on this node")]
     SnapshotNotFound(String),
+    /// This node's copy of the snapshot is of another snapshot of the name.
+    #[error("{0}")]
+    OtherSnapshot(String),
     #[error("{0}")]
     Invalid(String),
     /// The replica here is not the one a request named.
@@ -434,20 +437,21 @@ impl Replica {
                 // Shared, like a write: no configuration change meanwhile.
                 let state = self.state.read().await;
                 self.accept_io(&state, request.epoch)?;
-                // One copy per name on a node, whatever its uid.
-                if !copies_named(&self.pool, name).is_empty() {
-                    return Err(invalid(format!(
-                        "snapshot {name:?} already exists on this node"
-                    )));
-                }
                 // The snapshot's uid travels in the offset field.
-                let pool_name = snapshot_pool_name(name, request.offset);
+                let uid = request.offset;
+                let pool_name = snapshot_pool_name(name, uid);
+                // One copy per name on a node, whatever its uid.
+                let same_name = |existing: &str| {
+                    parse_snapshot_pool_name(existing).is_some_and(|(n, _)| n == name)
+                };
                 match self
                     .pool
-                    .create_snapshot(self.data.name(), &pool_name)
+                    .create_snapshot_unless(self.data.name(), &pool_name, same_name)
                     .await
                 {
-                    Ok(_) => Ok(Bytes::new()),
+                    // The uid back: a target finds out that a replica of an
+                    // older build, which ignores it, took the copy.
+                    Ok(_) => Ok(Bytes::copy_from_slice(&uid.to_le_bytes())),
                     Err(PoolError::SnapshotExists(_)) => Err(invalid(format!(
                         "snapshot {name:?} already exists on this node"
                     ))),
@@ -598,9 +602,9 @@ pub enum ReplicaStart<'a> {
     /// Nothing: one of a fresh volume's replicas, all in sync at epoch 0.
     Empty,
     /// The data of this node's copy of the named snapshot, for a volume
-    /// cloned from it: in sync like `Empty`. A copy of another snapshot of
-    /// that name than `uid` (when not 0) is refused.
-    Snapshot { name: &'a str, uid: u64 },
+    /// cloned from it: in sync like `Empty`. When `uid` is given, a copy of
+    /// another snapshot of that name is refused.
+    Snapshot { name: &'a str, uid: Option<u64> },
     /// Nothing, out of sync: it replaces a member of an existing volume,
     /// and a target's rebuild fills it.
     Replacement,
@@ -778,10 +782,11 @@ impl Replicas {
                 else {
                     return Err(ReplicaError::SnapshotNotFound(snapshot.to_string()));
                 };
-                if uid != 0 && copy_uid != uid {
-                    return Err(ReplicaError::Invalid(format!(
+                if uid.is_some_and(|uid| uid != copy_uid) {
+                    return Err(ReplicaError::OtherSnapshot(format!(
                         "this node's copy of snapshot {snapshot:?} is of another snapshot of \
-                         that name (uid {copy_uid:016x}, not {uid:016x})"
+                         that name (uid {copy_uid:016x}, not {:016x})",
+                        uid.unwrap_or_default()
                     )));
                 }
                 // The copied header (the source volume's) is rewritten below.
@@ -912,9 +917,11 @@ impl Replicas {
             .collect()
     }
 
-    /// Deletes this node's copy of a snapshot.
-    pub async fn delete_snapshot(&self, name: &str) -> Result<(), ReplicaError> {
-        let copies = copies_named(&self.pool, name);
+    /// Deletes this node's copy of snapshot `name`; with `uid`, only if it
+    /// is a copy of that snapshot of the name.
+    pub async fn delete_snapshot(&self, name: &str, uid: Option<u64>) -> Result<(), ReplicaError> {
+        let mut copies = copies_named(&self.pool, name);
+        copies.retain(|&(_, copy_uid)| uid.is_none_or(|uid| uid == copy_uid));
         if copies.is_empty() {
             return Err(ReplicaError::SnapshotNotFound(name.to_string()));
         }

@@ -282,7 +282,7 @@ impl VolumeTarget {
         // The replica opened from may be one that a partly failed resize
         // grew: the volume is as large as its smallest in-sync replica, and
         // the replicas are compared over that size.
-        target.refresh_size().await;
+        target.take_smallest_size(false).await;
         target
             .reconcile_in_sync()
             .await
@@ -1345,11 +1345,11 @@ impl VolumeTarget {
     /// and its copy holds the same data. Returns the nodes that hold a copy.
     /// When a replica fails, copies already taken stay (the caller deletes
     /// them) and the replica is left to the next write to drop. The
-    /// snapshot's uid, drawn here, is in every copy (see
-    /// `replica::snapshot_pool_name`); it is returned with the nodes.
-    pub async fn snapshot(&self, name: &str) -> BlockResult<(Vec<String>, u64)> {
-        // Never 0, which marks copies taken before snapshots had uids.
-        let uid = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+    /// snapshot's uid (`uid`, or one drawn here when it is 0) is in every
+    /// copy (see `replica::snapshot_pool_name`); it is returned with the
+    /// nodes.
+    pub async fn snapshot(&self, name: &str, uid: u64) -> BlockResult<(Vec<String>, u64)> {
+        let uid = if uid == 0 { new_snapshot_uid() } else { uid };
         let deadline = Instant::now() + self.options.timeout * 2;
         let _exclusive = loop {
             if self.fenced.load(Ordering::Acquire) {
@@ -1385,7 +1385,11 @@ impl VolumeTarget {
         for (index, answer) in answers {
             let node = self.node_of(index);
             match answer {
-                Answer::Done(_) => nodes.push(node.clone()),
+                Answer::Done(echo) if echo[..] == uid.to_le_bytes() => nodes.push(node.clone()),
+                // A replica of an older build took a copy without the uid.
+                Answer::Done(_) => failures.push(format!(
+                    "{node}: its storage node runs an older version (upgrade every node first)"
+                )),
                 Answer::Refused(Status::Fenced, payload) => match self.fence_kind(&payload) {
                     // An epoch this target prepared in a change that did not
                     // reach a majority: the rebuilder completes one within
@@ -1424,39 +1428,55 @@ impl VolumeTarget {
         &self.volume
     }
 
-    /// Takes the size of the smallest in-sync replica: after the replicas
-    /// were grown, and when the target opens (a resize that failed on some
-    /// replicas leaves them smaller than the others, and no write may land
-    /// past the end of one). Holds the gate, so a rebuilt replica joins the
-    /// in-sync set either before the sizes are asked (and counts) or after
-    /// the size is set (and `grow` checks it against that).
+    /// Takes the size of the smallest in-sync replica, after the replicas
+    /// were grown. Keeps the size when an in-sync replica does not answer.
     pub async fn refresh_size(&self) {
-        let _exclusive = self.gate.write().await;
-        let config = self.current();
-        let in_sync: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
-        let sizes: Vec<u64> = self
-            .ask(&in_sync, |_| Request::new(Op::GetState, 0, 0))
-            .await
-            .into_values()
-            .filter_map(|answer| match answer {
-                Answer::Done(payload) => serde_json::from_slice::<StateRecord>(&payload).ok(),
-                _ => None,
-            })
-            .map(|state| state.size)
-            .collect();
-        if sizes.len() == in_sync.len() {
-            if let Some(&size) = sizes.iter().min() {
-                let before = self.size.swap(size, Ordering::Relaxed);
-                if before != size {
-                    tracing::info!(volume = %self.volume, before, size, "volume size changed");
-                }
-                // A replica waiting to be rebuilt may have been too small
-                // (`rebuild::check_room`) and grown by this resize: its next
-                // attempt need not wait out its back-off.
-                for slot in self.slots.read().expect("slots lock").iter() {
-                    *slot.rebuild_backoff.lock().expect("backoff lock") = None;
-                }
+        self.take_smallest_size(true).await
+    }
+
+    /// Sets the size to that of the smallest in-sync replica: no write may
+    /// land past the end of one, as after a resize that failed on some
+    /// replicas. With `all`, only when every in-sync replica answers; else
+    /// (when opening) from those that answer, since the reconcile drops the
+    /// others. The sizes are asked without the gate, so I/O goes on; the size
+    /// is set under it, and only if the in-sync set is still the one asked.
+    /// So a rebuilt replica joins either before the sizes are asked (and
+    /// counts) or after the size is set (and `grow` checks it against that).
+    async fn take_smallest_size(&self, all: bool) {
+        for _ in 0..5 {
+            let config = self.current();
+            let in_sync: Vec<usize> = config.in_sync.iter().map(|&id| self.index_of(id)).collect();
+            let sizes: Vec<u64> = self
+                .ask(&in_sync, |_| Request::new(Op::GetState, 0, 0))
+                .await
+                .into_values()
+                .filter_map(|answer| match answer {
+                    Answer::Done(payload) => serde_json::from_slice::<StateRecord>(&payload).ok(),
+                    _ => None,
+                })
+                .map(|state| state.size)
+                .collect();
+            let Some(&size) = sizes.iter().min() else {
+                return;
+            };
+            if all && sizes.len() != in_sync.len() {
+                return;
             }
+            let _exclusive = self.gate.write().await;
+            if self.current().in_sync != config.in_sync {
+                continue;
+            }
+            let before = self.size.swap(size, Ordering::Relaxed);
+            if before != size {
+                tracing::info!(volume = %self.volume, before, size, "volume size changed");
+            }
+            // A replica waiting to be rebuilt may have been too small
+            // (`rebuild::check_room`) and grown by this resize: its next
+            // attempt need not wait out its back-off.
+            for slot in self.slots.read().expect("slots lock").iter() {
+                *slot.rebuild_backoff.lock().expect("backoff lock") = None;
+            }
+            return;
         }
     }
 
@@ -1674,4 +1694,10 @@ impl BlockTarget for VolumeTarget {
         })
         .await
     }
+}
+
+/// A snapshot's uid: random, and never 0, which marks copies taken before
+/// snapshots had uids.
+pub fn new_snapshot_uid() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0 | 1
 }
