@@ -190,7 +190,7 @@ fn backend_volume(cluster: &ClusterFile, report: &VolumeReport) -> BackendVolume
         .collect();
     BackendVolume {
         name: report.name.clone(),
-        size_bytes: report.size_bytes,
+        size_bytes: report.smallest_replica_bytes(),
         replicas: report.members().len().max(report.replicas.len()),
         in_sync: report.in_sync().len(),
         zones: zones.into_iter().collect(),

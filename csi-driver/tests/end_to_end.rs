@@ -894,3 +894,66 @@ async fn an_xfs_volume_is_formatted_kept_across_stages_and_grown() {
     n.node_unstage_volume(unstage).await.unwrap();
     unpublish_from(&mut c, &id, "node-a").await;
 }
+
+/// An expansion that grew only some replicas (the resize failed on the
+/// other node's) is not taken for done when the CO retries it: the volume
+/// counts as large as its smallest replica, and the retry grows the rest.
+#[tokio::test]
+async fn an_expansion_that_reached_some_replicas_is_finished_by_its_retry() {
+    let cluster = StorageCluster::start(&[("node-a", "zone-a"), ("node-b", "zone-b")], "256MiB");
+    let work = tempfile::tempdir().unwrap();
+    let dir = cluster.path().to_string_lossy().to_string();
+    let controller = controller_plugin(work.path(), &dir);
+    let mut c = controller.controller().await;
+    let id = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-grown".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_capability("ext4")],
+            parameters: HashMap::from([("replicas".into(), "2".into())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    // The first attempt grew node-a's replica, then failed.
+    let nodes = cluster.file();
+    strata_node::cluster::client::connect(nodes.node("node-a").unwrap())
+        .await
+        .unwrap()
+        .resize_replica(strata_proto::storage::ResizeReplicaRequest {
+            volume: id.clone(),
+            size_bytes: 128 * MIB as u64,
+        })
+        .await
+        .unwrap();
+
+    let expanded = c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 128 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(mount_capability("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 128 * MIB);
+    let report = strata_node::cluster::volumes::get(&nodes, &id)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.smallest_replica_bytes(),
+        128 * MIB as u64,
+        "{report:?}"
+    );
+}

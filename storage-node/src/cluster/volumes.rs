@@ -67,6 +67,9 @@ pub struct VolumeReport {
     /// Which volume of this name (the highest uid found; see
     /// `Replica.volume_uid` in storage.proto).
     pub uid: u64,
+    /// The largest replica's size: what a resize asked for last, and the size
+    /// a new replica is made with. A resize that failed on some replicas
+    /// leaves others smaller (see [`VolumeReport::smallest_replica_bytes`]).
     pub size_bytes: u64,
     /// Replicas found, by replica id (members of the newest config only).
     pub replicas: Vec<ReplicaReport>,
@@ -90,6 +93,18 @@ impl VolumeReport {
         newest_config(&self.replicas)
             .map(|r| r.replica.in_sync.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// The size every replica found holds: a target serves no more than
+    /// this (it serves the smallest in-sync replica's size). Below
+    /// `size_bytes` after a resize that failed on some replicas, which a
+    /// retry of the resize must not take for done.
+    pub fn smallest_replica_bytes(&self) -> u64 {
+        self.replicas
+            .iter()
+            .map(|r| r.replica.size_bytes)
+            .min()
+            .unwrap_or(0)
     }
 
     /// The members of the newest config any replica reports.
