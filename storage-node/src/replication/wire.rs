@@ -69,8 +69,10 @@ pub enum Op {
     /// Digests of `length` extents from extent number `offset`.
     Digest = 10,
     /// Take a copy-on-write snapshot of the replica; the payload is the
-    /// snapshot's name, `offset` its uid (the same in every copy). Epoch-
-    /// checked like data requests, so a fenced target cannot take one.
+    /// snapshot's name, `offset` its uid (the same in every copy). The reply
+    /// carries the uid stored (8 bytes, little-endian): a replica of an older
+    /// build answers without it. Epoch-checked like data requests, so a
+    /// fenced target cannot take one.
     Snapshot = 11,
 }
 
