@@ -18,13 +18,29 @@ pub enum SnapshotCommand {
 pub async fn run(cluster: &ClusterFile, command: SnapshotCommand) -> anyhow::Result<()> {
     match command {
         SnapshotCommand::Create { volume, name } => {
+            // Taking a snapshot that exists already (of the same volume) is
+            // taken for a retry and returns it: said so, with its age, so an
+            // old one is not mistaken for a new one.
+            let existing = snapshots::get(cluster, &name).await.ok();
             let snapshot = snapshots::create(cluster, &volume, &name).await?;
-            println!(
-                "created snapshot {} of volume {} on {}",
-                snapshot.name,
-                snapshot.volume,
-                nodes(&snapshot)
-            );
+            if existing.is_some_and(|e| e.uid == snapshot.uid) {
+                println!(
+                    "snapshot {} of volume {} exists already, taken {} ago, on {}: nothing new \
+                     was taken (`strata snapshot rm {}` first for a new one)",
+                    snapshot.name,
+                    snapshot.volume,
+                    age(snapshot.created_unix),
+                    nodes(&snapshot),
+                    snapshot.name
+                );
+            } else {
+                println!(
+                    "created snapshot {} of volume {} on {}",
+                    snapshot.name,
+                    snapshot.volume,
+                    nodes(&snapshot)
+                );
+            }
         }
         SnapshotCommand::Ls => {
             println!(
@@ -80,4 +96,37 @@ fn nodes(snapshot: &snapshots::SnapshotReport) -> String {
         .map(|c| c.node.name.as_str())
         .collect();
     nodes.join(",")
+}
+
+/// How long ago `unix` (seconds) was, roughly: "40s", "12m", "5h", "3d".
+fn age(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let secs = now.saturating_sub(unix);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_rounded_down_to_their_largest_unit() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(age(now), "0s");
+        assert_eq!(age(now - 150), "2m");
+        assert_eq!(age(now - 3 * 3600 - 5), "3h");
+        assert_eq!(age(now - 2 * 86400), "2d");
+        // A clock behind the node's: no negative age.
+        assert_eq!(age(now + 100), "0s");
+    }
 }

@@ -443,6 +443,12 @@ fn snapshots_are_taken_listed_restored_and_removed() {
         created.contains("created snapshot monday of volume db on node-"),
         "{created}"
     );
+    // Again: the same snapshot, and the command says it is not a new one.
+    let again = ok(&dir, &["snapshot", "create", "db", "monday"]);
+    assert!(
+        again.contains("snapshot monday of volume db exists already, taken"),
+        "{again}"
+    );
     qemu_io(&uri, &["write -P 0x43 0 1M"]);
     let ls = ok(&dir, &["snapshot", "ls"]);
     let line = ls.lines().find(|l| l.starts_with("monday")).unwrap();
