@@ -131,11 +131,14 @@ async fn flushed_writes_survive_sigkill_at_random_instants() {
                 "--size=32M",
                 "--time_based",
                 "--runtime=30",
+                // Jobs as threads of the one process: a forked job process
+                // starts a session of its own, which the group's SIGKILL
+                // below missed, and lingered after the test.
+                "--thread",
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            // fio forks its job processes: a group of their own lets one
-            // signal stop them all.
+            // A group of its own lets one signal stop it.
             .process_group(0)
             .spawn()
             .expect("fio (see .ci/install-test-deps)");
