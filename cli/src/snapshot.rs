@@ -21,9 +21,9 @@ pub async fn run(cluster: &ClusterFile, command: SnapshotCommand) -> anyhow::Res
             // Taking a snapshot that exists already (of the same volume) is
             // taken for a retry and returns it: said so, with its age, so an
             // old one is not mistaken for a new one.
-            let existing = snapshots::get(cluster, &name).await.ok();
-            let snapshot = snapshots::create(cluster, &volume, &name).await?;
-            if existing.is_some_and(|e| e.uid == snapshot.uid) {
+            let snapshots::Created { snapshot, existed } =
+                snapshots::create(cluster, &volume, &name).await?;
+            if existed {
                 println!(
                     "snapshot {} of volume {} exists already, taken {} ago, on {}: nothing new \
                      was taken (`strata snapshot rm {}` first for a new one)",

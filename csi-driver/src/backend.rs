@@ -399,7 +399,7 @@ impl VolumeBackend for ClusterBackend {
     async fn create_snapshot(&self, volume: &str, name: &str) -> BackendResult<BackendSnapshot> {
         let cluster = self.cluster().await?;
         Ok(backend_snapshot(
-            &snapshots::create(&cluster, volume, name).await?,
+            &snapshots::create(&cluster, volume, name).await?.snapshot,
         ))
     }
 

@@ -53,6 +53,8 @@ async fn a_snapshot_taken_under_writes_is_the_same_on_every_replica_and_clones_f
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let snapshot = snapshots::create(&file, "db", "db-snap").await.unwrap();
+    assert!(!snapshot.existed);
+    let snapshot = snapshot.snapshot;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let writes = tokio::task::spawn_blocking(move || writer.join().unwrap())
@@ -65,7 +67,8 @@ async fn a_snapshot_taken_under_writes_is_the_same_on_every_replica_and_clones_f
 
     // Taking it again is a no-op; the name is taken for other volumes.
     let again = snapshots::create(&file, "db", "db-snap").await.unwrap();
-    assert_eq!(again.created_unix, snapshot.created_unix);
+    assert!(again.existed);
+    assert_eq!(again.snapshot.created_unix, snapshot.created_unix);
     cluster.create_volume("other", 8 * MIB, 1).await;
     assert!(matches!(
         snapshots::create(&file, "other", "db-snap").await,
@@ -185,14 +188,20 @@ async fn an_old_copy_kept_through_a_delete_is_never_mixed_with_a_new_snapshot_of
     cluster.create_volume("v", 8 * MIB, 3).await;
     let mut client = connect(&cluster.export("v", 0).await);
     client.write(0, &[0x01; 4096], true).unwrap();
-    let old = snapshots::create(&file, "v", "nightly").await.unwrap();
+    let old = snapshots::create(&file, "v", "nightly")
+        .await
+        .unwrap()
+        .snapshot;
     assert_eq!(old.copies.len(), 3);
 
     cluster.nodes[2].stop();
     let err = snapshots::delete(&file, "nightly").await.unwrap_err();
     assert!(err.to_string().contains("node-3"), "{err}");
     client.write(0, &[0x02; 4096], true).unwrap();
-    let new = snapshots::create(&file, "v", "nightly").await.unwrap();
+    let new = snapshots::create(&file, "v", "nightly")
+        .await
+        .unwrap()
+        .snapshot;
     assert_ne!(new.uid, old.uid);
     assert_eq!(new.copies.len(), 2, "taken on the two in-sync replicas");
 

@@ -131,6 +131,14 @@ fn conflict(name: &str, snapshots: &[SnapshotReport]) -> VolumeError {
     ))
 }
 
+/// What [`create`] gives back.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub snapshot: SnapshotReport,
+    /// The snapshot was there already (a retry): nothing new was taken.
+    pub existed: bool,
+}
+
 /// Takes snapshot `name` of `volume` on every in-sync replica, through the
 /// volume's target (opened for the while where it is not open; the caller
 /// keeps others from opening or closing the volume's target meanwhile).
@@ -141,11 +149,16 @@ pub async fn create(
     cluster: &ClusterFile,
     volume: &str,
     name: &str,
-) -> Result<SnapshotReport, VolumeError> {
+) -> Result<Created, VolumeError> {
     crate::pool::validate_volume_name(name)
         .map_err(|e| VolumeError::Invalid(e.to_string().replace("volume name", "snapshot name")))?;
     match get(cluster, name).await {
-        Ok(existing) if existing.volume == volume => return Ok(existing),
+        Ok(existing) if existing.volume == volume => {
+            return Ok(Created {
+                snapshot: existing,
+                existed: true,
+            })
+        }
         Ok(existing) => {
             return Err(VolumeError::SnapshotExists {
                 name: name.to_string(),
@@ -193,11 +206,15 @@ pub async fn create(
     };
     // The one just taken, even if a node that was down comes back with an
     // old copy under the name meanwhile.
-    list(cluster)
+    let snapshot = list(cluster)
         .await?
         .into_iter()
         .find(|s| s.name == name && s.uid == taken.uid)
-        .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))
+        .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))?;
+    Ok(Created {
+        snapshot,
+        existed: false,
+    })
 }
 
 /// Deletes every copy of the snapshot. Volumes created from it keep their
