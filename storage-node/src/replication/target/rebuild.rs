@@ -98,14 +98,15 @@ pub(super) fn spawn_rebuilder(target: &Arc<VolumeTarget>) {
                 // the copy (a full pool, say) does not fill the log. The
                 // wait is the slot's: a new member gets a fresh one.
                 let slot = target.slot(index);
+                let in_sync = config.in_sync.contains(&ReplicaId(slot.member.id));
                 let waiting = {
                     let mut backoff = slot.rebuild_backoff.lock().expect("backoff lock");
-                    if config.in_sync.contains(&ReplicaId(slot.member.id)) {
+                    if in_sync {
                         *backoff = None;
                     }
                     backoff.is_some_and(|(at, _)| Instant::now() < at)
                 };
-                if config.in_sync.contains(&ReplicaId(slot.member.id)) || waiting {
+                if in_sync || waiting {
                     continue;
                 }
                 if let Err(err) = target.rebuild(index).await {
