@@ -141,6 +141,23 @@ fn node_plugin(root: &Path, name: &str, zone: &str) -> CsiProcess {
     )
 }
 
+/// ControllerExpandVolume of volume `id` to at least `bytes`.
+fn expand_request(
+    id: &str,
+    bytes: i64,
+    capability: Option<VolumeCapability>,
+) -> ControllerExpandVolumeRequest {
+    ControllerExpandVolumeRequest {
+        volume_id: id.to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capability: capability,
+        ..Default::default()
+    }
+}
+
 fn kernel_nbd() -> bool {
     Path::new("/sys/module/nbd").exists()
 }
@@ -251,15 +268,11 @@ async fn a_volume_is_staged_written_moved_to_another_node_and_grown() {
 
     // Grown while attached nowhere (nbdfuse reads the size when it connects).
     let grown = c
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 128 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(mount_capability("ext4")),
-            ..Default::default()
-        })
+        .controller_expand_volume(expand_request(
+            &id,
+            128 * MIB,
+            Some(mount_capability("ext4")),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -394,16 +407,9 @@ async fn a_volume_is_staged_written_moved_to_another_node_and_grown() {
 
     if !kernel_nbd() {
         // Online growth under nbdfuse needs a fresh attach: said, not faked.
-        c.controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 160 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.controller_expand_volume(expand_request(&id, 160 * MIB, None))
+            .await
+            .unwrap();
         let message = expect_code(
             n2.node_expand_volume(NodeExpandVolumeRequest {
                 volume_id: id.clone(),
@@ -854,17 +860,9 @@ async fn an_xfs_volume_is_formatted_kept_across_stages_and_grown() {
 
     // Grown while detached; staged again, the file is there (not formatted
     // over), and NodeExpandVolume grows the filesystem with xfs_growfs.
-    c.controller_expand_volume(ControllerExpandVolumeRequest {
-        volume_id: id.clone(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: 448 * MIB,
-            limit_bytes: 0,
-        }),
-        volume_capability: Some(xfs.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.controller_expand_volume(expand_request(&id, 448 * MIB, Some(xfs.clone())))
+        .await
+        .unwrap();
     let context = publish_to(&mut c, &id, "node-a").await;
     n.node_stage_volume(stage(&context)).await.unwrap();
     n.node_publish_volume(publish.clone()).await.unwrap();
@@ -935,15 +933,11 @@ async fn an_expansion_that_reached_some_replicas_is_finished_by_its_retry() {
         .unwrap();
 
     let expanded = c
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 128 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(mount_capability("ext4")),
-            ..Default::default()
-        })
+        .controller_expand_volume(expand_request(
+            &id,
+            128 * MIB,
+            Some(mount_capability("ext4")),
+        ))
         .await
         .unwrap()
         .into_inner();
