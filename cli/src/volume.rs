@@ -183,6 +183,16 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
 
 /// "2/3 in sync", with a running rebuild's progress.
 fn health(volume: &VolumeReport) -> String {
+    let sync = sync_state(volume);
+    if volume.smallest_replica_bytes() < volume.size_bytes {
+        format!("{sync}, resize to {} unfinished", human(volume.size_bytes))
+    } else {
+        sync
+    }
+}
+
+/// "2/3 in sync, rebuilding 42% (12 MiB)" and the like.
+fn sync_state(volume: &VolumeReport) -> String {
     let members = volume.members().len();
     let in_sync = volume.in_sync().len();
     let rebuilds: Vec<String> = volume
@@ -248,7 +258,7 @@ async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
         println!(
             "{:<20} {:>10} {:>10} {:<26} {:<36} {}",
             v.name,
-            human(v.size_bytes),
+            human(v.served_bytes()),
             human(allocated),
             nodes.join(","),
             health(v),
@@ -259,6 +269,14 @@ async fn list(cluster: &ClusterFile) -> anyhow::Result<()> {
 }
 
 fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
+    print!("{}", description(volume));
+    Ok(())
+}
+
+/// What `strata volume describe` prints.
+fn description(volume: &VolumeReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let in_sync = volume.in_sync();
     let leaving = volume.leaving();
     let epoch = volume
@@ -267,32 +285,50 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
         .map(|r| r.replica.config_epoch)
         .max()
         .unwrap_or(0);
-    println!("Name:      {}", volume.name);
-    println!("Size:      {}", human(volume.size_bytes));
-    println!("Epoch:     {epoch}");
-    println!("State:     {}", health(volume));
-    match volume.active_target() {
-        Some((node, t)) => println!(
+    let _ = writeln!(out, "Name:      {}", volume.name);
+    let _ = writeln!(out, "Size:      {}", human(volume.served_bytes()));
+    if volume.smallest_replica_bytes() < volume.size_bytes {
+        let _ = writeln!(
+            out,
+            "Resize:    to {} reached only some replicas (the SIZE column); \
+             `strata volume resize {} --size {}` grows the rest",
+            human(volume.size_bytes),
+            volume.name,
+            volume.size_bytes
+        );
+    }
+    let _ = writeln!(out, "Epoch:     {epoch}");
+    let _ = writeln!(out, "State:     {}", health(volume));
+    let _ = match volume.active_target() {
+        Some((node, t)) => writeln!(
+            out,
             "Target:    {} on {} (epoch {})",
             t.export_uri, node.name, t.epoch
         ),
-        None => println!(
+        None => writeln!(
+            out,
             "Target:    none (open one with `strata volume export {}`)",
             volume.name
         ),
-    }
-    println!("Replicas:");
-    println!(
-        "  {:<4} {:<10} {:<28} {:>10} {:>8}",
-        "ID", "NODE", "STATE", "ALLOCATED", "EPOCH"
+    };
+    let _ = writeln!(out, "Replicas:");
+    let _ = writeln!(
+        out,
+        "  {:<4} {:<10} {:<32} {:>10} {:>10} {:>8}",
+        "ID", "NODE", "STATE", "SIZE", "ALLOCATED", "EPOCH"
     );
     for member in volume.members() {
         let report = volume
             .replicas
             .iter()
             .find(|r| r.replica.replica_id == member.id);
-        let (state, allocated, promised) = match report {
-            None => ("unreachable".to_string(), "-".to_string(), "-".to_string()),
+        let (state, size, allocated, promised) = match report {
+            None => (
+                "unreachable".to_string(),
+                "-".to_string(),
+                "-".to_string(),
+                "-".to_string(),
+            ),
             Some(r) => {
                 let rebuild = volume.active_target().and_then(|(_, t)| {
                     t.replicas
@@ -309,30 +345,37 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
                     "in-sync".to_string()
                 } else if let Some(tr) = rebuild {
                     rebuild_progress(tr)
+                } else if r.replica.size_bytes < volume.served_bytes() {
+                    // Rebuilt only once a resize grows it (see Resize above).
+                    "faulted, smaller than the volume".to_string()
                 } else {
                     "faulted".to_string()
                 };
                 (
                     state,
+                    human(r.replica.size_bytes),
                     human(r.replica.allocated_bytes),
                     r.replica.promised_epoch.to_string(),
                 )
             }
         };
-        println!(
-            "  {:<4} {:<10} {:<28} {:>10} {:>8}",
-            member.id, member.node, state, allocated, promised
+        let _ = writeln!(
+            out,
+            "  {:<4} {:<10} {:<32} {:>10} {:>10} {:>8}",
+            member.id, member.node, state, size, allocated, promised
         );
     }
     for leftover in &volume.retired {
-        println!(
+        let _ = writeln!(
+            out,
             "Leftover:  replica {} on {} was replaced; its node was down then (deleted by \
              the volume's target, the next replacement or `strata volume rm`)",
             leftover.replica.replica_id, leftover.node.name
         );
     }
     for leftover in &volume.earlier {
-        println!(
+        let _ = writeln!(
+            out,
             "Leftover:  {} holds a replica of an earlier volume named {}, deleted while \
              the node was down; it is not part of this volume (`strata volume rm` deletes it \
              with the volume)",
@@ -341,13 +384,129 @@ fn describe(volume: &VolumeReport) -> anyhow::Result<()> {
     }
     if let Some((_, t)) = volume.active_target() {
         if t.repaired_blocks > 0 {
-            println!(
+            let _ = writeln!(
+                out,
                 "Repaired:  {} blocks after checksum failures",
                 t.repaired_blocks
             );
         }
     }
-    Ok(())
+    out
 }
 
 pub use strata_node::pool::human;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_node::cluster::volumes::ReplicaReport;
+    use strata_node::cluster::NodeEntry;
+    use strata_proto::storage::{Replica, ReplicaMember, Target};
+
+    const MIB: u64 = 1 << 20;
+
+    fn node(name: &str) -> NodeEntry {
+        NodeEntry {
+            name: name.to_string(),
+            zone: "zone-a".to_string(),
+            grpc: "127.0.0.1:1".parse().unwrap(),
+            nbd: "127.0.0.1:2".parse().unwrap(),
+            http: "127.0.0.1:3".parse().unwrap(),
+            replication: None,
+            pool: "/pool".into(),
+            pid: None,
+        }
+    }
+
+    /// A volume "db" whose replica on node-N holds `sizes[N-1]` bytes, with
+    /// `in_sync` in sync.
+    fn volume(sizes: &[u64], in_sync: &[u32]) -> VolumeReport {
+        let members: Vec<ReplicaMember> = (1..=sizes.len() as u32)
+            .map(|id| ReplicaMember {
+                id,
+                node: format!("node-{id}"),
+                address: String::new(),
+            })
+            .collect();
+        let replicas = sizes
+            .iter()
+            .zip(1u32..)
+            .map(|(&size_bytes, id)| ReplicaReport {
+                node: node(&format!("node-{id}")),
+                replica: Replica {
+                    volume: "db".to_string(),
+                    replica_id: id,
+                    node: format!("node-{id}"),
+                    size_bytes,
+                    config_epoch: 2,
+                    in_sync: in_sync.to_vec(),
+                    members: members.clone(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        VolumeReport {
+            name: "db".to_string(),
+            uid: 1,
+            size_bytes: sizes.iter().copied().max().unwrap(),
+            replicas,
+            retired: Vec::new(),
+            earlier: Vec::new(),
+            missing: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_volume_whose_resize_reached_one_replica_shows_the_size_it_serves() {
+        let v = volume(&[32 * MIB, 16 * MIB, 16 * MIB], &[1, 2, 3]);
+        assert_eq!(v.served_bytes(), 16 * MIB);
+        assert_eq!(health(&v), "3/3 in sync, resize to 32 MiB unfinished");
+        let text = description(&v);
+        assert!(text.contains("Size:      16 MiB\n"), "{text}");
+        assert!(
+            text.contains("strata volume resize db --size 33554432` grows the rest"),
+            "{text}"
+        );
+        let sizes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with(['1', '2', '3']))
+            .map(|l| l.split_whitespace().nth(3).unwrap())
+            .collect();
+        assert_eq!(sizes, ["32", "16", "16"], "{text}");
+    }
+
+    #[test]
+    fn a_replica_left_smaller_than_the_volume_says_why_it_is_not_rebuilt() {
+        let mut v = volume(&[32 * MIB, 32 * MIB, 16 * MIB], &[1, 2]);
+        v.targets.push((
+            node("node-1"),
+            Target {
+                volume: "db".to_string(),
+                node: "node-1".to_string(),
+                epoch: 3,
+                export_uri: "nbd://127.0.0.1:2/db".to_string(),
+                size_bytes: 32 * MIB,
+                ..Default::default()
+            },
+        ));
+        assert_eq!(v.served_bytes(), 32 * MIB);
+        assert_eq!(
+            health(&v),
+            "2/3 in sync (degraded), resize to 32 MiB unfinished"
+        );
+        let text = description(&v);
+        assert!(text.contains("Size:      32 MiB\n"), "{text}");
+        let third = text.lines().find(|l| l.contains("node-3")).unwrap();
+        assert!(third.contains("faulted, smaller than the volume"), "{text}");
+    }
+
+    #[test]
+    fn a_volume_whose_replicas_agree_has_no_resize_note() {
+        let v = volume(&[32 * MIB, 32 * MIB, 32 * MIB], &[1, 2, 3]);
+        assert_eq!(health(&v), "3/3 in sync");
+        let text = description(&v);
+        assert!(!text.contains("Resize:"), "{text}");
+        assert!(text.contains("Size:      32 MiB\n"), "{text}");
+    }
+}

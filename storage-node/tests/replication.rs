@@ -690,6 +690,12 @@ async fn a_resize_that_reached_some_replicas_leaves_the_size_all_of_them_hold() 
     cluster
         .wait_in_sync("grown", 3, Duration::from_secs(60))
         .await;
+    // What `strata volume ls` shows: the size clients see, and that the
+    // resize is unfinished.
+    let report = cluster.report("grown").await;
+    assert_eq!(report.served_bytes(), 16 * MIB);
+    assert_eq!(report.size_bytes, 32 * MIB);
+    assert_eq!(report.smallest_replica_bytes(), 16 * MIB);
     volumes::resize(&cluster.file(), "grown", 32 * MIB)
         .await
         .unwrap();
@@ -698,6 +704,7 @@ async fn a_resize_that_reached_some_replicas_leaves_the_size_all_of_them_hold() 
     assert!(client.read(31 * MIB, 4096).unwrap() == vec![0x5a; 4096]);
     let report = cluster.report("grown").await;
     assert_eq!(report.active_target().unwrap().1.size_bytes, 32 * MIB);
+    assert_eq!(report.served_bytes(), 32 * MIB);
     assert_eq!(
         report.in_sync().len(),
         3,

@@ -107,6 +107,23 @@ impl VolumeReport {
             .unwrap_or(0)
     }
 
+    /// The size the volume's clients see: what its open target serves, or,
+    /// with none open, what the next target to open would serve (the
+    /// smallest in-sync replica's size). Below `size_bytes` after a resize
+    /// that reached only some replicas.
+    pub fn served_bytes(&self) -> u64 {
+        if let Some((_, target)) = self.active_target() {
+            return target.size_bytes;
+        }
+        let in_sync = self.in_sync();
+        self.replicas
+            .iter()
+            .filter(|r| in_sync.contains(&r.replica.replica_id))
+            .map(|r| r.replica.size_bytes)
+            .min()
+            .unwrap_or_else(|| self.smallest_replica_bytes())
+    }
+
     /// The members of the newest config any replica reports.
     pub fn members(&self) -> Vec<ReplicaMember> {
         newest_members(&self.replicas)
