@@ -27,7 +27,10 @@
 #      compare with the one-file figure;
 #   6. prints a table (IOPS and mean latency of each, and the ratios
 #      1-replica/qemu-nbd, 3-replica/qemu-nbd, 3-replica/1-replica,
-#      1-replica/disk and 3-replica/disk x3);
+#      1-replica/disk and 3-replica/disk x3), then the mean time each
+#      request spends in the pools, and how busy the disk was during each
+#      job (from /proc/diskstats: I/Os per second, time in the device and
+#      the mean number of I/Os in it);
 #   7. stops the servers and deletes the temp dir on exit, whatever happens.
 #
 # All three nodes share this machine's disk and CPUs: a 3-replica write does
@@ -87,6 +90,7 @@ STRATA_HTTP_PORTS=()
 QEMU_PID=""
 FIO_PID=""
 QEMU_AIO=""
+DISK=""
 STRATA_ENGINE=""
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -395,6 +399,25 @@ pool_latency() {
     done
 }
 
+# The block device that holds the temp dir, as /proc/diskstats names it
+# (vda, nvme0n1p2, dm-0 ...); empty when there is none (tmpfs, overlay).
+disk_name() {
+    local source
+    source=$(df --output=source "$TMP" 2>/dev/null | tail -n 1)
+    [[ $source == /dev/* ]] || return 0
+    source=$(basename "$(readlink -f "$source")")
+    awk -v d="$source" '$3 == d { print d; exit }' /proc/diskstats
+}
+
+# The disk's counters now: "reads read_ms writes write_ms weighted_ms"
+# (weighted_ms: milliseconds spent in the device, summed over the I/Os in
+# it, so its growth over a span divided by the span is the mean number of
+# I/Os in the device). Nothing when the disk is unknown.
+disk_counters() {
+    [[ -n $DISK ]] || return 0
+    awk -v d="$DISK" '$3 == d { print $4, $7, $8, $11, $14 }' /proc/diskstats
+}
+
 # utime + stime of processes (and their threads), in clock ticks.
 cpu_ticks() {
     local total=0 pid
@@ -423,9 +446,11 @@ run_jobs() {
                     disk*)
                         # No server: no CPU figure.
                         echo "0 0" >"$TMP/$job-$target-$round.cpu"
+                        disk_counters >"$TMP/$job-$target-$round.disk"
                         # shellcheck disable=SC2086 # opts is a list of fio options
                         run_fio_disk "$target" "$TMP/$job-$target-$round.json" $((RUNTIME + 120)) \
                             $opts --runtime="$RUNTIME" --time_based
+                        disk_counters >>"$TMP/$job-$target-$round.disk"
                         continue
                         ;;
                 esac
@@ -434,11 +459,13 @@ run_jobs() {
                 # shared, noisy machine disturbs far less than IOPS.
                 cpu_ticks "${pids[@]}" >"$TMP/$job-$target-$round.cpu"
                 pool_latency >"$TMP/$job-$target-$round.pool-before"
+                disk_counters >"$TMP/$job-$target-$round.disk"
                 # shellcheck disable=SC2086 # opts is a list of fio options
                 run_fio "$uri" "$TMP/$job-$target-$round.json" $((RUNTIME + 120)) \
                     --name="$job" $opts --runtime="$RUNTIME" --time_based
                 cpu_ticks "${pids[@]}" >>"$TMP/$job-$target-$round.cpu"
                 pool_latency >"$TMP/$job-$target-$round.pool-after"
+                disk_counters >>"$TMP/$job-$target-$round.disk"
             done
         done
     done
@@ -449,10 +476,10 @@ print_table() {
     local names=()
     local entry
     for entry in "${JOBS[@]}"; do names+=("${entry%%|*}"); done
-    python3 - "$TMP" "$ROUNDS" "${names[@]}" <<'PY'
+    python3 - "$TMP" "$ROUNDS" "$DISK" "${names[@]}" <<'PY'
 import json, os, sys
 
-tmp, rounds, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+tmp, rounds, disk, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 
 def one_round(job, target, rnd):
     with open(f"{tmp}/{job}-{target}-{rnd}.json") as f:
@@ -498,6 +525,26 @@ def pool_means(job, target):
             means[node] = (s - s0) / (c - c0) * 1e6
     return means
 
+def device(job, target):
+    """The disk during the median round: I/Os per second, mean µs each
+    spent in the device (its queue included) and the mean number in it."""
+    rnd = median_round(job, target)
+    try:
+        with open(f"{tmp}/{job}-{target}-{rnd}.disk") as f:
+            before, after = ([float(x) for x in l.split()] for l in f.read().splitlines())
+    except (OSError, ValueError):
+        return None
+    # The counters were read around fio's whole run; the disk works while
+    # its jobs do (their runtime, the longest job's with several).
+    with open(f"{tmp}/{job}-{target}-{rnd}.json") as f:
+        d = json.load(f)["jobs"][0]["read" if "read" in job else "write"]
+    seconds = d["runtime"] / 1000
+    ios = (after[0] - before[0]) + (after[2] - before[2])
+    busy_ms = (after[1] - before[1]) + (after[3] - before[3])
+    if seconds <= 0 or ios <= 0:
+        return None
+    return ios / seconds, busy_ms * 1000 / ios, (after[4] - before[4]) / (seconds * 1000)
+
 def ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
 
@@ -541,6 +588,21 @@ for job in jobs:
         pool_text = " / ".join(f"{n} {v:,.0f}" for n, v in pools.items()) or "n/a"
         parts.append(f"{label} {stats(job, target)[1]:,.0f}, in pools {pool_text}")
     print(f"  {job:<10} " + "; ".join(parts))
+if disk:
+    print()
+    print(f"The disk ({disk}) during each job, median round: I/Os per second, mean µs each")
+    print("spends in the device (its queue included) and mean I/Os in it. A server that")
+    print("keeps fewer of its client's requests in the device gets fewer I/Os out of it:")
+    for job in jobs:
+        parts = []
+        targets = [("r1", "1-replica"), ("r3", "3-replica"), ("qemu", "qemu-nbd"), ("disk1", "disk")]
+        if "read" not in job:
+            targets.append(("disk3", "disk x3"))
+        for target, label in targets:
+            d = device(job, target)
+            if d:
+                parts.append(f"{label} {d[0]:,.0f}/s {d[1]:,.0f} µs QD {d[2]:.1f}")
+        print(f"  {job:<10} " + "; ".join(parts))
 print()
 print("seqwrite IOPS are MiB/s (1 MiB requests). CPU µs/IO: all three nodes for 3-replica.")
 print("disk: fio's io_uring on one raw file; disk x3: on three at once, writes / 3;")
@@ -562,6 +624,7 @@ main() {
     POOL_SIZE=${POOL_SIZE:-$((2 * VOL_BYTES + (1 << 30)))}
     TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/strata-bench.XXXXXX")
     log "temp dir $TMP"
+    DISK=$(disk_name)
 
     local qport
     qport=$(free_ports 1)
