@@ -256,3 +256,47 @@ async fn an_old_copy_kept_through_a_delete_is_never_mixed_with_a_new_snapshot_of
     snapshots::delete(&file, "nightly").await.unwrap();
     assert!(snapshots::list(&file).await.unwrap().is_empty());
 }
+
+/// Two `snapshot create` calls of one name at once (a CSI retry racing the
+/// call it retries, say) make one snapshot: both return it, with one uid,
+/// and every replica holds one copy of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creates_of_one_name_at_once_make_one_snapshot_and_both_return_it() {
+    let cluster = TestCluster::start(3, "256MiB", &[]);
+    let file = cluster.file();
+    cluster.create_volume("db", 16 * MIB, 3).await;
+    let uri = cluster.export("db", 0).await;
+    let data = random_bytes(MIB as usize, 11);
+    connect(&uri).write(0, &data, true).unwrap();
+
+    for round in 0..3 {
+        let name = format!("nightly-{round}");
+        let (first, second) = tokio::join!(
+            snapshots::create(&file, "db", &name),
+            snapshots::create(&file, "db", &name)
+        );
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(
+            first.snapshot.uid, second.snapshot.uid,
+            "{first:?} {second:?}"
+        );
+        assert!(
+            !(first.existed && second.existed),
+            "one of them took it: {first:?} {second:?}"
+        );
+        let listed: Vec<_> = snapshots::list(&file)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].copies.len(), 3, "{listed:?}");
+    }
+    let snapshot = snapshots::get(&file, "nightly-2").await.unwrap();
+    volumes::create_from_snapshot(&file, "db-clone", &snapshot, None)
+        .await
+        .unwrap();
+    let clone_uri = cluster.export("db-clone", 1).await;
+    assert!(connect(&clone_uri).read(0, MIB as u32).unwrap() == data);
+}

@@ -143,8 +143,8 @@ pub struct Created {
 /// volume's target (opened for the while where it is not open; the caller
 /// keeps others from opening or closing the volume's target meanwhile).
 /// Taking a snapshot that exists already of the same volume returns it
-/// (retries are safe); of another volume, it is refused. A failed attempt
-/// leaves no copies behind.
+/// (retries are safe, also one that races the call it retries); of another
+/// volume, it is refused. A failed attempt leaves no copies behind.
 pub async fn create(
     cluster: &ClusterFile,
     volume: &str,
@@ -192,6 +192,17 @@ pub async fn create(
         Ok(response) => response.into_inner(),
         Err(status) => {
             remove_copies(cluster, name, uid).await;
+            // Another call took the name meanwhile (a retry racing the call
+            // it retries): each replica refused a second copy. That
+            // snapshot is the one this call asked for.
+            if let Ok(existing) = get(cluster, name).await {
+                if existing.volume == volume && existing.uid != uid {
+                    return Ok(Created {
+                        snapshot: existing,
+                        existed: true,
+                    });
+                }
+            }
             return Err(match status.code() {
                 Code::ResourceExhausted => VolumeError::NoRoom(status.message().to_string()),
                 Code::Unavailable | Code::FailedPrecondition => {
