@@ -300,3 +300,28 @@ async fn two_creates_of_one_name_at_once_make_one_snapshot_and_both_return_it() 
     let clone_uri = cluster.export("db-clone", 1).await;
     assert!(connect(&clone_uri).read(0, MIB as u32).unwrap() == data);
 }
+
+/// The same race on a volume no target serves: each call opens a target
+/// for its snapshot and closes it after. Still one snapshot, returned to
+/// both, and the volume is left unattached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creates_of_one_name_at_once_on_an_unserved_volume_make_one_snapshot() {
+    let cluster = TestCluster::start(3, "256MiB", &[]);
+    let file = cluster.file();
+    cluster.create_volume("cold", 16 * MIB, 3).await;
+    for round in 0..3 {
+        let name = format!("cold-{round}");
+        let (first, second) = tokio::join!(
+            snapshots::create(&file, "cold", &name),
+            snapshots::create(&file, "cold", &name)
+        );
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(
+            first.snapshot.uid, second.snapshot.uid,
+            "{first:?} {second:?}"
+        );
+        assert_eq!(first.snapshot.copies.len(), 3, "{first:?}");
+    }
+    let report = volumes::get(&file, "cold").await.unwrap();
+    assert!(report.active_target().is_none(), "{report:?}");
+}
