@@ -163,6 +163,17 @@ pub fn exit_reason(instance_dir: &Path) -> Option<String> {
     if let Some(cause) = cause {
         reason = format!("{reason}: {cause}");
     }
+    // PostgreSQL, which writes to the same log, says why it stopped in its
+    // last FATAL (or PANIC) line; the manager's error only has its status.
+    let postgres = lines[..at].iter().rev().find_map(|l| {
+        ["FATAL:", "PANIC:"]
+            .iter()
+            .find_map(|level| l.find(level).map(|i| l[i..].split_whitespace()))
+            .map(|words| words.collect::<Vec<_>>().join(" "))
+    });
+    if let Some(postgres) = postgres {
+        reason = format!("{reason} (postgres: {postgres})");
+    }
     Some(reason)
 }
 
@@ -207,6 +218,18 @@ mod tests {
         assert_eq!(
             exit_reason(dir.path()).unwrap(),
             "bootstrap: initdb failed (exit status: 1): Permission denied"
+        );
+        std::fs::write(
+            log_path(dir.path()),
+            "2026-11-25 04:50:01 UTC [811] LOG:  could not bind IPv4 address \"127.0.0.1\"\n\
+             2026-11-25 04:50:01 UTC [811] FATAL:  could not create any TCP/IP sockets\n\
+             Error: bootstrap\n\nCaused by:\n    postgres exited: during start: exit status: 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            exit_reason(dir.path()).unwrap(),
+            "bootstrap: postgres exited: during start: exit status: 1 \
+             (postgres: FATAL: could not create any TCP/IP sockets)"
         );
         std::fs::write(log_path(dir.path()), "Error: binding the API\n").unwrap();
         assert_eq!(exit_reason(dir.path()).unwrap(), "binding the API");
