@@ -257,6 +257,29 @@ async fn an_old_copy_kept_through_a_delete_is_never_mixed_with_a_new_snapshot_of
     assert!(snapshots::list(&file).await.unwrap().is_empty());
 }
 
+/// Runs two `snapshots::create` of `name` at once; both must succeed and
+/// return one snapshot, which one of them took. Returns it.
+async fn create_twice_at_once(
+    file: &strata_node::cluster::ClusterFile,
+    volume: &str,
+    name: &str,
+) -> snapshots::Created {
+    let (first, second) = tokio::join!(
+        snapshots::create(file, volume, name),
+        snapshots::create(file, volume, name)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(
+        first.snapshot.uid, second.snapshot.uid,
+        "{first:?} {second:?}"
+    );
+    assert!(
+        !(first.existed && second.existed),
+        "one of them took it: {first:?} {second:?}"
+    );
+    first
+}
+
 /// Two `snapshot create` calls of one name at once (a CSI retry racing the
 /// call it retries, say) make one snapshot: both return it, with one uid,
 /// and every replica holds one copy of it.
@@ -271,19 +294,7 @@ async fn two_creates_of_one_name_at_once_make_one_snapshot_and_both_return_it() 
 
     for round in 0..3 {
         let name = format!("nightly-{round}");
-        let (first, second) = tokio::join!(
-            snapshots::create(&file, "db", &name),
-            snapshots::create(&file, "db", &name)
-        );
-        let (first, second) = (first.unwrap(), second.unwrap());
-        assert_eq!(
-            first.snapshot.uid, second.snapshot.uid,
-            "{first:?} {second:?}"
-        );
-        assert!(
-            !(first.existed && second.existed),
-            "one of them took it: {first:?} {second:?}"
-        );
+        create_twice_at_once(&file, "db", &name).await;
         let listed: Vec<_> = snapshots::list(&file)
             .await
             .unwrap()
@@ -311,16 +322,8 @@ async fn two_creates_of_one_name_at_once_on_an_unserved_volume_make_one_snapshot
     cluster.create_volume("cold", 16 * MIB, 3).await;
     for round in 0..3 {
         let name = format!("cold-{round}");
-        let (first, second) = tokio::join!(
-            snapshots::create(&file, "cold", &name),
-            snapshots::create(&file, "cold", &name)
-        );
-        let (first, second) = (first.unwrap(), second.unwrap());
-        assert_eq!(
-            first.snapshot.uid, second.snapshot.uid,
-            "{first:?} {second:?}"
-        );
-        assert_eq!(first.snapshot.copies.len(), 3, "{first:?}");
+        let created = create_twice_at_once(&file, "cold", &name).await;
+        assert_eq!(created.snapshot.copies.len(), 3, "{created:?}");
     }
     let report = volumes::get(&file, "cold").await.unwrap();
     assert!(report.active_target().is_none(), "{report:?}");
