@@ -184,10 +184,9 @@ pub async fn run(cluster: &ClusterFile, command: VolumeCommand) -> anyhow::Resul
 /// "2/3 in sync", with a running rebuild's progress.
 fn health(volume: &VolumeReport) -> String {
     let sync = sync_state(volume);
-    if volume.smallest_replica_bytes() < volume.size_bytes {
-        format!("{sync}, resize to {} unfinished", human(volume.size_bytes))
-    } else {
-        sync
+    match volume.unfinished_resize() {
+        Some(size) => format!("{sync}, resize to {} unfinished", human(size)),
+        None => sync,
     }
 }
 
@@ -286,15 +285,15 @@ fn description(volume: &VolumeReport) -> String {
         .max()
         .unwrap_or(0);
     let _ = writeln!(out, "Name:      {}", volume.name);
-    let _ = writeln!(out, "Size:      {}", human(volume.served_bytes()));
-    if volume.smallest_replica_bytes() < volume.size_bytes {
+    let served = volume.served_bytes();
+    let _ = writeln!(out, "Size:      {}", human(served));
+    if let Some(size) = volume.unfinished_resize() {
         let _ = writeln!(
             out,
             "Resize:    to {} reached only some replicas (the SIZE column); \
-             `strata volume resize {} --size {}` grows the rest",
-            human(volume.size_bytes),
+             `strata volume resize {} --size {size}` grows the rest",
+            human(size),
             volume.name,
-            volume.size_bytes
         );
     }
     let _ = writeln!(out, "Epoch:     {epoch}");
@@ -345,7 +344,7 @@ fn description(volume: &VolumeReport) -> String {
                     "in-sync".to_string()
                 } else if let Some(tr) = rebuild {
                     rebuild_progress(tr)
-                } else if r.replica.size_bytes < volume.served_bytes() {
+                } else if r.replica.size_bytes < served {
                     // Rebuilt only once a resize grows it (see Resize above).
                     "faulted, smaller than the volume".to_string()
                 } else {

@@ -107,6 +107,13 @@ impl VolumeReport {
             .unwrap_or(0)
     }
 
+    /// The size a resize asked for, while some replica found is still
+    /// smaller (it reached only some of them; running it again grows the
+    /// rest).
+    pub fn unfinished_resize(&self) -> Option<u64> {
+        (self.smallest_replica_bytes() < self.size_bytes).then_some(self.size_bytes)
+    }
+
     /// The size the volume's clients see: what its open target serves, or,
     /// with none open, what the next target to open would serve (the
     /// smallest in-sync replica's size). Below `size_bytes` after a resize
